@@ -1,0 +1,38 @@
+"""Helpers shared by the Triton launchers: availability, interpreter mode, dtype mapping."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports (it may still only run interpreted, see :func:`interpreted`)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Read by launchers only (never inside kernels): the interpreter gets ``tl.dot`` of bf16
+    operands wrong (triton-lang/triton#11584), so launchers pass a constexpr flag that makes the
+    kernel upcast bf16 tiles to fp32 before the dot when, and only when, it runs interpreted.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_can_run(tensor: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on ``tensor``'s device in this process."""
+    if not triton_available():
+        return False
+    if tensor.is_cuda:
+        return True
+    return tensor.device.type == "cpu" and interpreted()
