@@ -1,0 +1,57 @@
+"""Collectives with gradient for negatives shared across ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands every rank the summed gradient of its slice.
+
+    Each rank's loss depends on every rank's rows, so the gradient of rank r's rows is the sum over
+    all ranks' losses: an all-reduce of the full gradient, then rank r keeps its own slice (gloo
+    has no reduce-scatter, and this keeps one code path for gloo and NCCL).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rank, world = world_info()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """``(n, ...)`` on each of W ranks -> ``(W * n, ...)`` in rank order, differentiable.
+
+    Every rank must pass the same shape: a ragged last batch would silently misalign targets, so
+    it is checked (one small all-gather of the row counts).
+    """
+    rank, world = world_info()
+    if world == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    counts = [int(s) for s in sizes]
+    if len(set(counts)) != 1:
+        raise ValueError(
+            f"gather_across_ranks needs the same batch size on every rank, got {counts}; "
+            "drop the ragged last batch (drop_last=True)"
+        )
+    return _AllGatherWithGrad.apply(x)

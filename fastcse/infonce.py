@@ -1,0 +1,390 @@
+"""The contrastive (InfoNCE) loss: input checks, the eager reference, the chunked twin, dispatch.
+
+Notation used throughout (see ``info_nce`` for the user-facing contract)::
+
+    a_i = anchors_i / ||anchors_i||                      i < N           (rows)
+    c_j = candidates_j / ||candidates_j||                j < M           (columns)
+    s_ij = scale * <a_i, c_j> + w * [j == hn_offset + i]  scale = 1 / temperature
+    lse_i = log sum_j exp(s_ij)
+    loss_i = lse_i - s_{i, target_offset + i}
+
+Only ``lse`` needs a fused kernel: the target logit is one dot product per row and gets its
+gradient from autograd. So every backend implements one op, ``lse = rowwise_lse(a, c, scale, w,
+hn_offset)``, with the gradients
+
+    d a_i   = g_i * scale * sum_j p_ij c_j            p_ij = exp(s_ij - lse_i)
+    d c_j   = scale * sum_i g_i p_ij a_i
+    d scale = sum_i g_i sum_j p_ij <a_i, c_j> = sum_i <a_i, d a_i> / scale
+
+where g_i is the upstream gradient of lse_i. The three tiers:
+
+* ``eager``: materialises the N x M logits; the reference of the tests and the benchmarks.
+* ``chunked``: pure PyTorch, row chunks of at most ``chunk_size`` x M logits at a time.
+* ``triton``: ``fastcse.kernels.infonce``, tiles with an online log-sum-exp (never the N x M matrix).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcse._triton_utils import interpreted, triton_available
+
+Backend = Literal["auto", "triton", "chunked", "eager"]
+Reduction = Literal["mean", "sum", "none"]
+BACKENDS = ("auto", "triton", "chunked", "eager")
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Rows of logits materialised at once by the chunked backend: chunk_size x M floats. 8 MiB of fp32
+# logits per chunk at M = 16384 keeps the working set near the L2/L3 caches on CPU while leaving
+# the matmuls large enough to run at full speed (measured in bench/bench_infonce.py).
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _check_matrix(name: str, x, *, dim: Optional[int], allow_empty: bool = False) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty: the loss needs at least one row")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has embedding dimension 0")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"{name} has embedding dimension {x.shape[1]}, but anchors have {dim}"
+        )
+
+
+def check_inputs(
+    anchors, positives, hard_negatives, queue, temperature, hard_negative_weight, reduction, backend,
+    *, check_finite: bool = True,
+) -> None:
+    """Raise a ``TypeError`` / ``ValueError`` naming the problem; never let a kernel see bad input."""
+    _check_matrix("anchors", anchors, dim=None)
+    n, d = anchors.shape
+    _check_matrix("positives", positives, dim=d)
+    if positives.shape[0] != n:
+        raise ValueError(
+            f"positives must have one row per anchor: anchors have {n} rows, positives "
+            f"{positives.shape[0]}"
+        )
+    named = [("anchors", anchors), ("positives", positives)]
+    if hard_negatives is not None:
+        _check_matrix("hard_negatives", hard_negatives, dim=d)
+        if hard_negatives.shape[0] != n:
+            raise ValueError(
+                f"hard_negatives must have one row per anchor (row i is anchor i's hard negative): "
+                f"anchors have {n} rows, hard_negatives {hard_negatives.shape[0]}"
+            )
+        named.append(("hard_negatives", hard_negatives))
+    elif hard_negative_weight != 0.0:
+        raise ValueError("hard_negative_weight is set but no hard_negatives were given")
+    if queue is not None:
+        _check_matrix("queue", queue, dim=d, allow_empty=True)
+        named.append(("queue", queue))
+    for name, x in named[1:]:
+        if x.dtype != anchors.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but anchors have {anchors.dtype}")
+        if x.device != anchors.device:
+            raise ValueError(f"{name} is on {x.device} but anchors are on {anchors.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(hard_negative_weight, (int, float)) or not math.isfinite(hard_negative_weight):
+        raise TypeError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
+        if temperature.device != anchors.device and temperature.device.type != "cpu":
+            raise ValueError(
+                f"temperature is on {temperature.device} but anchors are on {anchors.device}"
+            )
+        if not _is_compiling() and not float(temperature.detach()) > 0:
+            raise ValueError(f"temperature must be > 0, got {float(temperature.detach())}")
+    elif isinstance(temperature, (int, float)):
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    else:
+        raise TypeError(f"temperature must be a float or a 0-d tensor, got {type(temperature).__name__}")
+    if check_finite and not _is_compiling():
+        for name, x in named:
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).any(dim=1).sum())
+                raise ValueError(
+                    f"{name} contains non-finite values (NaN or inf) in {bad} row(s); "
+                    "the encoder probably diverged upstream of the loss"
+                )
+
+
+def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``: Triton on CUDA when it imports, chunked otherwise. Forced names are checked."""
+    if backend == "auto":
+        if device.type == "cuda" and triton_available() and dtype != torch.float64:
+            return "triton"
+        return "chunked"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which does not import")
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' supports fp16/bf16/fp32 inputs; use 'chunked' or 'eager' for fp64")
+        if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only "
+                "under Triton's interpreter (TRITON_INTERPRET=1 set before importing fastcse)"
+            )
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# the row-wise log-sum-exp, three ways
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(a_chunk: Tensor, c: Tensor, scale: Tensor, row0: int, hn_weight: float, hn_offset: int) -> Tensor:
+    """Logits of one row chunk (accumulation dtype), with the hard-negative weight added in place."""
+    logits = (a_chunk @ c.T).mul_(scale)
+    if hn_weight != 0.0:
+        rows = torch.arange(a_chunk.shape[0], device=a_chunk.device)
+        logits[rows, rows + row0 + hn_offset] += hn_weight
+    return logits
+
+
+class _ChunkedLSE(torch.autograd.Function):
+    """Row-chunked log-sum-exp with the memory shape of the kernel (chunk x M logits at a time).
+
+    Low-precision inputs are upcast once to fp32 (O((N + M) D) memory, like the inputs), so the
+    chunked path is at least as accurate as the eager one in every dtype.
+
+    ``uniform_upstream=True`` is a contract with the caller: the upstream gradient of ``lse`` will
+    be the same for every row (the caller reduces ``lse`` with a mean or a sum right away and never
+    hands it out). Then the gradients are computed during the forward pass with unit weights
+    (6NMD FLOPs in all, the same as eager, instead of 8NMD with recomputation) and backward only
+    scales them. Otherwise backward recomputes each chunk's logits from the saved log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, uniform_upstream):
+        acc = _acc_dtype(a.dtype)
+        a32, c32, s = a.to(acc), c.to(acc), scale.to(acc)
+        n = a.shape[0]
+        lse = torch.empty(n, dtype=acc, device=a.device)
+        precompute = bool(uniform_upstream and any(ctx.needs_input_grad[:3]))
+        if precompute:
+            da = torch.empty(a.shape, dtype=acc, device=a.device)
+            dc = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
+        for r0 in range(0, n, chunk_rows):
+            r1 = min(n, r0 + chunk_rows)
+            logits = _chunk_logits(a32[r0:r1], c32, s, r0, hn_weight, hn_offset)
+            chunk_lse = torch.logsumexp(logits, dim=1)
+            lse[r0:r1] = chunk_lse
+            if precompute:
+                probs = logits.sub_(chunk_lse[:, None]).exp_()  # p_ij, reusing the logits' buffer
+                torch.matmul(probs, c32, out=da[r0:r1])
+                dc.addmm_(probs[:, :n_grad_cols].T, a32[r0:r1])
+        if precompute:
+            dscale = torch.vdot(a32.flatten(), da.flatten())  # sum_ij p_ij <a_i, c_j>
+            da.mul_(s)
+            dc.mul_(s)
+            ctx.save_for_backward(da, dc, dscale)
+        else:
+            ctx.save_for_backward(a, c, scale, lse)
+        ctx.config = (hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, c.shape[0])
+        ctx.dtypes = (a.dtype, c.dtype, scale.dtype)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, n_cols = ctx.config
+        if precompute:
+            da, dc, dscale = ctx.saved_tensors
+            g = grad_lse[0].to(da.dtype)  # uniform upstream (see the class docstring)
+            ga, gc, gs = da * g, dc * g, dscale * g
+        else:
+            a, c, scale, lse = ctx.saved_tensors
+            acc = lse.dtype
+            a32, c32, s = a.to(acc), c.to(acc), scale.to(acc)
+            g_rows = grad_lse.to(acc)
+            ga = torch.empty(a.shape, dtype=acc, device=a.device)
+            gc = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
+            for r0 in range(0, a.shape[0], chunk_rows):
+                r1 = min(a.shape[0], r0 + chunk_rows)
+                logits = _chunk_logits(a32[r0:r1], c32, s, r0, hn_weight, hn_offset)
+                weights = logits.sub_(lse[r0:r1, None]).exp_().mul_(g_rows[r0:r1, None])
+                torch.matmul(weights, c32, out=ga[r0:r1])
+                gc.addmm_(weights[:, :n_grad_cols].T, a32[r0:r1])
+            gs = torch.vdot(a32.flatten(), ga.flatten())
+            ga.mul_(s)
+            gc.mul_(s)
+        if n_grad_cols < n_cols:  # queue rows: no gradient
+            gc = torch.cat([gc, gc.new_zeros(n_cols - n_grad_cols, gc.shape[1])])
+        needs, (a_dtype, c_dtype, s_dtype) = ctx.needs_input_grad, ctx.dtypes
+        return (ga.to(a_dtype) if needs[0] else None, gc.to(c_dtype) if needs[1] else None,
+                gs.to(s_dtype) if needs[2] else None,
+                None, None, None, None, None)
+
+
+def chunked_lse(a, c, scale, hn_weight, hn_offset, *, n_grad_cols=None, chunk_rows=None, uniform_upstream=False):
+    n_grad_cols = c.shape[0] if n_grad_cols is None else n_grad_cols
+    if chunk_rows is None:
+        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, c.shape[0]))
+    return _ChunkedLSE.apply(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, uniform_upstream)
+
+
+def rowwise_lse(backend: str, a, c, scale, hn_weight, hn_offset, *, n_grad_cols, uniform_upstream, chunk_rows=None):
+    """``lse_i = log sum_j exp(scale <a_i, c_j> + w [j == hn_offset + i])`` on the fused backends."""
+    if backend == "chunked":
+        return chunked_lse(a, c, scale, hn_weight, hn_offset, n_grad_cols=n_grad_cols,
+                           chunk_rows=chunk_rows, uniform_upstream=uniform_upstream)
+    from fastcse.kernels.infonce import triton_lse
+
+    return triton_lse(a, c, scale, hn_weight, hn_offset, n_grad_cols)
+
+
+# --------------------------------------------------------------------------------------------
+# the loss
+# --------------------------------------------------------------------------------------------
+
+
+def _direction_loss(backend, a_hat, c_hat, scale, *, hn_weight, hn_offset, target_offset, n_grad_cols,
+                    reduction, chunk_rows):
+    """Per-row or reduced cross-entropy of one direction (rows a_hat against columns c_hat)."""
+    n = a_hat.shape[0]
+    if backend == "eager":
+        logits = scale * (a_hat @ c_hat.T)
+        if hn_weight != 0.0:
+            rows = torch.arange(n, device=a_hat.device)
+            bias = torch.zeros_like(logits)
+            bias[rows, rows + hn_offset] = hn_weight
+            logits = logits + bias
+        targets = torch.arange(n, device=a_hat.device) + target_offset
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    lse = rowwise_lse(backend, a_hat, c_hat, scale, hn_weight, hn_offset, n_grad_cols=n_grad_cols,
+                      uniform_upstream=reduction != "none", chunk_rows=chunk_rows)
+    target_cols = c_hat[target_offset:target_offset + n]
+    target_logit = scale * (a_hat * target_cols).sum(dim=1, dtype=lse.dtype)
+    per_row = lse - target_logit
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def info_nce(
+    anchors: Tensor,
+    positives: Tensor,
+    hard_negatives: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.05,
+    hard_negative_weight: float = 0.0,
+    queue: Optional[Tensor] = None,
+    symmetric: bool = False,
+    gather_across_ranks: bool = False,
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
+    chunk_rows: Optional[int] = None,
+) -> Tensor:
+    """InfoNCE / SimCSE contrastive loss without the N x M similarity matrix in memory.
+
+    Candidates are ``C = [positives; hard_negatives; queue]`` (M rows); anchors and candidates are
+    L2-normalised inside the op, and anchor i's target is candidate i::
+
+        logits_ij = cos(anchor_i, C_j) / temperature  (+ hard_negative_weight if j == N + i)
+        loss_i    = logsumexp_j(logits_ij) - logits_ii
+
+    Args:
+        anchors: ``(N, D)`` embeddings (fp16 / bf16 / fp32; fp64 on the chunked and eager backends).
+        positives: ``(N, D)``; row i is anchor i's positive.
+        hard_negatives: optional ``(N, D)``; row i is anchor i's hard negative (SimCSE supervised).
+        temperature: float or 0-d tensor (a learnable temperature gets its gradient). This is
+            sentence-transformers' ``1 / scale`` (scale 20 == temperature 0.05).
+        hard_negative_weight: added to logit ``(i, N + i)``, as SimCSE's ``--hard_negative_weight``.
+        queue: optional ``(K, D)`` extra negatives without gradient (ESimCSE / MoCo queue).
+        symmetric: also score positives against anchors (CLIP style) and average both directions.
+        gather_across_ranks: all-gather positives and hard negatives (and anchors, if symmetric)
+            from every rank of the default process group **with gradient**; anchor i of rank r
+            targets column ``r * N + i``. Every rank must pass the same N. No-op in one process.
+        reduction: ``"mean"`` | ``"sum"`` over this rank's anchors, or ``"none"`` for ``(N,)``.
+        backend: ``"auto"`` (Triton on CUDA, chunked otherwise), ``"triton"``, ``"chunked"``,
+            ``"eager"`` (materialised reference).
+        chunk_rows: rows of logits per chunk for the chunked backend (default: ~2M logits).
+
+    Returns:
+        A scalar (``mean`` / ``sum``) or ``(N,)`` per-anchor losses (``none``), in fp32 (fp64 for
+        fp64 inputs).
+
+    Example:
+        >>> import torch, fastcse
+        >>> a, p = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+        >>> loss = fastcse.info_nce(a, p, temperature=0.05)
+        >>> loss.backward()
+    """
+    check_inputs(anchors, positives, hard_negatives, queue, temperature, hard_negative_weight,
+                 reduction, backend)
+    resolved = resolve_backend(backend, anchors.device, anchors.dtype)
+    n = anchors.shape[0]
+
+    rank, world = 0, 1
+    if gather_across_ranks:
+        from fastcse.distributed import all_gather_with_grad, world_info
+
+        rank, world = world_info()
+    if world > 1:
+        positives_all = all_gather_with_grad(positives)
+        hard_all = all_gather_with_grad(hard_negatives) if hard_negatives is not None else None
+    else:
+        positives_all, hard_all = positives, hard_negatives
+
+    acc_dtype = _acc_dtype(anchors.dtype)
+    if isinstance(temperature, torch.Tensor):
+        scale = temperature.to(device=anchors.device, dtype=acc_dtype).reshape(()).reciprocal()
+    else:
+        scale = torch.tensor(1.0 / temperature, dtype=acc_dtype, device=anchors.device)
+
+    a_hat = F.normalize(anchors, dim=-1)
+    parts = [positives_all] + ([hard_all] if hard_all is not None else [])
+    n_grad_cols = sum(p.shape[0] for p in parts)
+    if queue is not None and queue.shape[0] > 0:
+        parts.append(queue.detach())
+    c_hat = F.normalize(torch.cat(parts) if len(parts) > 1 else parts[0], dim=-1)
+
+    loss = _direction_loss(
+        resolved, a_hat, c_hat, scale, hn_weight=float(hard_negative_weight) if hard_all is not None else 0.0,
+        hn_offset=(world + rank) * n if hard_all is not None else 0, target_offset=rank * n,
+        n_grad_cols=n_grad_cols, reduction=reduction, chunk_rows=chunk_rows,
+    )
+    if symmetric:
+        anchors_all = all_gather_with_grad(anchors) if world > 1 else anchors
+        p_hat = F.normalize(positives, dim=-1)
+        reverse = _direction_loss(
+            resolved, p_hat, F.normalize(anchors_all, dim=-1), scale, hn_weight=0.0, hn_offset=0,
+            target_offset=rank * n, n_grad_cols=anchors_all.shape[0], reduction=reduction,
+            chunk_rows=chunk_rows,
+        )
+        loss = (loss + reverse) / 2
+    return loss
