@@ -1,0 +1,305 @@
+"""Attention backends of :class:`~fastcse.models.SentenceEncoder`: selection and the varlen path.
+
+Backends (``attn_backend=``):
+
+``eager``
+    The Hugging Face model's own attention (``attn_implementation="eager"``): the reference.
+    Dropout: HF's ``nn.functional.dropout`` on the attention probabilities and its hidden dropouts.
+``sdpa``
+    HF's padded ``scaled_dot_product_attention`` path (models whose HF class supports it).
+    Dropout: SDPA's ``dropout_p`` on the probabilities, HF's hidden dropouts.
+``varlen``
+    BERT family (BERT, RoBERTa, XLM-R): the batch is unpadded once to ``(total_tokens, hidden)``;
+    embeddings, layer norms, MLPs and attention all run on packed tokens (see
+    :func:`bert_varlen_forward`). Attention kernel by device (:func:`varlen_attention`):
+    the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed (fp16/bf16 CUDA);
+    else PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (fp16/bf16 CUDA, when no attention
+    dropout is needed: it has no dropout argument); else SDPA on jagged nested tensors
+    (fp16/bf16 CUDA training with dropout; PyTorch's flash kernel on ``cu_seqlens``); else, on CPU
+    or fp32, the CPU twin: the packed q/k/v are scattered into a padded ``(batch, heads, max_seqlen,
+    head_dim)`` block, attended with SDPA and a key-padding mask, and gathered back. Dropout: the
+    model's own ``nn.Dropout`` modules on packed tokens; attention-probability dropout inside the
+    kernel (``dropout_p``).
+``biased``
+    T5 and DeBERTa-v2: the fused relative-bias Triton attention of ``fastcse.models.biased``
+    patched into the HF modules (dropout inside the kernel, see that module).
+``rotary``
+    RoFormer and ModernBERT: the HF attention (sdpa where supported, else eager) with the rotary
+    embedding swapped for the fused kernel of ``fastcse.models.rope_patch``.
+``auto``
+    Resolved when the encoder is built, for the model and the machine: ``varlen`` (BERT family),
+    ``biased`` (T5, DeBERTa-v2) or ``rotary`` (RoFormer, ModernBERT) when CUDA is available and
+    the fused module is present; otherwise ``sdpa`` where HF supports it, else ``eager``.
+    On CPU ``sdpa`` beats the varlen CPU twin only for nearly unpadded batches, but the fused
+    Triton paths run only interpreted there, so ``auto`` never picks them on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .unpad import PackedBatch, pack, unpad_input
+
+ATTN_BACKENDS = ("auto", "eager", "sdpa", "varlen", "biased", "rotary")
+VarlenKernel = Literal["auto", "flash_attn", "torch_varlen", "nested", "padded_sdpa"]
+VARLEN_KERNELS = ("auto", "flash_attn", "torch_varlen", "nested", "padded_sdpa")
+
+# model_type -> the fast backend that exists for it (besides eager / sdpa)
+VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+BIASED_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "deberta-v2"})
+ROTARY_MODEL_TYPES = frozenset({"roformer", "modernbert"})
+
+# fused modules of the other parts of fastcse: (module, function that patches a model in place)
+_PATCHES = {
+    "biased": ("fastcse.models.biased", "patch_biased_attention"),
+    "rotary": ("fastcse.models.rope_patch", "patch_rotary"),
+}
+
+
+def valid_backends(model_type: str, supports_sdpa: bool) -> tuple[str, ...]:
+    """The ``attn_backend`` names that can run a model of this HF ``model_type``."""
+    names = ["auto", "eager"]
+    if supports_sdpa:
+        names.append("sdpa")
+    if model_type in VARLEN_MODEL_TYPES:
+        names.append("varlen")
+    if model_type in BIASED_MODEL_TYPES:
+        names.append("biased")
+    if model_type in ROTARY_MODEL_TYPES:
+        names.append("rotary")
+    return tuple(names)
+
+
+def patch_available(backend: str) -> bool:
+    """Whether the fused module behind ``biased`` / ``rotary`` is installed in this checkout."""
+    module, fn = _PATCHES[backend]
+    try:
+        return hasattr(importlib.import_module(module), fn)
+    except ImportError:
+        return False
+
+
+def resolve_backend(name: str, model_type: str, supports_sdpa: bool, *, cuda: bool | None = None) -> str:
+    """Check ``name`` against the model and turn ``auto`` into a concrete backend.
+
+    Raises ValueError naming the valid backends for an unknown or unsupported name.
+    """
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attn_backend {name!r}; valid backends: {', '.join(ATTN_BACKENDS)}")
+    valid = valid_backends(model_type, supports_sdpa)
+    if name not in valid:
+        raise ValueError(
+            f"attn_backend {name!r} cannot run model type {model_type!r}; "
+            f"valid backends for it: {', '.join(valid)}"
+        )
+    if name != "auto":
+        return name
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        if model_type in VARLEN_MODEL_TYPES:
+            return "varlen"
+        for fused, types in (("biased", BIASED_MODEL_TYPES), ("rotary", ROTARY_MODEL_TYPES)):
+            if model_type in types and patch_available(fused):
+                return fused
+    return "sdpa" if supports_sdpa else "eager"
+
+
+def hf_attn_implementation(backend: str, supports_sdpa: bool) -> str:
+    """The ``attn_implementation`` to build the HF backbone with for a resolved backend."""
+    if backend == "eager" or backend == "biased":
+        # the biased patch replaces HF's eager attention modules; build those
+        return "eager"
+    return "sdpa" if supports_sdpa else "eager"
+
+
+def apply_patch(backbone: torch.nn.Module, backend: str) -> int:
+    """Swap the fused ``biased`` / ``rotary`` modules into ``backbone``; returns how many changed."""
+    module_name, fn_name = _PATCHES[backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"attn_backend={backend!r} needs {module_name} ({fn_name}), which is not available in this "
+            f"installation ({exc}); use attn_backend='eager' or 'sdpa' instead"
+        ) from exc
+    patch = getattr(module, fn_name, None)
+    if patch is None:
+        raise RuntimeError(f"attn_backend={backend!r}: {module_name} has no {fn_name}(); cannot patch the model")
+    count = patch(backbone)
+    if not count:
+        raise RuntimeError(f"attn_backend={backend!r}: {module_name}.{fn_name} found nothing to patch in "
+                           f"{type(backbone).__name__}")
+    return int(count)
+
+
+# ----------------------------------------------------------------------------------------------
+# varlen attention
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # not installed, or built for another torch: both mean "not usable"
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    return varlen_attn
+
+
+def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: float) -> str:
+    """The varlen attention kernel ``auto`` uses for these inputs (see the module docstring)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half:
+        if _flash_attn_varlen() is not None:
+            return "flash_attn"
+        if _torch_varlen_attn() is not None and dropout_p == 0.0:
+            return "torch_varlen"
+        return "nested"
+    return "padded_sdpa"
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch, *,
+                     dropout_p: float = 0.0, scale: float | None = None,
+                     kernel: VarlenKernel = "auto") -> torch.Tensor:
+    """Bidirectional attention over packed sequences.
+
+    Args:
+        q, k, v: ``(total_tokens, nheads, head_dim)``; sequence ``b`` owns rows
+            ``packed.cu_seqlens[b]:packed.cu_seqlens[b+1]`` and attends only to them.
+        packed: the batch's :class:`PackedBatch` (``cu_seqlens``, ``max_seqlen``).
+        dropout_p: dropout on the attention probabilities (pass 0 in evaluation mode).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        kernel: ``auto`` (:func:`pick_varlen_kernel`) or a kernel name from :data:`VARLEN_KERNELS`.
+
+    Returns ``(total_tokens, nheads, head_dim)``.
+    """
+    head_dim = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if kernel == "auto":
+        kernel = pick_varlen_kernel(q.device, q.dtype, dropout_p)
+    if kernel == "flash_attn":
+        fn = _flash_attn_varlen()
+        if fn is None:
+            raise RuntimeError("varlen kernel 'flash_attn' needs the flash-attn package (pip install fastcse[flash-attn])")
+        return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                  dropout_p=dropout_p, softmax_scale=scale, causal=False)
+    if kernel == "torch_varlen":
+        fn = _torch_varlen_attn()
+        if fn is None:
+            raise RuntimeError("varlen kernel 'torch_varlen' needs torch.nn.attention.varlen (torch >= 2.9)")
+        if dropout_p:
+            raise ValueError("torch's varlen_attn has no dropout; use kernel 'flash_attn', 'nested' or 'padded_sdpa'")
+        if not math.isclose(scale, 1.0 / math.sqrt(head_dim)):
+            raise ValueError("torch's varlen_attn is called with its default scale only (torch 2.11 has no scale argument)")
+        # positional call: the keyword set differs between torch 2.11 and 2.13
+        return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
+    if kernel == "nested":
+        return _nested_sdpa(q, k, v, packed, dropout_p, scale)
+    if kernel == "padded_sdpa":
+        return _padded_sdpa(q, k, v, packed, dropout_p, scale)
+    raise ValueError(f"unknown varlen kernel {kernel!r}; valid kernels: {', '.join(VARLEN_KERNELS)}")
+
+
+def _nested_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float) -> torch.Tensor:
+    """SDPA on jagged nested tensors: PyTorch dispatches to its flash / efficient varlen kernels."""
+    offsets = packed.cu_seqlens.long()
+
+    def jagged(x):  # (total, H, D) -> nested (B, H, j, D)
+        return torch.nested.nested_tensor_from_jagged(x, offsets, max_seqlen=packed.max_seqlen).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).values()
+
+
+def _padded_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float) -> torch.Tensor:
+    """The CPU twin: scatter into ``(batch, H, max_seqlen, D)``, masked SDPA, gather back.
+
+    Only attention sees padding (to ``max_seqlen``, not the batch's padded length); every other op
+    of the varlen path stays packed. Padded query rows attend to real keys of their sequence (never
+    NaN) and are dropped by the gather.
+    """
+    batch, max_len = packed.batch, packed.max_seqlen
+    nheads, head_dim = q.shape[1], q.shape[2]
+    # position of each packed token inside its own sequence
+    offsets = packed.cu_seqlens.long()
+    pos = torch.arange(q.shape[0], device=q.device) - offsets[packed.seq_ids]
+    flat = packed.seq_ids * max_len + pos
+
+    def scatter(x):
+        out = x.new_zeros(batch * max_len, nheads, head_dim).index_copy(0, flat, x)
+        return out.view(batch, max_len, nheads, head_dim).transpose(1, 2)
+
+    key_ok = torch.arange(max_len, device=q.device)[None, :] < packed.lengths.long()[:, None]
+    mask = key_ok[:, None, None, :]  # (batch, 1, 1, max_len) boolean: True = attend
+    out = F.scaled_dot_product_attention(scatter(q), scatter(k), scatter(v), attn_mask=mask,
+                                         dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(batch * max_len, nheads, head_dim)[flat]
+
+
+# ----------------------------------------------------------------------------------------------
+# the packed BERT-family encoder
+
+
+def bert_position_ids(backbone: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """HF's position ids of a padded ``(batch, seqlen)`` batch, for BERT and RoBERTa embeddings."""
+    embeddings = backbone.embeddings
+    if hasattr(embeddings, "create_position_ids_from_input_ids"):
+        # RoBERTa / XLM-R: positions count real (non-pad) tokens from padding_idx + 1
+        return embeddings.create_position_ids_from_input_ids(input_ids, embeddings.padding_idx)
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
+def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        token_type_ids: torch.Tensor | None = None, *,
+                        kernel: VarlenKernel = "auto") -> tuple[torch.Tensor, PackedBatch]:
+    """Run a HF BERT / RoBERTa / XLM-R encoder on packed tokens.
+
+    Args:
+        backbone: ``BertModel`` / ``RobertaModel`` / ``XLMRobertaModel`` (its weights and modules
+            are used as they are; nothing is copied or patched).
+        input_ids, attention_mask, token_type_ids: padded ``(batch, seqlen)``.
+        kernel: the varlen attention kernel (:func:`varlen_attention`).
+
+    Returns ``(hidden, packed)``: the last hidden states of the real tokens ``(total_tokens, hidden)``
+    and the :class:`PackedBatch` describing them.
+
+    Dropout: the model's own ``nn.Dropout`` modules (embeddings, attention output, MLP output) run on
+    the packed tokens in training mode; attention-probability dropout is the kernel's ``dropout_p``
+    (``config.attention_probs_dropout_prob`` in training mode, 0 in evaluation).
+    """
+    packed = unpad_input(attention_mask)
+    if packed.total_tokens == 0 or int(packed.lengths.min()) == 0:
+        raise ValueError("every sequence needs at least one token in attention_mask for the varlen backend")
+    ids = pack(input_ids, packed)
+    positions = pack(bert_position_ids(backbone, input_ids), packed)
+    types = pack(token_type_ids, packed) if token_type_ids is not None else torch.zeros_like(ids)
+    # HF embeddings take (batch, seqlen): the packed tokens are one "sequence" of total_tokens
+    hidden = backbone.embeddings(input_ids=ids[None], token_type_ids=types[None], position_ids=positions[None])[0]
+
+    for layer in backbone.encoder.layer:
+        self_attn = layer.attention.self
+        nheads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
+        q = self_attn.query(hidden).view(-1, nheads, head_dim)
+        k = self_attn.key(hidden).view(-1, nheads, head_dim)
+        v = self_attn.value(hidden).view(-1, nheads, head_dim)
+        dropout_p = self_attn.dropout.p if self_attn.training else 0.0
+        scale = getattr(self_attn, "scaling", head_dim ** -0.5)
+        context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
+        attn_out = layer.attention.output(context.reshape(-1, nheads * head_dim), hidden)
+        hidden = layer.output(layer.intermediate(attn_out), attn_out)
+    return hidden, packed

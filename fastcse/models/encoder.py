@@ -1,0 +1,439 @@
+"""SentenceEncoder: a Hugging Face backbone + a pooler + an attention backend."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import attention as attn
+from .poolers import POOLINGS, build_pooler
+from .unpad import unpack
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "fastcse_encoder.json"
+POOLER_WEIGHTS = "pooler.safetensors"
+T5_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
+
+
+class TruncationWarning(UserWarning):
+    """Sentences were longer than ``max_seq_length`` tokens and were cut."""
+
+
+def _backbone_class(config):
+    """HF class of the encoder-only backbone for ``config`` (for T5 the T5EncoderModel)."""
+    import transformers
+
+    if config.model_type in T5_MODEL_TYPES:
+        name = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}[config.model_type]
+        return getattr(transformers, name)
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        return MODEL_MAPPING[type(config)]
+    except KeyError as exc:
+        raise ValueError(f"no Hugging Face encoder class for model type {config.model_type!r}") from exc
+
+
+def _backbone_kwargs(cls) -> dict:
+    # BERT-family classes build a tanh pooler on CLS that fastcse never uses: leave it out
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+
+
+class SentenceEncoder(nn.Module):
+    """Sentence embeddings from a Hugging Face encoder: BERT, RoBERTa, DeBERTa-v2/v3, T5 encoder,
+    RoFormer, ModernBERT.
+
+    Build with :meth:`from_pretrained` (HF folder, a folder written by :meth:`save`, or a
+    sentence-transformers folder) or :meth:`from_config` (random init).
+
+    Shapes: :meth:`forward` takes padded ``input_ids`` / ``attention_mask`` / ``token_type_ids``
+    ``(batch, seqlen)`` (right-padded) and returns the pooled ``(batch, embedding_dim)``.
+
+    Attention backends (``attn_backend``; details and dropout in :mod:`fastcse.models.attention`):
+    ``eager`` (HF's own, the reference), ``sdpa`` (HF's padded SDPA), ``varlen`` (BERT family on
+    packed tokens; on CPU its attention runs through a padded SDPA twin), ``biased`` (T5 /
+    DeBERTa-v2 fused relative-bias attention), ``rotary`` (RoFormer / ModernBERT fused rotary),
+    ``auto`` (resolved when built: the fused backend on a CUDA machine, else sdpa or eager).
+    In training mode every backend applies the model's attention and hidden dropout, so two
+    forwards of one batch differ (SimCSE's augmentation); evaluation mode is deterministic.
+
+    Poolings: ``cls`` (first token), ``cls_mlp`` (SimCSE: CLS -> dense -> tanh; with
+    ``mlp_only_train=True`` only in training mode), ``mean`` (masked mean), ``first`` (T5's first
+    token, same as ``cls``).
+
+    Example::
+
+        >>> from transformers import BertConfig
+        >>> cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+        ...                  num_attention_heads=4, intermediate_size=64)
+        >>> enc = SentenceEncoder.from_config(cfg, pooling="mean", attn_backend="eager")
+        >>> ids = torch.randint(1, 100, (3, 7)); mask = torch.ones(3, 7, dtype=torch.long)
+        >>> enc(ids, mask).shape
+        torch.Size([3, 32])
+    """
+
+    def __init__(self, backbone: nn.Module, *, tokenizer=None, pooling: str = "cls", attn_backend: str = "auto",
+                 max_seq_length: int = 32, mlp_only_train: bool = True):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+        config = backbone.config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.mlp_only_train = mlp_only_train
+        self.max_seq_length = int(max_seq_length)
+        self.embedding_dim = int(config.hidden_size)
+        self.pooler = build_pooler(pooling, self.embedding_dim, mlp_only_train=mlp_only_train,
+                                   initializer_range=getattr(config, "initializer_range", 0.02))
+        param = next(backbone.parameters(), None)
+        if param is not None:
+            self.pooler.to(device=param.device, dtype=param.dtype)
+        # resolved backend name; the backbone was built for it (see _build)
+        self.attn_backend = attn_backend
+        self.varlen_kernel: attn.VarlenKernel = "auto"
+        forward_params = inspect.signature(backbone.forward).parameters
+        self._takes_token_type_ids = "token_type_ids" in forward_params
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def _build(cls, config, *, weights_path=None, tokenizer=None, pooling="cls", attn_backend="auto",
+               dtype=None, max_seq_length=32, mlp_only_train=True) -> "SentenceEncoder":
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+        dtype = _resolve_dtype(dtype)
+        model_cls = _backbone_class(config)
+        supports_sdpa = bool(getattr(model_cls, "_supports_sdpa", False))
+        backend = attn.resolve_backend(attn_backend, config.model_type, supports_sdpa)
+        if backend in ("biased", "rotary") and not attn.patch_available(backend):
+            # fail here, before loading weights, with the reason
+            attn.apply_patch(None, backend)
+        kwargs = dict(_backbone_kwargs(model_cls), attn_implementation=attn.hf_attn_implementation(backend, supports_sdpa))
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if weights_path is None:
+            backbone = model_cls._from_config(copy.deepcopy(config), **kwargs)
+        else:
+            backbone = model_cls.from_pretrained(weights_path, config=config, **kwargs)
+        if backend in ("biased", "rotary"):
+            count = attn.apply_patch(backbone, backend)
+            logger.info("attn_backend=%s: patched %d modules of %s", backend, count, type(backbone).__name__)
+        encoder = cls(backbone, tokenizer=tokenizer, pooling=pooling, attn_backend=backend,
+                      max_seq_length=max_seq_length, mlp_only_train=mlp_only_train)
+        return encoder
+
+    @classmethod
+    def from_config(cls, config, *, tokenizer=None, pooling: str = "cls", attn_backend: str = "auto", dtype=None,
+                    max_seq_length: int = 32, mlp_only_train: bool = True) -> "SentenceEncoder":
+        """A randomly initialised encoder for a HF ``PretrainedConfig`` (the config is copied).
+
+        ``mlp_only_train`` (fastcse addition) applies to ``pooling="cls_mlp"`` only.
+        """
+        return cls._build(config, tokenizer=tokenizer, pooling=pooling, attn_backend=attn_backend, dtype=dtype,
+                          max_seq_length=max_seq_length, mlp_only_train=mlp_only_train)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, pooling: str | None = None, attn_backend: str = "auto", dtype=None,
+                        max_seq_length: int | None = None, tokenizer=None,
+                        mlp_only_train: bool | None = None) -> "SentenceEncoder":
+        """Load an encoder from a folder (or a HF hub name, which needs the network).
+
+        Folder kinds:
+        - written by :meth:`save`: ``fastcse_encoder.json`` gives pooling, ``mlp_only_train`` and
+          ``max_seq_length``; the ``cls_mlp`` weights come from ``pooler.safetensors``. The saved
+          ``attn_backend`` is informational: ``attn_backend`` here (default ``auto``) decides, since
+          the right backend depends on the machine.
+        - sentence-transformers (``modules.json``): the Transformer module's folder is the
+          backbone, ``1_Pooling/config.json`` the pooling (``cls`` or ``mean``; others are refused),
+          ``sentence_bert_config.json`` the ``max_seq_length``. A Normalize module is not part of
+          the encoder: call ``encode(..., normalize=True)``.
+        - a plain Hugging Face model: pooling ``cls`` (``mean`` for T5, as Sentence-T5) unless given;
+          ``max_seq_length`` from the tokenizer / position embeddings, at most 512.
+
+        Explicit arguments override what the folder says. ``tokenizer`` defaults to the folder's
+        (None when it has no tokenizer files).
+        """
+        from transformers import AutoConfig
+
+        path = Path(str(name_or_path))
+        saved: dict = {}
+        backbone_path = str(name_or_path)
+        folder_pooling = folder_max_len = None
+        if (path / CONFIG_NAME).is_file():
+            saved = json.loads((path / CONFIG_NAME).read_text())
+            folder_pooling, folder_max_len = saved.get("pooling"), saved.get("max_seq_length")
+        elif (path / "modules.json").is_file():
+            backbone_path, folder_pooling, folder_max_len = _read_sentence_transformers(path)
+        config = AutoConfig.from_pretrained(backbone_path)
+        if pooling is None:
+            pooling = folder_pooling or ("mean" if config.model_type in T5_MODEL_TYPES else "cls")
+        if mlp_only_train is None:
+            mlp_only_train = bool(saved.get("mlp_only_train", True))
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(backbone_path)
+        if max_seq_length is None:
+            max_seq_length = folder_max_len or _default_max_len(config, tokenizer)
+        encoder = cls._build(config, weights_path=backbone_path, tokenizer=tokenizer, pooling=pooling,
+                             attn_backend=attn_backend, dtype=dtype, max_seq_length=max_seq_length,
+                             mlp_only_train=mlp_only_train)
+        pooler_file = path / POOLER_WEIGHTS
+        if any(True for _ in encoder.pooler.parameters()):
+            if pooler_file.is_file() and saved.get("pooling") == pooling:
+                from safetensors.torch import load_file
+
+                state = load_file(str(pooler_file), device="cpu")
+                encoder.pooler.load_state_dict(state)
+                encoder.pooler.to(device=next(encoder.backbone.parameters()).device,
+                                  dtype=next(encoder.backbone.parameters()).dtype)
+            else:
+                logger.warning("pooling=%r has parameters that %s does not hold: they start from random init",
+                               pooling, name_or_path)
+        return encoder
+
+    # ------------------------------------------------------------------------------------------
+    # saving
+
+    def save(self, path) -> None:
+        """Write a folder that :meth:`from_pretrained` reads back.
+
+        Contents: the HF backbone (``config.json``, ``model.safetensors``), the tokenizer files,
+        ``fastcse_encoder.json`` ({pooling, mlp_only_train, max_seq_length, attn_backend}) and
+        ``pooler.safetensors`` when the pooler has parameters (``cls_mlp``).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(path))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(path))
+        meta = {"pooling": self.pooling, "mlp_only_train": self.mlp_only_train,
+                "max_seq_length": self.max_seq_length, "attn_backend": self.attn_backend}
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
+        if state:
+            from safetensors.torch import save_file
+
+            save_file(state, str(path / POOLER_WEIGHTS))
+
+    # ------------------------------------------------------------------------------------------
+    # the model
+
+    def _check_device(self, tensor: torch.Tensor) -> None:
+        if self.attn_backend in ("biased", "rotary") and not tensor.is_cuda:
+            from fastcse._triton_utils import triton_can_run
+
+            if not triton_can_run(tensor):
+                raise RuntimeError(
+                    f"attn_backend={self.attn_backend!r} runs Triton kernels, which need a CUDA device (or "
+                    f"Triton's CPU interpreter, TRITON_INTERPRET=1); this batch is on {tensor.device}. "
+                    f"Build the encoder with attn_backend='eager' or 'sdpa' for CPU."
+                )
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states and pooled embeddings (fastcse addition, for tests and analysis).
+
+        Returns ``(hidden, pooled)``: ``hidden`` ``(batch, seqlen, hidden)`` (the varlen backend
+        gives zeros at padded positions, the padded backends whatever HF computes there) and
+        ``pooled`` ``(batch, embedding_dim)``.
+        """
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids and attention_mask must both be (batch, seqlen); got "
+                             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        self._check_device(input_ids)
+        if not self._takes_token_type_ids:
+            token_type_ids = None  # T5 / ModernBERT have no segment embeddings
+        if self.attn_backend == "varlen":
+            packed_hidden, packed = attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
+                                                             kernel=self.varlen_kernel)
+            return unpack(packed_hidden, packed), self.pooler.forward_packed(packed_hidden, packed)
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return hidden, self.pooler(hidden, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled embeddings ``(batch, embedding_dim)`` of a padded ``(batch, seqlen)`` batch.
+
+        ``token_type_ids`` is ignored by models without segment embeddings (T5, ModernBERT).
+        """
+        if self.attn_backend == "varlen":
+            self._check_device(input_ids)
+            if not self._takes_token_type_ids:
+                token_type_ids = None
+            packed_hidden, packed = attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
+                                                             kernel=self.varlen_kernel)
+            return self.pooler.forward_packed(packed_hidden, packed)
+        return self.encode_tokens(input_ids, attention_mask, token_type_ids)[1]
+
+    # ------------------------------------------------------------------------------------------
+    # text in, vectors out
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise RuntimeError("this SentenceEncoder has no tokenizer: pass tokenizer= to from_config / from_pretrained")
+        return self.tokenizer
+
+    def _tokenize(self, sentences: Sequence[str], max_length: int | None):
+        """Tokenize, padded to the longest; returns (batch dict, number of truncated sentences)."""
+        tok = self._require_tokenizer()
+        if isinstance(sentences, str):
+            raise TypeError("tokenize() takes a list of sentences, not one string")
+        sentences = list(sentences)
+        if not sentences:
+            raise ValueError("tokenize() got an empty list of sentences")
+        bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
+        if bad:
+            raise TypeError(f"sentences must be str; item {bad[0]} is {type(sentences[bad[0]]).__name__}")
+        max_length = int(max_length or self.max_seq_length)
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        # one token of slack tells the sentences that do not fit apart from those that fill it exactly
+        probe = tok(sentences, truncation=True, max_length=max_length + 1)["input_ids"]
+        too_long = [i for i, ids in enumerate(probe) if len(ids) > max_length]
+        if too_long:
+            cut = tok([sentences[i] for i in too_long], truncation=True, max_length=max_length)["input_ids"]
+            for i, ids in zip(too_long, cut):
+                probe[i] = ids
+        features = {"input_ids": probe}
+        batch = tok.pad(features, padding="longest", return_tensors="pt", return_attention_mask=True)
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self._takes_token_type_ids and getattr(self.backbone.config, "type_vocab_size", 0):
+            # single sentences: segment 0 everywhere, as the tokenizers produce
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        return out, len(too_long)
+
+    def tokenize(self, sentences: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize ``sentences`` padded to the longest, truncated to ``max_length`` (default
+        ``max_seq_length``) tokens including special tokens.
+
+        Returns ``input_ids`` / ``attention_mask`` (and ``token_type_ids`` for models that take them),
+        each ``(batch, seqlen)`` on CPU. Warns (:class:`TruncationWarning`) with the number of
+        sentences that were truncated. Raises ValueError for an empty list, TypeError for
+        non-strings; empty strings are fine (special tokens only).
+        """
+        batch, n_cut = self._tokenize(sentences, max_length)
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(batch['input_ids'])} sentences were longer than "
+                          f"{max_length or self.max_seq_length} tokens and were truncated",
+                          TruncationWarning, stacklevel=2)
+        return batch
+
+    @torch.no_grad()
+    def encode(self, sentences: Sequence[str], *, batch_size: int = 64, normalize: bool = False, progress: bool = True,
+               device=None) -> torch.Tensor:
+        """Embed sentences for inference: ``(n, embedding_dim)`` float32 on CPU, in input order.
+
+        Evaluation mode and ``no_grad`` (the previous mode is restored); batches are formed from
+        sentences sorted by length so that little padding is computed. ``device`` moves the encoder
+        there first (default: where it is). ``normalize`` L2-normalises each row. An empty list
+        gives a ``(0, embedding_dim)`` tensor; one string is treated as a list of one. Sentences
+        over ``max_seq_length`` tokens are truncated and counted in one :class:`TruncationWarning`.
+        """
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        sentences = list(sentences)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not sentences:
+            return torch.empty(0, self.embedding_dim, dtype=torch.float32)
+        if device is not None:
+            self.to(device)
+        param = next(self.parameters())
+        device = param.device
+        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        out = torch.empty(len(sentences), self.embedding_dim, dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        n_cut = 0
+        try:
+            starts = range(0, len(order), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="encode", unit="batch")
+            for start in starts:
+                idx = order[start:start + batch_size]
+                batch, cut = self._tokenize([sentences[i] for i in idx], None)
+                n_cut += cut
+                batch = {k: v.to(device) for k, v in batch.items()}
+                emb = self(**batch).float()
+                if normalize:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+                out[torch.tensor(idx)] = emb.cpu()
+        finally:
+            self.train(was_training)
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(sentences)} sentences were longer than {self.max_seq_length} tokens "
+                          f"and were truncated", TruncationWarning, stacklevel=2)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"pooling={self.pooling!r}, attn_backend={self.attn_backend!r}, "
+                f"max_seq_length={self.max_seq_length}, embedding_dim={self.embedding_dim}")
+
+
+def _read_sentence_transformers(path: Path):
+    """(backbone folder, pooling, max_seq_length) of a sentence-transformers folder."""
+    modules = json.loads((path / "modules.json").read_text())
+    backbone = pooling = max_len = None
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        folder = path / module.get("path", "")
+        if kind == "Transformer":
+            backbone = folder
+            cfg_file = folder / "sentence_bert_config.json"
+            if cfg_file.is_file():
+                max_len = json.loads(cfg_file.read_text()).get("max_seq_length")
+        elif kind == "Pooling":
+            cfg = json.loads((folder / "config.json").read_text())
+            modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+            if modes == ["pooling_mode_mean_tokens"]:
+                pooling = "mean"
+            elif modes == ["pooling_mode_cls_token"]:
+                pooling = "cls"
+            else:
+                raise ValueError(f"{folder}: pooling {modes} is not supported; fastcse supports cls or mean")
+    if backbone is None:
+        raise ValueError(f"{path}/modules.json lists no Transformer module")
+    return str(backbone), pooling, max_len
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        logger.info("no tokenizer loaded from %s (%s)", path, exc)
+        return None
+
+
+def _default_max_len(config, tokenizer) -> int:
+    limits = [512]
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        # RoBERTa's position table starts at padding_idx + 1
+        offset = (config.pad_token_id or 0) + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+        limits.append(positions - offset)
+    if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return int(min(limits))
