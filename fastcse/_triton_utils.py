@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTS: bool | None = None
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it may still only run interpreted, see :func:`interpreted`)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when Triton imports (it may still only run interpreted, see :func:`interpreted`).
+
+    Cached in a module global rather than with functools.lru_cache, which torch.compile warns
+    about when it traces through the loss.
+    """
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_IMPORTS = True
+        except Exception:
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
 
 
 def interpreted() -> bool:

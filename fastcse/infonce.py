@@ -26,7 +26,7 @@ where g_i is the upstream gradient of lse_i. The three tiers:
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,15 @@ def _check_matrix(name: str, x, *, dim: Optional[int], allow_empty: bool = False
         )
 
 
+def hard_negative_columns(hard_negatives) -> list:
+    """``None`` -> [], a tensor -> [tensor], a list / tuple of tensors -> that list."""
+    if hard_negatives is None:
+        return []
+    if isinstance(hard_negatives, (list, tuple)):
+        return list(hard_negatives)
+    return [hard_negatives]
+
+
 def check_inputs(
     anchors, positives, hard_negatives, queue, temperature, hard_negative_weight, reduction, backend,
     *, check_finite: bool = True,
@@ -87,16 +96,21 @@ def check_inputs(
             f"{positives.shape[0]}"
         )
     named = [("anchors", anchors), ("positives", positives)]
-    if hard_negatives is not None:
-        _check_matrix("hard_negatives", hard_negatives, dim=d)
-        if hard_negatives.shape[0] != n:
+    columns = hard_negative_columns(hard_negatives)
+    for k, column in enumerate(columns):
+        name = "hard_negatives" if len(columns) == 1 else f"hard_negatives[{k}]"
+        _check_matrix(name, column, dim=d)
+        if column.shape[0] != n:
             raise ValueError(
-                f"hard_negatives must have one row per anchor (row i is anchor i's hard negative): "
-                f"anchors have {n} rows, hard_negatives {hard_negatives.shape[0]}"
+                f"{name} must have one row per anchor (row i is anchor i's hard negative): "
+                f"anchors have {n} rows, {name} {column.shape[0]}"
             )
-        named.append(("hard_negatives", hard_negatives))
-    elif hard_negative_weight != 0.0:
-        raise ValueError("hard_negative_weight is set but no hard_negatives were given")
+        named.append((name, column))
+    if hard_negative_weight != 0.0 and len(columns) != 1:
+        raise ValueError(
+            "hard_negative_weight needs exactly one hard-negative column, got "
+            f"{len(columns)}"
+        )
     if queue is not None:
         _check_matrix("queue", queue, dim=d, allow_empty=True)
         named.append(("queue", queue))
@@ -298,7 +312,7 @@ def _direction_loss(backend, a_hat, c_hat, scale, *, hn_weight, hn_offset, targe
 def info_nce(
     anchors: Tensor,
     positives: Tensor,
-    hard_negatives: Optional[Tensor] = None,
+    hard_negatives: Union[Tensor, Sequence[Tensor], None] = None,
     *,
     temperature: Union[float, Tensor] = 0.05,
     hard_negative_weight: float = 0.0,
@@ -321,9 +335,13 @@ def info_nce(
         anchors: ``(N, D)`` embeddings (fp16 / bf16 / fp32; fp64 on the chunked and eager backends).
         positives: ``(N, D)``; row i is anchor i's positive.
         hard_negatives: optional ``(N, D)``; row i is anchor i's hard negative (SimCSE supervised).
+            A list of ``(N, D)`` tensors gives several hard-negative columns (sentence-transformers'
+            ``(anchor, positive, negative_1, ..., negative_k)`` inputs); they join the candidates
+            in that order.
         temperature: float or 0-d tensor (a learnable temperature gets its gradient). This is
             sentence-transformers' ``1 / scale`` (scale 20 == temperature 0.05).
-        hard_negative_weight: added to logit ``(i, N + i)``, as SimCSE's ``--hard_negative_weight``.
+        hard_negative_weight: added to logit ``(i, N + i)``, as SimCSE's ``--hard_negative_weight``
+            (needs exactly one hard-negative column).
         queue: optional ``(K, D)`` extra negatives without gradient (ESimCSE / MoCo queue).
         symmetric: also score positives against anchors (CLIP style) and average both directions.
         gather_across_ranks: all-gather positives and hard negatives (and anchors, if symmetric)
@@ -354,11 +372,12 @@ def info_nce(
         from fastcse.distributed import all_gather_with_grad, world_info
 
         rank, world = world_info()
+    hard_columns = hard_negative_columns(hard_negatives)
     if world > 1:
         positives_all = all_gather_with_grad(positives)
-        hard_all = all_gather_with_grad(hard_negatives) if hard_negatives is not None else None
+        hard_all = [all_gather_with_grad(h) for h in hard_columns]
     else:
-        positives_all, hard_all = positives, hard_negatives
+        positives_all, hard_all = positives, hard_columns
 
     acc_dtype = _acc_dtype(anchors.dtype)
     if isinstance(temperature, torch.Tensor):
@@ -367,15 +386,15 @@ def info_nce(
         scale = torch.tensor(1.0 / temperature, dtype=acc_dtype, device=anchors.device)
 
     a_hat = F.normalize(anchors, dim=-1)
-    parts = [positives_all] + ([hard_all] if hard_all is not None else [])
+    parts = [positives_all] + hard_all
     n_grad_cols = sum(p.shape[0] for p in parts)
     if queue is not None and queue.shape[0] > 0:
         parts.append(queue.detach())
     c_hat = F.normalize(torch.cat(parts) if len(parts) > 1 else parts[0], dim=-1)
 
     loss = _direction_loss(
-        resolved, a_hat, c_hat, scale, hn_weight=float(hard_negative_weight) if hard_all is not None else 0.0,
-        hn_offset=(world + rank) * n if hard_all is not None else 0, target_offset=rank * n,
+        resolved, a_hat, c_hat, scale, hn_weight=float(hard_negative_weight),
+        hn_offset=(world + rank) * n, target_offset=rank * n,
         n_grad_cols=n_grad_cols, reduction=reduction, chunk_rows=chunk_rows,
     )
     if symmetric:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from fastcse._triton_utils import interpreted
 
@@ -190,11 +189,14 @@ def _split(cfg: dict) -> tuple[dict, dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops (so torch.compile traces through them without graph breaks)
+# torch.library ops: opaque custom ops with fake (meta) implementations, so a torch.compile'd
+# training step keeps them in one graph with symbolic batch sizes (no graph break, no recompile
+# per batch size). custom_op rather than triton_op: triton_op traces the launcher with fake
+# tensors, which fails when the kernels run in Triton's CPU interpreter (CI).
 # --------------------------------------------------------------------------------------------
 
 
-@triton_op("fastcse::infonce_lse_fwd", mutates_args={})
+@torch.library.custom_op("fastcse::infonce_lse_fwd", mutates_args=())
 def infonce_lse_fwd(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor,
                     hn_weight: float, hn_offset: int, n_grad_cols: int) -> torch.Tensor:
     """Row-wise log-sum-exp of scaled logits.
@@ -213,7 +215,7 @@ def infonce_lse_fwd(anchors: torch.Tensor, candidates: torch.Tensor, scale: torc
     lse = torch.empty(n_rows, dtype=torch.float32, device=anchors.device)
     fwd_cfg, _ = _split(_launch_config(anchors))
     grid = (triton.cdiv(n_rows, fwd_cfg["BLOCK_M"]),)
-    wrap_triton(_lse_fwd_kernel)[grid](
+    _lse_fwd_kernel[grid](
         anchors, candidates, scale, lse,
         n_rows, candidates.shape[0], dim, anchors.stride(0), candidates.stride(0),
         hn_weight, hn_offset, HAS_HARD_NEG=hn_weight != 0.0, **fwd_cfg,
@@ -221,7 +223,7 @@ def infonce_lse_fwd(anchors: torch.Tensor, candidates: torch.Tensor, scale: torc
     return lse
 
 
-@triton_op("fastcse::infonce_lse_bwd", mutates_args={})
+@torch.library.custom_op("fastcse::infonce_lse_bwd", mutates_args=())
 def infonce_lse_bwd(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor,
                     lse: torch.Tensor, grad_lse: torch.Tensor, hn_weight: float, hn_offset: int,
                     n_grad_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,18 +237,29 @@ def infonce_lse_bwd(anchors: torch.Tensor, candidates: torch.Tensor, scale: torc
     grad_c = torch.empty((n_grad_cols, dim), dtype=torch.float32, device=anchors.device)
     d_slices = triton.cdiv(dim, cfg["BLOCK_DOUT"])
     common = dict(HAS_HARD_NEG=hn_weight != 0.0, **cfg)
-    wrap_triton(_lse_bwd_rows_kernel)[(triton.cdiv(n_rows, cfg["BLOCK_M"]), d_slices)](
+    _lse_bwd_rows_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]), d_slices)](
         anchors, candidates, scale, lse, grad_lse, grad_a,
         n_rows, n_cols, dim, anchors.stride(0), candidates.stride(0), grad_a.stride(0),
         hn_weight, hn_offset, **common,
     )
     if n_grad_cols > 0:
-        wrap_triton(_lse_bwd_cols_kernel)[(triton.cdiv(n_grad_cols, cfg["BLOCK_N"]), d_slices)](
+        _lse_bwd_cols_kernel[(triton.cdiv(n_grad_cols, cfg["BLOCK_N"]), d_slices)](
             anchors, candidates, scale, lse, grad_lse, grad_c,
             n_rows, n_cols, n_grad_cols, dim, anchors.stride(0), candidates.stride(0), grad_c.stride(0),
             hn_weight, hn_offset, **common,
         )
     return grad_a, grad_c
+
+
+@infonce_lse_fwd.register_fake
+def _(anchors, candidates, scale, hn_weight, hn_offset, n_grad_cols):
+    return anchors.new_empty(anchors.shape[0], dtype=torch.float32)
+
+
+@infonce_lse_bwd.register_fake
+def _(anchors, candidates, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols):
+    return (anchors.new_empty(anchors.shape, dtype=torch.float32),
+            anchors.new_empty((n_grad_cols, anchors.shape[1]), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
