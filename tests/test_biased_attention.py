@@ -1,0 +1,195 @@
+"""The fused relative-bias attention kernel against its float64 eager twin (Triton interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcse.kernels.biased_attention import (
+    biased_attention,
+    biased_attention_reference,
+    dropout_keep_mask,
+)
+from tests.helpers import assert_close, rel_error
+
+BATCH, HEADS = 2, 2
+
+
+def _bias(kind: str, seqlen: int, dtype: torch.dtype):
+    """Random tables + index vectors in the layouts the models use."""
+    n = 2 * seqlen - 1
+    if kind == "none":
+        return {}
+    if kind == "t5":  # one row per head, broadcast over batch and queries, one entry per distance
+        return dict(row_table=torch.randn(1, HEADS, 1, n, dtype=dtype), row_index=torch.arange(n))
+    if kind == "deberta":  # per-row c2p and per-column p2c tables, bucketed (colliding) indices
+        span = 7
+        return dict(
+            row_table=torch.randn(BATCH, HEADS, seqlen, 2 * span, dtype=dtype),
+            row_index=torch.randint(0, 2 * span, (n,)),
+            col_table=torch.randn(BATCH, HEADS, seqlen, 2 * span, dtype=dtype),
+            col_index=torch.randint(0, 2 * span, (n,), dtype=torch.int32),
+        )
+    raise ValueError(kind)
+
+
+def _tables(bias: dict) -> list[str]:
+    return [name for name in ("row_table", "col_table") if name in bias]
+
+
+def _run(q, k, v, bias, grad_out, **kw):
+    """Output and gradients of (q, k, v, tables) for one implementation."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    tables = {name: bias[name].detach().requires_grad_() for name in _tables(bias)}
+    args = {**bias, **tables}
+    fn = kw.pop("fn")
+    out = fn(*leaves, **args, **kw)
+    grads = torch.autograd.grad(out, leaves + list(tables.values()), grad_out.to(out.dtype))
+    return out, grads
+
+
+def _ref64(q, k, v, bias, grad_out, **kw):
+    bias64 = {name: (t.double() if name.endswith("table") else t) for name, t in bias.items()}
+    return _run(q.double(), k.double(), v.double(), bias64, grad_out.double(),
+                fn=biased_attention_reference, **kw)
+
+
+@pytest.mark.parametrize("kind", ["t5", "deberta", "none"])
+@pytest.mark.parametrize("seqlen,head_dim", [(37, 16), (19, 24)])
+def test_matches_float64_reference_fp32(kind, seqlen, head_dim):
+    q, k, v = (torch.randn(BATCH, HEADS, seqlen, head_dim) for _ in range(3))
+    bias = _bias(kind, seqlen, torch.float32)
+    lengths = torch.tensor([seqlen, seqlen - 6])
+    mask = torch.arange(seqlen)[None, :] < lengths[:, None]
+    grad_out = torch.randn(BATCH, HEADS, seqlen, head_dim)
+    kw = dict(key_padding_mask=mask, sm_scale=head_dim ** -0.5)
+    out, grads = _run(q, k, v, bias, grad_out, fn=biased_attention, **kw)
+    ref, ref_grads = _ref64(q, k, v, bias, grad_out, **kw)
+    assert_close(out, ref, rtol=1e-5, atol=1e-5, name="out")
+    names = ["dq", "dk", "dv"] + ["d" + n for n in _tables(bias)]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, name=name)
+
+
+def test_strided_inputs_and_layout():
+    """HF's ``view(B, L, H, D).transpose(1, 2)`` inputs need no copy; output merges heads freely."""
+    seqlen, head_dim = 21, 16
+    x = torch.randn(3, BATCH, seqlen, HEADS, head_dim)
+    q, k, v = (x[i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    bias = _bias("t5", seqlen, torch.float32)
+    out = biased_attention(q, k, v, **bias)
+    ref = biased_attention_reference(q.double(), k.double(), v.double(),
+                                     row_table=bias["row_table"].double(), row_index=bias["row_index"])
+    assert_close(out, ref, rtol=1e-5, atol=1e-5, name="out")
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_torch_error(dtype):
+    """Error vs float64 at most twice PyTorch's own eager error in the same dtype (+ a floor)."""
+    seqlen, head_dim = 33, 16
+    q, k, v = (torch.randn(BATCH, HEADS, seqlen, head_dim, dtype=dtype) for _ in range(3))
+    bias = _bias("deberta", seqlen, dtype)
+    mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 20])[:, None]
+    grad_out = torch.randn(BATCH, HEADS, seqlen, head_dim, dtype=dtype)
+    kw = dict(key_padding_mask=mask, sm_scale=0.25)
+    out, grads = _run(q, k, v, bias, grad_out, fn=biased_attention, **kw)
+    low, low_grads = _run(q, k, v, bias, grad_out, fn=biased_attention_reference, **kw)
+    ref, ref_grads = _ref64(q, k, v, bias, grad_out, **kw)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    floor = 2e-3 if dtype == torch.float16 else 1e-2
+    for name, a, lo, r in zip(["out", "dq", "dk", "dv", "drow", "dcol"], (out, *grads),
+                              (low, *low_grads), (ref, *ref_grads)):
+        err, torch_err = rel_error(a, r), rel_error(lo, r)
+        assert err <= 2 * torch_err + floor, f"{name}: kernel {err:.2e} vs torch {torch_err:.2e}"
+
+
+def test_empty_sequence_gives_zeros_and_finite_grads():
+    seqlen, head_dim = 18, 16
+    q, k, v = (torch.randn(BATCH, HEADS, seqlen, head_dim, requires_grad=True) for _ in range(3))
+    mask = torch.ones(BATCH, seqlen, dtype=torch.bool)
+    mask[1] = False
+    out = biased_attention(q, k, v, key_padding_mask=mask, **_bias("t5", seqlen, torch.float32))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+
+
+def test_dropout_forward_and_backward_follow_the_kernel_mask():
+    """With the mask the kernel draws (regenerated by a helper kernel), the eager float64 twin
+    gives the same output and gradients: the backward regenerates the forward's mask."""
+    seqlen, head_dim, p = 29, 16, 0.3
+    q, k, v = (torch.randn(BATCH, HEADS, seqlen, head_dim) for _ in range(3))
+    bias = _bias("deberta", seqlen, torch.float32)
+    mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 17])[:, None]
+    grad_out = torch.randn(BATCH, HEADS, seqlen, head_dim)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    keep = dropout_keep_mask(seed, BATCH, HEADS, seqlen, p)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.03
+    assert (keep[0, 0] != keep[0, 1]).any() and (keep[0, 0] != keep[1, 0]).any()
+
+    kw = dict(key_padding_mask=mask, sm_scale=0.25, dropout_p=p)
+    out, grads = _run(q, k, v, bias, grad_out, fn=biased_attention, seed=seed, **kw)
+    ref, ref_grads = _ref64(q, k, v, bias, grad_out, dropout_mask=keep, **kw)
+    assert_close(out, ref, rtol=1e-5, atol=1e-5, name="out")
+    for name, g, r in zip(["dq", "dk", "dv", "drow", "dcol"], grads, ref_grads):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, name=name)
+
+    no_drop = biased_attention(q, k, v, **bias, key_padding_mask=mask, sm_scale=0.25)
+    assert rel_error(out, no_drop) > 0.05
+
+
+def test_dropout_draws_a_new_mask_per_call():
+    seqlen, head_dim = 17, 16
+    q, k, v = (torch.randn(1, HEADS, seqlen, head_dim) for _ in range(3))
+    a = biased_attention(q, k, v, dropout_p=0.2)
+    b = biased_attention(q, k, v, dropout_p=0.2)
+    c = biased_attention(q, k, v, dropout_p=0.0)
+    d = biased_attention(q, k, v, dropout_p=0.0)
+    assert not torch.allclose(a, b)
+    assert torch.equal(c, d)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="equal shapes"):
+        biased_attention(q, q[:, :, :4], q)
+    with pytest.raises(ValueError, match="go together"):
+        biased_attention(q, q, q, row_table=torch.randn(1, 2, 1, 15))
+    with pytest.raises(ValueError, match="2 \\* seq - 1"):
+        biased_attention(q, q, q, row_table=torch.randn(1, 2, 1, 15), row_index=torch.arange(8))
+    with pytest.raises(ValueError, match="row_table must be"):
+        biased_attention(q, q, q, row_table=torch.randn(1, 3, 1, 15), row_index=torch.arange(15))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        biased_attention(q, q, q, key_padding_mask=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_p"):
+        biased_attention(q, q, q, dropout_p=1.0)
+
+
+def test_torch_compile_one_graph_across_batch_sizes():
+    """The torch.library registration lets a compiled graph contain the op (fake kernels, autograd)
+    without breaking it, and changing batch sizes do not recompile after the first dynamic one."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    seqlen, head_dim = 12, 16
+
+    def attend(q, k, v, row_table, row_index):
+        return biased_attention(q, k, v, row_table=row_table, row_index=row_index).sum(-1)
+
+    compiled = torch.compile(attend, backend=counter)
+    row_index = torch.arange(2 * seqlen - 1)
+    for batch in (1, 2, 3, 4):
+        q, k, v = (torch.randn(batch, HEADS, seqlen, head_dim, requires_grad=True) for _ in range(3))
+        table = torch.randn(1, HEADS, 1, 2 * seqlen - 1, requires_grad=True)
+        out = compiled(q, k, v, table, row_index)
+        out.sum().backward()
+        ref = biased_attention_reference(q.double(), k.double(), v.double(),
+                                         row_table=table.double(), row_index=row_index).sum(-1)
+        assert_close(out, ref, rtol=1e-5, atol=1e-5, name=f"compiled out, batch {batch}")
+        assert table.grad is not None and torch.isfinite(table.grad).all()
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 4 batch sizes"
