@@ -106,6 +106,8 @@ def check_inputs(
                 f"anchors have {n} rows, {name} {column.shape[0]}"
             )
         named.append((name, column))
+    if hard_negative_weight != 0.0 and not columns:
+        raise ValueError("hard_negative_weight is set but no hard_negatives were given")
     if hard_negative_weight != 0.0 and len(columns) != 1:
         raise ValueError(
             "hard_negative_weight needs exactly one hard-negative column, got "
