@@ -351,6 +351,9 @@ class SentenceEncoder(nn.Module):
         if isinstance(sentences, str):
             sentences = [sentences]
         sentences = list(sentences)
+        bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
+        if bad:
+            raise TypeError(f"sentences must be str; item {bad[0]} is {type(sentences[bad[0]]).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not sentences:
@@ -417,9 +420,17 @@ def _read_sentence_transformers(path: Path):
     return str(backbone), pooling, max_len
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "spm.model")
+
+
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer from the config alone: better none at all
+        return None
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:

