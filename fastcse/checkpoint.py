@@ -1,0 +1,183 @@
+"""Atomic, resumable checkpoints.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step-00000125/            a complete checkpoint (a folder only gets this name by a rename)
+        trainer.pt            step, counters, best score, method state (momentum encoder, queue),
+                              and without DeepSpeed: model, optimizer, scheduler, grad scaler
+        rng-rank0.pt ...      each rank's RNG streams (torch, CUDA, Python, NumPy)
+        ds/                   with DeepSpeed: its own ``save_checkpoint`` (sharded ZeRO states)
+        meta.json             step and world size, written last
+    .tmp-step-00000250-*/     a save in progress or killed half-way: ignored, removed by the next save
+
+A save writes everything into a temporary folder, fsyncs it, then renames it into place: a crash at
+any moment leaves the previous checkpoints untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = ".tmp-step-"
+DS_TAG = "ds"
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
+             and (p / "meta.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | Path, step: int, *, trainer_state: dict, model=None, optimizer=None,
+                    scheduler=None, scaler=None, engine=None, keep: int | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; every rank calls it. Returns the final folder.
+
+    ``engine`` (a DeepSpeed engine) saves model, optimizer and scheduler itself (sharded under ZeRO);
+    otherwise ``model`` / ``optimizer`` / ``scheduler`` / ``scaler`` state dicts go into trainer.pt.
+    ``keep``: complete checkpoints to keep afterwards (oldest removed first).
+    """
+    root = Path(root)
+    rank, world = _dist()
+    final = root / f"step-{step:08d}"
+    tmp = root / f"{TMP_PREFIX}{step:08d}-{world}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(TMP_PREFIX + "*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        state = dict(trainer_state)
+        if engine is None:
+            state["model"] = model.state_dict()
+            state["optimizer"] = optimizer.state_dict()
+            state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+            state["scaler"] = scaler.state_dict() if scaler is not None else None
+        torch.save(state, tmp / "trainer.pt")
+    _barrier()
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world,
+                                                   "deepspeed": engine is not None}) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (after a resume): replace as atomically as we can
+            trash = root / f"{TMP_PREFIX}{step:08d}-old"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, *, model=None, optimizer=None, scheduler=None, scaler=None,
+                    engine=None) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the trainer state.
+
+    Restores this rank's RNG streams too (the checkpoint must come from the same world size).
+    """
+    path = Path(path)
+    rank, world = _dist()
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != world:
+        raise RuntimeError(f"{path} was written by {meta['world_size']} ranks; this run has {world} "
+                           "(resume with the same number of processes for the same trajectory)")
+    if meta.get("deepspeed", False) != (engine is not None):
+        raise RuntimeError(f"{path} was written {'with' if meta.get('deepspeed') else 'without'} DeepSpeed; "
+                           "resume it the same way")
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    if engine is not None:
+        load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {path / DS_TAG}")
+    else:
+        model.load_state_dict(state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        sched_state, scaler_state = state.pop("scheduler"), state.pop("scaler")
+        if scheduler is not None and sched_state is not None:
+            scheduler.load_state_dict(sched_state)
+        if scaler is not None and scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
+    set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=False))
+    return state

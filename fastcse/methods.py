@@ -1,0 +1,197 @@
+"""Training methods: a batch of examples in, the inputs of :func:`fastcse.info_nce` out.
+
+A method does three things per micro-step: ``collate`` (examples -> token tensors, on CPU; every
+random choice comes from the micro-step's own stream, so a resumed run repeats it),
+``loss_inputs`` (forward through the model -> anchors / positives / hard negatives / queue), and
+after the step ``after_micro_step`` / ``after_optimizer_step`` (ESimCSE's queue and momentum
+encoder). ``state_dict`` holds whatever must survive a resume.
+
+- ``simcse-unsup``: the batch twice in one forward of 2N sequences (independent dropout masks);
+  positive = the other copy.
+- ``simcse-sup``: ``[sent0; sent1; hard_neg]`` in one forward of 3N; positive = sent1, hard negative
+  = hard_neg (weighted by ``hard_negative_weight`` inside the loss).
+- ``esimcse``: anchor = the sentence, positive = its word-repetition view (both through the model in
+  one forward); a momentum encoder (EMA of the model) embeds the positive view, and those embeddings
+  enter a FIFO queue after the step: extra negatives, without gradient, for the next steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastcse.config import MethodConfig
+from fastcse.data import concat_features, step_rng, word_repetition
+
+
+class LossInputs(NamedTuple):
+    anchors: Tensor
+    positives: Tensor
+    hard_negatives: Tensor | None = None
+    queue: Tensor | None = None
+
+
+def _split(embeddings: Tensor, parts: int) -> list[Tensor]:
+    return list(embeddings.chunk(parts, dim=0))
+
+
+def _to(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Method:
+    """Base class. ``tokenizer_fn(sentences) -> padded features`` is the encoder's ``tokenize``."""
+
+    name = "base"
+    uses_triplets = False
+
+    def __init__(self, cfg: MethodConfig, *, tokenizer_fn: Callable[[list[str]], dict[str, Tensor]],
+                 pad_id: int, special_ids: set[int], max_seq_length: int, seed: int):
+        self.cfg = cfg
+        self.tokenize = tokenizer_fn
+        self.pad_id = pad_id
+        self.special_ids = special_ids
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+
+    def setup(self, encoder: nn.Module, device) -> None:
+        """Called once with the plain encoder, before any distributed wrapping."""
+
+    def collate(self, examples: Sequence, *, micro_step: int, rank: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss_inputs(self, model: nn.Module, batch: dict[str, Tensor]) -> LossInputs:
+        raise NotImplementedError
+
+    def after_micro_step(self) -> None:
+        """After a micro-step whose loss was finite (before the optimizer step)."""
+
+    def after_optimizer_step(self, encoder: nn.Module, gathered: Callable = contextlib.nullcontext) -> None:
+        """After an applied optimizer step; ``gathered(params)`` makes sharded params whole (ZeRO-3)."""
+
+    def discard_pending(self) -> None:
+        """Forget what a skipped micro-step computed."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SimCSEUnsup(Method):
+    name = "simcse-unsup"
+
+    def collate(self, examples, *, micro_step, rank):
+        return self.tokenize(list(examples))
+
+    def loss_inputs(self, model, batch):
+        # one forward of [x; x]: each copy gets its own dropout mask (SimCSE's only augmentation)
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+        anchors, positives = _split(model(**doubled), 2)
+        return LossInputs(anchors, positives)
+
+
+class SimCSESup(Method):
+    name = "simcse-sup"
+    uses_triplets = True
+
+    def collate(self, examples, *, micro_step, rank):
+        sent0 = [t[0] for t in examples]
+        sent1 = [t[1] for t in examples]
+        hard = [t[2] for t in examples]
+        return self.tokenize(sent0 + sent1 + hard)  # one padded batch: one forward of 3N
+
+    def loss_inputs(self, model, batch):
+        anchors, positives, hard_negatives = _split(model(**batch), 3)
+        return LossInputs(anchors, positives, hard_negatives)
+
+
+class ESimCSE(Method):
+    name = "esimcse"
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.momentum_encoder: nn.Module | None = None
+        self.queue: Tensor | None = None  # (rows, dim) fp32, oldest first
+        self._pending: Tensor | None = None
+
+    def setup(self, encoder, device):
+        # a full fp32 copy outside any DeepSpeed engine: under ZeRO-3 the model's own parameters are
+        # sharded, the momentum encoder's are not (it is updated from gathered parameters)
+        self.momentum_encoder = copy.deepcopy(encoder).float().to(device)
+        for p in self.momentum_encoder.parameters():
+            p.requires_grad_(False)
+        self.queue = torch.zeros(0, encoder.embedding_dim, device=device)
+
+    def collate(self, examples, *, micro_step, rank):
+        x = self.tokenize(list(examples))
+        rng = step_rng(self.seed, micro_step, rank, "word_repetition")
+        x_rep = word_repetition(x, dup_rate=self.cfg.dup_rate, rng=rng, special_ids=self.special_ids,
+                                max_length=self.max_seq_length, pad_id=self.pad_id)
+        return concat_features(x, x_rep, pad_id=self.pad_id)  # [x; repeated x], one forward
+
+    def loss_inputs(self, model, batch):
+        anchors, positives = _split(model(**batch), 2)
+        n = anchors.shape[0]
+        # the momentum encoder follows the model's mode (dropout in training, as MoCo's key encoder)
+        self.momentum_encoder.train(model.training)
+        with torch.no_grad():
+            positive_view = {k: v[n:] for k, v in batch.items()}
+            self._pending = self.momentum_encoder(**positive_view).float()
+        queue = self.queue if self.queue is not None and self.queue.shape[0] else None
+        if queue is not None:
+            queue = queue.to(anchors.dtype)
+        return LossInputs(anchors, positives, queue=queue)
+
+    def after_micro_step(self):
+        new = self._pending
+        self._pending = None
+        if new is None or self.cfg.queue_size == 0:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank keeps the same queue: the global batch's rows in rank order
+            parts = [torch.empty_like(new) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, new.contiguous())
+            new = torch.cat(parts)
+        self.queue = torch.cat([self.queue, new])[-self.cfg.queue_size:]
+
+    def discard_pending(self):
+        self._pending = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, encoder, gathered=contextlib.nullcontext):
+        lam = self.cfg.momentum
+        params = list(encoder.parameters())
+        with gathered(params):
+            for pm, p in zip(self.momentum_encoder.parameters(), params):
+                # theta_m <- lambda * theta_m + (1 - lambda) * theta
+                pm.mul_(lam).add_(p.detach().to(pm.device, torch.float32), alpha=1.0 - lam)
+
+    def state_dict(self):
+        return {"momentum_encoder": {k: v.detach().cpu() for k, v in self.momentum_encoder.state_dict().items()},
+                "queue": self.queue.detach().cpu()}
+
+    def load_state_dict(self, state):
+        self.momentum_encoder.load_state_dict(state["momentum_encoder"])
+        device = next(self.momentum_encoder.parameters()).device
+        self.queue = state["queue"].to(device)
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {m.name: m for m in (SimCSEUnsup, SimCSESup, ESimCSE)}
+
+
+def build_method(cfg: MethodConfig, encoder, *, seed: int) -> Method:
+    """The method object for ``cfg.name``, wired to ``encoder``'s tokenizer."""
+    try:
+        cls = METHOD_CLASSES[cfg.name]
+    except KeyError:
+        raise ValueError(f"unknown method {cfg.name!r}; choose one of {', '.join(METHOD_CLASSES)}") from None
+    tok = encoder.tokenizer
+    return cls(cfg, tokenizer_fn=encoder.tokenize, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+               special_ids=set(tok.all_special_ids), max_seq_length=encoder.max_seq_length, seed=seed)
