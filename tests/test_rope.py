@@ -7,6 +7,8 @@ realistic shape on a GPU.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -347,3 +349,24 @@ def test_cuda_realistic_shape(layout, dtype):
     tolerance_check("k", k_out, ek, reference_rotary(k, positions, cos, sin, layout), dtype)
     tolerance_check("dq", dq, edq, reference_rotary(grads[0], positions, cos, sin, layout, True), dtype)
     tolerance_check("dk", dk, edk, reference_rotary(grads[1], positions, cos, sin, layout, True), dtype)
+
+
+# --- benchmark smoke ---------------------------------------------------------------------------
+
+
+def test_bench_rope_runs_and_plots(tmp_path, monkeypatch):
+    import bench._common
+    import bench.bench_rope as bench_rope
+
+    monkeypatch.setattr(bench._common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_rope, "RESULTS_DIR", tmp_path)
+    rows = bench_rope.main(["--device", "cpu", "--providers", "eager", "triton", "--modes", "fwd", "full",
+                            "--sweep", "seqlen", "--seqlens", "4", "8", "--batch", "1", "--heads", "2",
+                            "--head-dim", "8", "--dtype", "fp32", "--reps", "1", "--csv", "rope.csv"])
+    assert len(rows) == 2 * 2 * 2 * 3  # seqlens x providers x modes x metrics
+    bandwidth = [r for r in rows if r["metric"] == "bandwidth" and r["x_value"] == 8 and r["mode"] == "fwd"]
+    expected_bytes = 2 * 2 * (1 * 8 * 2 * 8) * 4 + 2 * 8 * 4 * 4  # q,k in+out; cos,sin once
+    assert all(json.loads(r["extra_config"])["bytes"] == expected_bytes for r in bandwidth)
+    assert len(bench._common.read_rows("rope.csv")) == len(rows)
+    pngs = bench_rope.main(["--plot", "--csv", "rope.csv"])
+    assert pngs == [] and len(list(tmp_path.glob("rope_seqlen_*.png"))) == 3
