@@ -390,3 +390,26 @@ def test_from_pretrained_plain_hf_folder(tmp_path):
     assert next(enc2.parameters()).dtype == torch.float64
     with pytest.raises(RuntimeError, match="no tokenizer"):
         enc.encode(["text"], progress=False)
+
+
+@pytest.mark.parametrize("arch", ["roformer", "modernbert"])
+def test_rotary_backend_matches_eager(arch):
+    """attn_backend='rotary' (fastcse's fused rotary patched in) equals HF eager; on CPU the patch is
+    re-targeted to the Triton kernel, which runs in the interpreter here."""
+    from fastcse.models.rope_patch import patch_rotary
+
+    config = make_config(arch)
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="rotary").eval()
+    assert enc.attn_backend == "rotary"
+    assert patch_rotary(enc.backbone, backend="triton") == config.num_hidden_layers
+    ref = reference_model(enc).eval()
+    ids, mask, _ = ragged_batch(config, batch=3, seqlen=8)
+    hidden, pooled = enc.encode_tokens(ids, mask)
+    ref_hidden = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=1e-5, name="hidden states of real tokens")
+    assert_close(pooled, masked_mean(ref_hidden, mask), rtol=1e-5, atol=1e-5, name="pooled")
+    w = torch.randn_like(pooled)
+    (pooled * w).sum().backward()
+    (masked_mean(ref_hidden, mask) * w).sum().backward()
+    assert_grads_match(enc.backbone, ref)

@@ -25,7 +25,8 @@ Backends (``attn_backend=``):
     patched into the HF modules (dropout inside the kernel, see that module).
 ``rotary``
     RoFormer and ModernBERT: the HF attention (sdpa where supported, else eager) with the rotary
-    embedding swapped for the fused kernel of ``fastcse.models.rope_patch``.
+    embedding swapped for the fused kernel of ``fastcse.models.rope_patch`` (``patch_rotary``; on
+    CPU tensors the patched modules call the model's own rotary code). Dropout: HF's.
 ``auto``
     Resolved when the encoder is built, for the model and the machine: ``varlen`` (BERT family),
     ``biased`` (T5, DeBERTa-v2) or ``rotary`` (RoFormer, ModernBERT) when CUDA is available and
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
 from typing import Literal
 
@@ -45,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from .unpad import PackedBatch, pack, unpad_input
+
+logger = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("auto", "eager", "sdpa", "varlen", "biased", "rotary")
 VarlenKernel = Literal["auto", "flash_attn", "torch_varlen", "nested", "padded_sdpa"]
@@ -209,10 +213,22 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
         # positional call: the keyword set differs between torch 2.11 and 2.13
         return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
     if kernel == "nested":
-        return _nested_sdpa(q, k, v, packed, dropout_p, scale)
+        try:
+            return _nested_sdpa(q, k, v, packed, dropout_p, scale)
+        except (RuntimeError, NotImplementedError) as exc:
+            # nested tensors are a prototype API whose coverage moves between torch releases: a
+            # torch that cannot run this call still gets correct attention, padded, with a warning
+            _warn_once(f"SDPA on nested tensors failed ({type(exc).__name__}: {exc}); the varlen backend "
+                       f"uses padded SDPA for attention instead")
+            return _padded_sdpa(q, k, v, packed, dropout_p, scale)
     if kernel == "padded_sdpa":
         return _padded_sdpa(q, k, v, packed, dropout_p, scale)
     raise ValueError(f"unknown varlen kernel {kernel!r}; valid kernels: {', '.join(VARLEN_KERNELS)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def _nested_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float) -> torch.Tensor:

@@ -237,7 +237,8 @@ class SentenceEncoder(nn.Module):
     # the model
 
     def _check_device(self, tensor: torch.Tensor) -> None:
-        if self.attn_backend in ("biased", "rotary") and not tensor.is_cuda:
+        # ``rotary`` needs no check: the patched modules run the model's own rotary code on CPU
+        if self.attn_backend == "biased" and not tensor.is_cuda:
             from fastcse._triton_utils import triton_can_run
 
             if not triton_can_run(tensor):
