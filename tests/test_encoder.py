@@ -413,3 +413,30 @@ def test_rotary_backend_matches_eager(arch):
     (pooled * w).sum().backward()
     (masked_mean(ref_hidden, mask) * w).sum().backward()
     assert_grads_match(enc.backbone, ref)
+
+
+@pytest.mark.parametrize("arch", ["t5", "deberta-v3"])
+def test_biased_backend_matches_eager(arch):
+    """attn_backend='biased' (the fused relative-bias kernel, interpreted on CPU) equals HF eager on
+    real tokens, pooled embeddings and parameter gradients (relative bias tables included)."""
+    from fastcse._triton_utils import triton_can_run
+
+    if not triton_can_run(torch.empty(0)):
+        pytest.skip("Triton cannot run on CPU here (needs TRITON_INTERPRET=1)")
+    config = make_config(arch)
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="biased").eval()
+    assert enc.attn_backend == "biased"
+    ref = reference_model(enc).eval()
+    ids, mask, _ = ragged_batch(config, batch=3, seqlen=8)
+    hidden, pooled = enc.encode_tokens(ids, mask)
+    ref_hidden = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=1e-5, name="hidden states of real tokens")
+    ref_pooled = masked_mean(ref_hidden, mask)
+    assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-5, name="pooled")
+    w = torch.randn_like(pooled)
+    (pooled * w).sum().backward()
+    (ref_pooled * w).sum().backward()
+    assert_grads_match(enc.backbone, ref)
+    enc.train()
+    assert rel_error(enc(ids, mask), enc(ids, mask)) > 1e-3
