@@ -106,11 +106,58 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     return Timing(p50=statistics.median(samples), p20=qs[1], p80=qs[7], samples=samples)
 
 
+class _LiveTensorBytes:
+    """Counts bytes of tensor storage created while active, minus storage freed since: a CPU
+    stand-in for CUDA's peak-allocated statistic.
+
+    Built on a TorchDispatchMode, so it sees every op PyTorch dispatches on this thread (autograd
+    runs CPU backward on the calling thread). A storage is counted once, when the first tensor
+    using it comes out of an op, and released when that tensor dies; a view that outlives its base
+    is therefore released early, which no code measured here does.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._track(out)
+                return out
+
+        self.mode = _Mode()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _release(self, key: int, n_bytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= n_bytes
+
+    def _track(self, out) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key, n_bytes = storage.data_ptr(), storage.nbytes()
+            if n_bytes == 0 or key in self.seen:
+                continue
+            self.seen.add(key)
+            self.live += n_bytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key, n_bytes)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated by ``fn`` above what was live before it.
 
-    CUDA: the caching allocator's peak statistic. CPU: torch's profiler memory events, summed as a
-    running total of allocations minus frees (tensors only; Python objects are not counted).
+    CUDA: the caching allocator's peak statistic. CPU: tensor storage created and freed during
+    ``fn`` as seen by a dispatch mode (:class:`_LiveTensorBytes`); Python objects are not counted.
     """
     device = torch.device(device)
     gc.collect()
@@ -121,19 +168,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    counter = _LiveTensorBytes()
+    with counter.mode:
         fn()
-    live = peak = 0
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
-        key=lambda e: e.time_range.start,
-    )
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return counter.peak
 
 
 def append_rows(csv_name: str, rows: list[dict]) -> Path:
