@@ -288,6 +288,8 @@ def validate(cfg: TrainConfig) -> None:
         (r.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
         (r.eval_steps >= 0 and r.save_steps >= 0, "--eval-steps/--save-steps must be >= 0"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "--dropout must be in [0, 1)"),
+        (m.hard_negative_weight == 0 or m.name == "simcse-sup",
+         "--hard-negative-weight applies to simcse-sup only (the other methods have no hard negatives)"),
         (cfg.model.name_or_path is None or cfg.model.config is None,
          "give either --model or --model-config, not both"),
     ]

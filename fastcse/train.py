@@ -545,6 +545,7 @@ class Trainer:
 
         cfg, accum = self.cfg, self.cfg.optim.grad_accum
         losses, finite = [], True
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
         for k in range(accum):
             micro = self.step * accum + k
             # this rank's shard of the global batch; a pure function of the position (resume-exact)
@@ -599,7 +600,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.method.after_optimizer_step(self.encoder, self.gathered)  # ESimCSE: EMA of the weights
-        lr = self.optimizer.param_groups[0]["lr"]
         return {"loss": sum(losses) / len(losses) if finite else float("nan"), "finite": finite,
                 "grad_norm": grad_norm, "lr": lr}
 
