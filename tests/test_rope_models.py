@@ -145,3 +145,23 @@ def test_patched_bf16_error_no_worse_than_eager(family):
         err_eager = (eager(**inputs).last_hidden_state.double() - exact).abs().max().item()
         err_patched = (patched(**inputs).last_hidden_state.double() - exact).abs().max().item()
     assert 0 < err_patched <= 2 * err_eager, (err_patched, err_eager)
+
+
+@pytest.mark.parametrize("family", ["roformer", "modernbert"])
+def test_patched_models_compile_in_one_graph(family, launches):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    reference = roformer() if family == "roformer" else modernbert()
+    patched = copy.deepcopy(reference)
+    patch_rotary(patched, backend="triton")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patched, backend=counter)
+    inputs = batch_inputs()
+    out = compiled(**inputs).last_hidden_state
+    out.sum().backward()
+    assert_close(out, reference(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5, name="compiled output")
+    assert counter.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert launches.count(False) > 0 and launches.count(True) > 0

@@ -10,13 +10,14 @@ module calls the model's own rotary code, so CPU runs stay bit-identical to the 
   interleaved, and its ``sinusoidal_pos`` (1, 1, seqlen, head_dim) holds sin in the first half and
   cos in the second.
 - ModernBERT: ``ModernBertAttention.forward`` calls the module-level ``apply_rotary_pos_emb``; the
-  patched instance gets a copy of ``forward`` whose globals map that name to the fused function
-  (same code object, so the rest of HF's forward is untouched). cos/sin come in as
+  patched instance gets a copy of ``forward`` (same code object, so the rest of HF's forward is
+  untouched) whose globals, a shadow of HF's module, map that name to the fused function. cos/sin come in as
   (batch or 1, seqlen, head_dim) with the two halves equal (``cat((freqs, freqs))``), half layout.
 """
 
 from __future__ import annotations
 
+import sys
 import types
 from typing import Callable
 
@@ -97,18 +98,38 @@ def _modernbert_rotary(original: Callable, backend: str) -> Callable:
     return apply_rotary_pos_emb
 
 
+_FORWARD_COPIES: dict[tuple[int, str], Callable] = {}
+
+
+def _forward_with_fused_rotary(forward: Callable, backend: str) -> Callable:
+    """A copy of HF's ``forward`` (same code object) whose global ``apply_rotary_pos_emb`` is ours.
+
+    The copy's globals are the ``__dict__`` of a module registered in ``sys.modules`` under its
+    own name: torch.compile finds a function's globals by importing ``__globals__["__name__"]``,
+    and with HF's module name it would guard on HF's original function (and fail).
+    """
+    key = (id(forward), backend)
+    if key not in _FORWARD_COPIES:
+        hf_globals = forward.__globals__
+        name = f"fastcse._rope_patched.{hf_globals['__name__']}.{backend}"
+        shadow = types.ModuleType(name)
+        shadow.__dict__.update(hf_globals)
+        shadow.__name__ = name
+        shadow.apply_rotary_pos_emb = _modernbert_rotary(hf_globals["apply_rotary_pos_emb"], backend)
+        sys.modules[name] = shadow
+        patched = types.FunctionType(forward.__code__, shadow.__dict__, forward.__name__,
+                                     forward.__defaults__, forward.__closure__)
+        patched.__kwdefaults__ = forward.__kwdefaults__
+        patched.__qualname__ = forward.__qualname__
+        _FORWARD_COPIES[key] = patched
+    return _FORWARD_COPIES[key]
+
+
 def _patch_modernbert(module: nn.Module, backend: str) -> bool:
     forward = type(module).forward
     if "apply_rotary_pos_emb" not in forward.__code__.co_names or hasattr(forward, "__wrapped__"):
         return False  # a transformers version that reaches its rotary some other way
-    original = forward.__globals__["apply_rotary_pos_emb"]
-    new_globals = dict(forward.__globals__)
-    new_globals["apply_rotary_pos_emb"] = _modernbert_rotary(original, backend)
-    patched = types.FunctionType(forward.__code__, new_globals, forward.__name__,
-                                 forward.__defaults__, forward.__closure__)
-    patched.__kwdefaults__ = forward.__kwdefaults__
-    patched.__qualname__ = forward.__qualname__
-    module.forward = types.MethodType(patched, module)
+    module.forward = types.MethodType(_forward_with_fused_rotary(forward, backend), module)
     return True
 
 
