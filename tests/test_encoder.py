@@ -83,7 +83,7 @@ CPU_CASES = [
     ("deberta-v3", "eager"),
     ("t5", "eager"), ("t5", "sdpa"),
     ("roformer", "eager"),
-    ("modernbert", "eager"), ("modernbert", "sdpa"),
+    ("modernbert", "eager"), ("modernbert", "sdpa"), ("modernbert", "varlen"),
 ]
 
 
@@ -208,6 +208,25 @@ def test_varlen_attention_kernels(kernel):
         assert_close(a, b, rtol=1e-10, atol=1e-10, name=f"d{name}")
 
 
+def test_varlen_attention_window():
+    """padded_sdpa with a sliding window equals per-sequence attention with a |i - j| <= w band."""
+    lengths = torch.tensor([7, 2, 10])
+    packed = unpad_input((torch.arange(10)[None] < lengths[:, None]).long())
+    q, k, v = (torch.randn(int(lengths.sum()), 2, 4, dtype=torch.float64) for _ in range(3))
+    window = 3
+    out = attn.varlen_attention(q, k, v, packed, window=window, kernel="auto")
+    outs, start = [], 0
+    for n in lengths.tolist():
+        sl = slice(start, start + n)
+        band = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs() <= window
+        outs.append(F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
+                                                   v[sl].transpose(0, 1), attn_mask=band).transpose(0, 1))
+        start += n
+    assert_close(out, torch.cat(outs), rtol=1e-10, atol=1e-10, name="windowed varlen")
+    with pytest.raises(ValueError, match="no sliding window"):
+        attn.varlen_attention(q, k, v, packed, window=window, kernel="nested")
+
+
 def test_varlen_encoder_nested_kernel_matches_eager():
     config = make_config("bert")
     ref = SentenceEncoder.from_config(config, pooling="mean", attn_backend="eager").eval()
@@ -264,7 +283,7 @@ def test_unknown_names_list_valid_ones():
         SentenceEncoder.from_config(config, pooling="max")
     with pytest.raises(ValueError, match="valid backends: auto, eager, sdpa, varlen, biased, rotary"):
         SentenceEncoder.from_config(config, attn_backend="flash")
-    with pytest.raises(ValueError, match="valid backends for it: auto, eager, sdpa, biased"):
+    with pytest.raises(ValueError, match="valid backends for it: auto, eager, sdpa, biased$"):
         SentenceEncoder.from_config(make_config("t5"), attn_backend="varlen")
     with pytest.raises(ValueError, match="cannot run model type 'deberta-v2'"):
         SentenceEncoder.from_config(make_config("deberta-v3"), attn_backend="sdpa")
@@ -277,6 +296,8 @@ def test_auto_backend_resolution():
     assert attn.resolve_backend("auto", "bert", True, cuda=False) == "sdpa"
     assert attn.resolve_backend("auto", "deberta-v2", False, cuda=False) == "eager"
     assert attn.resolve_backend("auto", "t5", True, cuda=False) == "sdpa"
+    assert attn.resolve_backend("auto", "modernbert", True, cuda=True) == "rotary"
+    assert attn.resolve_backend("varlen", "modernbert", True, cuda=False) == "varlen"
 
 
 def test_missing_fused_module_is_a_clear_error(monkeypatch):

@@ -9,9 +9,9 @@ Backends (``attn_backend=``):
     HF's padded ``scaled_dot_product_attention`` path (models whose HF class supports it).
     Dropout: SDPA's ``dropout_p`` on the probabilities, HF's hidden dropouts.
 ``varlen``
-    BERT family (BERT, RoBERTa, XLM-R): the batch is unpadded once to ``(total_tokens, hidden)``;
-    embeddings, layer norms, MLPs and attention all run on packed tokens (see
-    :func:`bert_varlen_forward`). Attention kernel by device (:func:`varlen_attention`):
+    BERT family (BERT, RoBERTa, XLM-R) and ModernBERT: the batch is unpadded once to
+    ``(total_tokens, hidden)``; embeddings, layer norms, MLPs and attention all run on packed
+    tokens (see :func:`bert_varlen_forward`, :func:`modernbert_varlen_forward`). Attention kernel by device (:func:`varlen_attention`):
     the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed (fp16/bf16 CUDA);
     else PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (fp16/bf16 CUDA, when no attention
     dropout is needed: it has no dropout argument); else SDPA on jagged nested tensors
@@ -55,7 +55,8 @@ VarlenKernel = Literal["auto", "flash_attn", "torch_varlen", "nested", "padded_s
 VARLEN_KERNELS = ("auto", "flash_attn", "torch_varlen", "nested", "padded_sdpa")
 
 # model_type -> the fast backend that exists for it (besides eager / sdpa)
-VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+BERT_VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+VARLEN_MODEL_TYPES = BERT_VARLEN_MODEL_TYPES | {"modernbert"}
 BIASED_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "deberta-v2"})
 ROTARY_MODEL_TYPES = frozenset({"roformer", "modernbert"})
 
@@ -106,7 +107,8 @@ def resolve_backend(name: str, model_type: str, supports_sdpa: bool, *, cuda: bo
         return name
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda:
-        if model_type in VARLEN_MODEL_TYPES:
+        # ModernBERT's varlen path follows one transformers layout (5.x); auto keeps it on rotary
+        if model_type in BERT_VARLEN_MODEL_TYPES:
             return "varlen"
         for fused, types in (("biased", BIASED_MODEL_TYPES), ("rotary", ROTARY_MODEL_TYPES)):
             if model_type in types and patch_available(fused):
@@ -177,7 +179,7 @@ def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: floa
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch, *,
-                     dropout_p: float = 0.0, scale: float | None = None,
+                     dropout_p: float = 0.0, scale: float | None = None, window: int | None = None,
                      kernel: VarlenKernel = "auto") -> torch.Tensor:
     """Bidirectional attention over packed sequences.
 
@@ -187,6 +189,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
         packed: the batch's :class:`PackedBatch` (``cu_seqlens``, ``max_seqlen``).
         dropout_p: dropout on the attention probabilities (pass 0 in evaluation mode).
         scale: softmax scale, default ``head_dim ** -0.5``.
+        window: bidirectional sliding window (ModernBERT's local layers): token ``i`` attends to
+            ``j`` only when ``|i - j| <= window``; None attends to the whole sequence.
         kernel: ``auto`` (:func:`pick_varlen_kernel`) or a kernel name from :data:`VARLEN_KERNELS`.
 
     Returns ``(total_tokens, nheads, head_dim)``.
@@ -196,12 +200,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
         scale = 1.0 / math.sqrt(head_dim)
     if kernel == "auto":
         kernel = pick_varlen_kernel(q.device, q.dtype, dropout_p)
+        if window is not None and kernel in ("torch_varlen", "nested"):
+            # torch 2.11's varlen_attn and SDPA on nested tensors take no window
+            kernel = "padded_sdpa"
+    if window is not None and kernel in ("torch_varlen", "nested"):
+        raise ValueError(f"varlen kernel {kernel!r} has no sliding window; use 'flash_attn' or 'padded_sdpa'")
     if kernel == "flash_attn":
         fn = _flash_attn_varlen()
         if fn is None:
             raise RuntimeError("varlen kernel 'flash_attn' needs the flash-attn package (pip install fastcse[flash-attn])")
         return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                  dropout_p=dropout_p, softmax_scale=scale, causal=False)
+                  dropout_p=dropout_p, softmax_scale=scale, causal=False,
+                  window_size=(-1, -1) if window is None else (window, window))
     if kernel == "torch_varlen":
         fn = _torch_varlen_attn()
         if fn is None:
@@ -222,7 +232,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
                        f"uses padded SDPA for attention instead")
             return _padded_sdpa(q, k, v, packed, dropout_p, scale)
     if kernel == "padded_sdpa":
-        return _padded_sdpa(q, k, v, packed, dropout_p, scale)
+        return _padded_sdpa(q, k, v, packed, dropout_p, scale, window)
     raise ValueError(f"unknown varlen kernel {kernel!r}; valid kernels: {', '.join(VARLEN_KERNELS)}")
 
 
@@ -242,7 +252,8 @@ def _nested_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float) -
     return out.transpose(1, 2).values()
 
 
-def _padded_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float) -> torch.Tensor:
+def _padded_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float,
+                 window: int | None = None) -> torch.Tensor:
     """The CPU twin: scatter into ``(batch, H, max_seqlen, D)``, masked SDPA, gather back.
 
     Only attention sees padding (to ``max_seqlen``, not the batch's padded length); every other op
@@ -260,8 +271,11 @@ def _padded_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float) -
         out = x.new_zeros(batch * max_len, nheads, head_dim).index_copy(0, flat, x)
         return out.view(batch, max_len, nheads, head_dim).transpose(1, 2)
 
-    key_ok = torch.arange(max_len, device=q.device)[None, :] < packed.lengths.long()[:, None]
+    steps = torch.arange(max_len, device=q.device)
+    key_ok = steps[None, :] < packed.lengths.long()[:, None]
     mask = key_ok[:, None, None, :]  # (batch, 1, 1, max_len) boolean: True = attend
+    if window is not None:
+        mask = mask & ((steps[:, None] - steps[None, :]).abs() <= window)[None, None]
     out = F.scaled_dot_product_attention(scatter(q), scatter(k), scatter(v), attn_mask=mask,
                                          dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2).reshape(batch * max_len, nheads, head_dim)[flat]
@@ -319,3 +333,47 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
         attn_out = layer.attention.output(context.reshape(-1, nheads * head_dim), hidden)
         hidden = layer.output(layer.intermediate(attn_out), attn_out)
     return hidden, packed
+
+
+def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              *, kernel: VarlenKernel = "auto") -> tuple[torch.Tensor, PackedBatch]:
+    """Run a HF ``ModernBertModel`` (transformers 5 layout) on packed tokens.
+
+    Shapes as :func:`bert_varlen_forward`. Rotary: HF's own ``apply_rotary_pos_emb`` with cos/sin of
+    each packed token's position in its sequence. Local layers attend within ``config.sliding_window``
+    tokens on each side (``|i - j| <= window``, HF's mask). Dropout: the model's ``nn.Dropout``
+    modules (embeddings, attention output, MLP) on packed tokens; attention-probability dropout
+    (``config.attention_dropout``) in the kernel, in training mode only.
+    """
+    import sys
+
+    layers = getattr(backbone, "layers", None)
+    if layers is None or not hasattr(backbone, "rotary_emb") or not hasattr(layers[0], "attention_type"):
+        raise RuntimeError(
+            "the varlen backend knows ModernBERT in the transformers 5 layout (layers with attention_type, a shared "
+            "rotary_emb); this transformers differs: use attn_backend='sdpa' or 'rotary'")
+    packed = unpad_input(attention_mask)
+    if packed.total_tokens == 0 or int(packed.lengths.min()) == 0:
+        raise ValueError("every sequence needs at least one token in attention_mask for the varlen backend")
+    ids = pack(input_ids, packed)
+    positions = torch.arange(packed.total_tokens, device=ids.device) - packed.cu_seqlens.long()[packed.seq_ids]
+    hidden = backbone.embeddings(input_ids=ids[None])[0]
+    rotary = {kind: backbone.rotary_emb(hidden[None], positions[None], kind) for kind in set(backbone.config.layer_types)}
+    total = packed.total_tokens
+    for layer in layers:
+        attn_module = layer.attn
+        apply_rope = sys.modules[type(attn_module).__module__].apply_rotary_pos_emb
+        nheads, head_dim = backbone.config.num_attention_heads, attn_module.head_dim
+        qkv = attn_module.Wqkv(layer.attn_norm(hidden)).view(total, 3, nheads, head_dim)
+        q, k, v = qkv.unbind(dim=1)
+        cos, sin = rotary[layer.attention_type]
+        # HF's rotary takes (batch, heads, seqlen, head_dim): the packed tokens are one row
+        q, k = apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin, unsqueeze_dim=1)
+        q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+        window = None if attn_module.sliding_window is None else backbone.config.sliding_window
+        dropout_p = attn_module.attention_dropout if attn_module.training else 0.0
+        context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=head_dim ** -0.5, window=window,
+                                   kernel=kernel)
+        hidden = hidden + attn_module.out_drop(attn_module.Wo(context.reshape(total, nheads * head_dim)))
+        hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+    return backbone.final_norm(hidden), packed

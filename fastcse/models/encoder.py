@@ -67,8 +67,8 @@ class SentenceEncoder(nn.Module):
     ``(batch, seqlen)`` (right-padded) and returns the pooled ``(batch, embedding_dim)``.
 
     Attention backends (``attn_backend``; details and dropout in :mod:`fastcse.models.attention`):
-    ``eager`` (HF's own, the reference), ``sdpa`` (HF's padded SDPA), ``varlen`` (BERT family on
-    packed tokens; on CPU its attention runs through a padded SDPA twin), ``biased`` (T5 /
+    ``eager`` (HF's own, the reference), ``sdpa`` (HF's padded SDPA), ``varlen`` (BERT family and
+    ModernBERT on packed tokens; on CPU its attention runs through a padded SDPA twin), ``biased`` (T5 /
     DeBERTa-v2 fused relative-bias attention), ``rotary`` (RoFormer / ModernBERT fused rotary),
     ``auto`` (resolved when built: the fused backend on a CUDA machine, else sdpa or eager).
     In training mode every backend applies the model's attention and hidden dropout, so two
@@ -248,6 +248,12 @@ class SentenceEncoder(nn.Module):
                     f"Build the encoder with attn_backend='eager' or 'sdpa' for CPU."
                 )
 
+    def _varlen(self, input_ids, attention_mask, token_type_ids):
+        if self.backbone.config.model_type == "modernbert":
+            return attn.modernbert_varlen_forward(self.backbone, input_ids, attention_mask, kernel=self.varlen_kernel)
+        return attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
+                                        kernel=self.varlen_kernel)
+
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states and pooled embeddings (fastcse addition, for tests and analysis).
@@ -263,8 +269,7 @@ class SentenceEncoder(nn.Module):
         if not self._takes_token_type_ids:
             token_type_ids = None  # T5 / ModernBERT have no segment embeddings
         if self.attn_backend == "varlen":
-            packed_hidden, packed = attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
-                                                             kernel=self.varlen_kernel)
+            packed_hidden, packed = self._varlen(input_ids, attention_mask, token_type_ids)
             return unpack(packed_hidden, packed), self.pooler.forward_packed(packed_hidden, packed)
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
@@ -280,8 +285,7 @@ class SentenceEncoder(nn.Module):
             self._check_device(input_ids)
             if not self._takes_token_type_ids:
                 token_type_ids = None
-            packed_hidden, packed = attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
-                                                             kernel=self.varlen_kernel)
+            packed_hidden, packed = self._varlen(input_ids, attention_mask, token_type_ids)
             return self.pooler.forward_packed(packed_hidden, packed)
         return self.encode_tokens(input_ids, attention_mask, token_type_ids)[1]
 
