@@ -352,21 +352,20 @@ class RotaryEmbedding(nn.Module):
                 position_ids: Optional[torch.Tensor] = None,
                 seqlen_offsets: Union[int, torch.Tensor] = 0, inplace: bool = False,
                 max_position: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # Table length = largest position used + 1; only tensor-valued positions need a device read.
         if max_position is not None:
             length = int(max_position) + 1
         elif position_ids is not None:
             length = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        elif cu_seqlens is None and not isinstance(seqlen_offsets, torch.Tensor):
+            length = q.shape[1] + int(seqlen_offsets)
         else:
             if cu_seqlens is not None:
                 lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             else:
                 lengths = torch.full((q.shape[0],), q.shape[1], device=q.device)
-            if isinstance(seqlen_offsets, torch.Tensor):
-                length = int((lengths + seqlen_offsets).max()) if lengths.numel() else 1
-            else:
-                longest = int(lengths.max()) if cu_seqlens is not None and lengths.numel() else (
-                    q.shape[1] if cu_seqlens is None else 0)
-                length = longest + int(seqlen_offsets)
+            ends = lengths + seqlen_offsets
+            length = int(ends.max()) if ends.numel() else 1
         cos, sin = self.cos_sin(max(length, 1), q.device)
         return apply_rotary(q, k, cos, sin, layout=self.layout, cu_seqlens=cu_seqlens,
                             position_ids=position_ids, seqlen_offsets=seqlen_offsets,
