@@ -276,9 +276,12 @@ class BatchSchedule:
         return self._permutation(epoch)[b * self.global_batch:(b + 1) * self.global_batch].tolist()
 
 
-def step_rng(seed: int, micro_step: int, rank: int, purpose: str = "") -> random.Random:
-    """A random stream owned by one (micro-step, rank): augmentations repeat exactly on resume."""
-    return random.Random(f"{seed}/{micro_step}/{rank}/{purpose}")
+def step_rng(seed: int, micro_step: int, row: int, purpose: str = "") -> random.Random:
+    """A random stream owned by one (micro-step, row of the global batch).
+
+    Augmentations drawn from it repeat exactly on resume and do not depend on the number of ranks.
+    """
+    return random.Random(f"{seed}/{micro_step}/{row}/{purpose}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,12 +311,18 @@ def word_repetition_ids(ids: Sequence[int], *, dup_rate: float, rng: random.Rand
     return out
 
 
-def word_repetition(features: dict[str, torch.Tensor], *, dup_rate: float, rng: random.Random,
+def word_repetition(features: dict[str, torch.Tensor], *, dup_rate: float, rngs: Sequence[random.Random],
                     special_ids: set[int], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Apply :func:`word_repetition_ids` to every row of a padded batch; returns a re-padded batch."""
+    """Apply :func:`word_repetition_ids` to every row of a padded batch; returns a re-padded batch.
+
+    ``rngs``: one stream per row. Keyed by the row's place in the global batch, they make the
+    augmentation independent of how the batch is split across ranks.
+    """
     ids, mask = features["input_ids"], features["attention_mask"]
-    rows = [word_repetition_ids(r[m.bool()].tolist(), dup_rate=dup_rate, rng=rng, special_ids=special_ids,
-                                max_length=max_length) for r, m in zip(ids, mask)]
+    if len(rngs) != len(ids):
+        raise ValueError(f"word_repetition: {len(rngs)} random streams for {len(ids)} rows")
+    rows = [word_repetition_ids(r[m.bool()].tolist(), dup_rate=dup_rate, rng=g, special_ids=special_ids,
+                                max_length=max_length) for r, m, g in zip(ids, mask, rngs)]
     return pad_rows(rows, pad_id=pad_id, with_token_type_ids="token_type_ids" in features)
 
 

@@ -131,8 +131,10 @@ class ESimCSE(Method):
 
     def collate(self, examples, *, micro_step, rank):
         x = self.tokenize(list(examples))
-        rng = step_rng(self.seed, micro_step, rank, "word_repetition")
-        x_rep = word_repetition(x, dup_rate=self.cfg.dup_rate, rng=rng, special_ids=self.special_ids,
+        n = len(examples)
+        # one stream per row of the global batch (rank r holds rows r*n ... r*n + n - 1)
+        rngs = [step_rng(self.seed, micro_step, rank * n + i, "word_repetition") for i in range(n)]
+        x_rep = word_repetition(x, dup_rate=self.cfg.dup_rate, rngs=rngs, special_ids=self.special_ids,
                                 max_length=self.max_seq_length, pad_id=self.pad_id)
         return concat_features(x, x_rep, pad_id=self.pad_id)  # [x; repeated x], one forward
 

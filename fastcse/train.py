@@ -160,6 +160,10 @@ def preflight(cfg: TrainConfig) -> Prepared:
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.run.ds else 1
     if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the `tensorboard` package (pip install tensorboard)")
+    for wanted, module in ((cfg.run.evaluate, "fastcse.evaluation.sts"), (cfg.run.export, "fastcse.export")):
+        if wanted and importlib.util.find_spec(module) is None:
+            flag = "--no-evaluate" if module.endswith("sts") else "--no-export"
+            raise ConfigError(f"{module} is not available in this installation; run with {flag}")
     ds_config = None
     if cfg.run.ds:
         path = Path(cfg.run.ds)

@@ -1,0 +1,155 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU ranks (gloo) against one process over the same global batch.
+
+One ``deepspeed --num_gpus 2`` launch per ZeRO stage runs this very file as a worker, which trains
+all three methods in turn (dropout 0, so the two runs see the same augmentation noise: none from
+dropout, the same word repetitions from the per-step streams). Per-step losses must agree within
+1e-4. The ZeRO-3 launch also resumes ESimCSE from a checkpoint (sharded states, momentum encoder,
+queue) and exports a consolidated sentence-transformers folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+METHODS = ("simcse-unsup", "simcse-sup", "esimcse")
+STEPS = 4
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+             "max_position_embeddings": 64}
+
+
+def common_args(assets: Path) -> list[str]:
+    return ["--model-config", str(assets / "tiny.json"), "--tokenizer", str(assets / "tokenizer"),
+            "--pooler", "mean", "--dropout", "0", "--batch-size", "8", "--max-steps", str(STEPS),
+            "--lr", "1e-3", "--temperature", "0.1", "--queue-size", "16", "--max-grad-norm", "1.0",
+            "--max-examples", "400", "--no-evaluate", "--no-progress", "--save-steps", "2",
+            "--save-total-limit", "5", "--seed", "7"]
+
+
+def method_args(method: str) -> list[str]:
+    return ["--method", method] + (["--hard-negative-weight", "0.5"] if method == "simcse-sup" else [])
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the worker (runs on every rank under the deepspeed launcher)
+# ------------------------------------------------------------------------------------------------
+
+def _worker(argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    from fastcse.train import main
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--assets", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    ds = str(ROOT / "ds_configs" / f"zero{args.stage}.json")
+    base = common_args(args.assets) + ["--ds", ds]
+    for method in METHODS:
+        export = ["--export"] if (args.stage == 3 and method == "simcse-unsup") else ["--no-export"]
+        rc = main(base + method_args(method) + export + ["--output-dir", str(args.out / method)])
+        assert rc == 0, f"{method} exited with {rc}"
+    if args.stage == 3:
+        # resume: a copy of the ESimCSE run without its last checkpoint and log, continued from step 2
+        src, dst = args.out / "esimcse", args.out / "esimcse-resumed"
+        if dist.get_rank() == 0:
+            shutil.copytree(src, dst)
+            shutil.rmtree(dst / "checkpoints" / f"step-{STEPS:08d}")
+            (dst / "train_log.jsonl").unlink()
+        dist.barrier()
+        rc = main(base + method_args("esimcse") + ["--no-export", "--resume", "--output-dir", str(dst)])
+        assert rc == 0, f"resumed esimcse exited with {rc}"
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(sys.argv[1:])
+    sys.exit(0)
+
+# ------------------------------------------------------------------------------------------------
+# the tests (pytest side)
+# ------------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    from fastcse.data import train_fallback_tokenizer
+
+    folder = tmp_path_factory.mktemp("ds_assets")
+    (folder / "tiny.json").write_text(json.dumps(TINY_BERT))
+    train_fallback_tokenizer(vocab_size=2000).save_pretrained(str(folder / "tokenizer"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_process(assets, tmp_path_factory) -> Path:
+    """The reference: each method in one process over the same global batch of 8."""
+    from fastcse.train import main
+
+    out = tmp_path_factory.mktemp("single")
+    for method in METHODS:
+        export = ["--export"] if method == "simcse-unsup" else ["--no-export"]
+        assert main(common_args(assets) + method_args(method) + export + ["--output-dir", str(out / method)]) == 0
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_matches_single_process(stage, assets, single_process, tmp_path):
+    out = tmp_path / f"zero{stage}"
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(HERE), "--worker", "--stage", str(stage), "--assets", str(assets), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"deepspeed run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for method in METHODS:
+        ref, got = step_losses(single_process / method), step_losses(out / method)
+        assert sorted(got) == list(range(1, STEPS + 1)), f"{method}: logged steps {sorted(got)}"
+        for step in ref:
+            assert abs(got[step] - ref[step]) <= 1e-4, (
+                f"ZeRO-{stage} {method} step {step}: loss {got[step]:.7f} vs single process {ref[step]:.7f}")
+        # the losses move (a comparison of constants would prove nothing)
+        assert len({round(v, 4) for v in ref.values()}) > 1, f"{method}: losses did not change: {ref}"
+    if stage == 3:
+        ref = step_losses(single_process / "esimcse")
+        resumed = step_losses(out / "esimcse-resumed")
+        assert sorted(resumed) == [3, 4]
+        for step, loss in resumed.items():
+            assert abs(loss - ref[step]) <= 1e-4, f"resumed ZeRO-3 esimcse step {step}: {loss} vs {ref[step]}"
+        # the consolidated ZeRO-3 export embeds like the single-process export
+        from sentence_transformers import SentenceTransformer
+
+        sentences = ["A man is playing a guitar.", "Two dogs run across a field.", "stock prices fell today"]
+        a = SentenceTransformer(str(out / "simcse-unsup" / "final"), device="cpu").encode(
+            sentences, convert_to_tensor=True)
+        b = SentenceTransformer(str(single_process / "simcse-unsup" / "final"), device="cpu").encode(
+            sentences, convert_to_tensor=True)
+        assert (a - b).abs().max().item() < 1e-4
