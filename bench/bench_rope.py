@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from bench._common import RESULTS_DIR, append_rows, make_row, peak_memory_bytes, read_rows, time_fn
+from fastcse._triton_utils import interpreted as triton_interpreted
 
 CSV_NAME = "rope.csv"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -219,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         return []
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreted = triton_interpreted()
     providers = args.providers or (["eager", "triton"] if cuda or interpreted else ["eager"])
     if cuda:
         defaults = dict(batch=8, heads=32, head_dim=128, dtype="bf16", seqlen=4096,

@@ -253,12 +253,20 @@ def test_bad_input_raises(case, backend):
         apply_rotary(*args, backend=backend, **kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device")
-def test_device_mismatch_raises():
-    q = torch.randn(1, 4, 2, 8, device="cuda")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_mismatch_raises(backend):
+    """The meta device stands in for a second device: the checks run before any data is read."""
+    q = torch.randn(1, 4, 2, 8)
     cos, sin = cos_sin(4, 8, device="cpu")
-    with pytest.raises(ValueError, match="cos/sin on cpu"):
-        apply_rotary(q, None, cos, sin)
+    with pytest.raises(ValueError, match="cos/sin on meta"):
+        apply_rotary(q, None, cos.to("meta"), sin.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match="q and k must be on one device"):
+        apply_rotary(q, q.to("meta"), cos, sin, backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens on meta"):
+        apply_rotary(q[0], None, cos, sin, cu_seqlens=torch.tensor([0, 4], device="meta"), backend=backend)
+    with pytest.raises(ValueError, match="position_ids on meta"):
+        apply_rotary(q, None, cos, sin, position_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"),
+                     backend=backend)
 
 
 def test_backend_resolution(monkeypatch):
