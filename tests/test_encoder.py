@@ -293,7 +293,7 @@ def test_unknown_names_list_valid_ones():
 
 def test_auto_backend_resolution():
     assert attn.resolve_backend("auto", "bert", True, cuda=True) == "varlen"
-    assert attn.resolve_backend("auto", "bert", True, cuda=False) == "sdpa"
+    assert attn.resolve_backend("auto", "bert", True, cuda=False) == "varlen"
     assert attn.resolve_backend("auto", "deberta-v2", False, cuda=False) == "eager"
     assert attn.resolve_backend("auto", "t5", True, cuda=False) == "sdpa"
     assert attn.resolve_backend("auto", "modernbert", True, cuda=True) == "rotary"

@@ -28,11 +28,12 @@ Backends (``attn_backend=``):
     embedding swapped for the fused kernel of ``fastcse.models.rope_patch`` (``patch_rotary``; on
     CPU tensors the patched modules call the model's own rotary code). Dropout: HF's.
 ``auto``
-    Resolved when the encoder is built, for the model and the machine: ``varlen`` (BERT family),
-    ``biased`` (T5, DeBERTa-v2) or ``rotary`` (RoFormer, ModernBERT) when CUDA is available and
-    the fused module is present; otherwise ``sdpa`` where HF supports it, else ``eager``.
-    On CPU ``sdpa`` beats the varlen CPU twin only for nearly unpadded batches, but the fused
-    Triton paths run only interpreted there, so ``auto`` never picks them on CPU.
+    Resolved when the encoder is built, for the model and the machine. BERT family: ``varlen``
+    everywhere (on 2 CPU cores, a 4-layer hidden-256 BERT, fwd+bwd of 64 wiki1m sentences with 32%
+    padding: varlen 0.24 s vs sdpa 0.35 s / eager 0.35 s; without any padding varlen costs about
+    6% more than sdpa, 0.21 vs 0.20 s). T5 / DeBERTa-v2: ``biased``; RoFormer / ModernBERT:
+    ``rotary``; both only when CUDA is available and the fused module is present, since Triton
+    runs only interpreted on CPU. Otherwise ``sdpa`` where HF supports it, else ``eager``.
 """
 
 from __future__ import annotations
@@ -105,11 +106,11 @@ def resolve_backend(name: str, model_type: str, supports_sdpa: bool, *, cuda: bo
         )
     if name != "auto":
         return name
+    if model_type in BERT_VARLEN_MODEL_TYPES:
+        return "varlen"
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda:
-        # ModernBERT's varlen path follows one transformers layout (5.x); auto keeps it on rotary
-        if model_type in BERT_VARLEN_MODEL_TYPES:
-            return "varlen"
+        # ModernBERT's varlen path follows one transformers layout (5.x): auto keeps it on rotary
         for fused, types in (("biased", BIASED_MODEL_TYPES), ("rotary", ROTARY_MODEL_TYPES)):
             if model_type in types and patch_available(fused):
                 return fused

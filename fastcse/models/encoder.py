@@ -70,7 +70,8 @@ class SentenceEncoder(nn.Module):
     ``eager`` (HF's own, the reference), ``sdpa`` (HF's padded SDPA), ``varlen`` (BERT family and
     ModernBERT on packed tokens; on CPU its attention runs through a padded SDPA twin), ``biased`` (T5 /
     DeBERTa-v2 fused relative-bias attention), ``rotary`` (RoFormer / ModernBERT fused rotary),
-    ``auto`` (resolved when built: the fused backend on a CUDA machine, else sdpa or eager).
+    ``auto`` (resolved when built: ``varlen`` for the BERT family; for the others the fused
+    backend on a CUDA machine, else sdpa or eager).
     In training mode every backend applies the model's attention and hidden dropout, so two
     forwards of one batch differ (SimCSE's augmentation); evaluation mode is deterministic.
 
