@@ -181,56 +181,142 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(a_chunk: Tensor, c: Tensor, scale: Tensor, row0: int, hn_weight: float, hn_offset: int) -> Tensor:
-    """Logits of one row chunk (accumulation dtype), with the hard-negative weight added in place."""
-    logits = (a_chunk @ c.T).mul_(scale)
+def default_chunk_rows(n_cols: int, elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    return max(1, elements // max(1, n_cols))
+
+
+def torch_rows_softmax_(dots: Tensor, row0: int, scale: Tensor, hn_weight: float, hn_offset: int,
+                        lse: Tensor, grad_rows: Optional[Tensor], compute_lse: bool) -> Tensor:
+    """In place on a chunk of raw dot products ``dots`` (rows row0.., all M columns):
+    ``dots <- g_i * exp(scale * dots + bias - lse_i)``. With ``compute_lse`` it first writes
+    ``lse[row0:row0 + rows]``; otherwise it reads it. ``grad_rows`` None means g_i = 1.
+    Returns the weights (the same buffer). The Triton twin is ``fastcse.kernels.infonce.rows_softmax_``.
+    """
+    rows = dots.shape[0]
+    logits = dots.mul_(scale.to(dots.dtype))
     if hn_weight != 0.0:
-        rows = torch.arange(a_chunk.shape[0], device=a_chunk.device)
-        logits[rows, rows + row0 + hn_offset] += hn_weight
-    return logits
+        idx = torch.arange(rows, device=dots.device)
+        logits[idx, idx + row0 + hn_offset] += hn_weight
+    chunk_lse = lse[row0:row0 + rows]
+    if compute_lse:
+        chunk_lse.copy_(torch.logsumexp(logits, dim=1))
+    weights = logits.sub_(chunk_lse[:, None].to(logits.dtype)).exp_()
+    if grad_rows is not None:
+        weights.mul_(grad_rows[row0:row0 + rows, None].to(weights.dtype))
+    return weights
+
+
+def chunked_forward_with_grads(a: Tensor, c: Tensor, scale: Tensor, hn_weight: float, hn_offset: int,
+                               n_grad_cols: int, chunk_rows: int, *, matmul_dtype: torch.dtype,
+                               softmax_=torch_rows_softmax_):
+    """One pass over row chunks computing lse and the gradients of ``sum_i lse_i`` (6NMD FLOPs).
+
+    Returns ``(lse, grad_a, grad_c, grad_scale)``: fp32 (fp64 for fp64 inputs); grad_c covers
+    the first ``n_grad_cols`` candidates. The chunk's dot products go through one matmul
+    (``matmul_dtype`` operands), ``softmax_`` turns them into p_ij in place, and two matmuls
+    accumulate ``p c`` and ``p^T a``.
+    """
+    acc = _acc_dtype(a.dtype)
+    am, cm = a.to(matmul_dtype), c.to(matmul_dtype)
+    n = a.shape[0]
+    lse = torch.empty(n, dtype=acc, device=a.device)
+    grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
+    grad_c = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(n, r0 + chunk_rows)
+        dots = _mm_acc(am[r0:r1], cm.T, acc)
+        probs = softmax_(dots, r0, scale, hn_weight, hn_offset, lse, None, True).to(matmul_dtype)
+        grad_a[r0:r1] = _mm_acc(probs, cm, acc)
+        grad_c += _mm_acc(probs[:, :n_grad_cols].T, am[r0:r1], acc)
+    # d scale = sum_ij p_ij <a_i, c_j> = sum_i <a_i, (p c)_i>, taken before scaling grad_a
+    grad_scale = torch.vdot(a.to(acc).flatten(), grad_a.flatten())
+    s = scale.to(acc)
+    return lse, grad_a.mul_(s), grad_c.mul_(s), grad_scale
+
+
+def chunked_backward(a: Tensor, c: Tensor, scale: Tensor, lse: Tensor, grad_lse: Tensor, hn_weight: float,
+                     hn_offset: int, n_grad_cols: int, chunk_rows: int, *, matmul_dtype: torch.dtype,
+                     softmax_=torch_rows_softmax_):
+    """Gradients of ``sum_i grad_lse_i * lse_i``, recomputing each chunk (4NMD FLOPs on top of the
+    forward's 2NMD). Returns ``(grad_a, grad_c, grad_scale)`` in the accumulation dtype."""
+    acc = lse.dtype
+    am, cm = a.to(matmul_dtype), c.to(matmul_dtype)
+    grad_rows = grad_lse.to(acc)
+    grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
+    grad_c = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
+    for r0 in range(0, a.shape[0], chunk_rows):
+        r1 = min(a.shape[0], r0 + chunk_rows)
+        dots = _mm_acc(am[r0:r1], cm.T, acc)
+        weights = softmax_(dots, r0, scale, hn_weight, hn_offset, lse, grad_rows, False).to(matmul_dtype)
+        grad_a[r0:r1] = _mm_acc(weights, cm, acc)
+        grad_c += _mm_acc(weights[:, :n_grad_cols].T, am[r0:r1], acc)
+    grad_scale = torch.vdot(a.to(acc).flatten(), grad_a.flatten())
+    s = scale.to(acc)
+    return grad_a.mul_(s), grad_c.mul_(s), grad_scale
+
+
+def _mm_acc(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
+    """``x @ y`` returned in the accumulation dtype.
+
+    Half-precision operands on CUDA write fp32 straight from the matmul (``mm.dtype``) where this
+    PyTorch has it, so logits and gradients keep fp32 precision at no extra pass; elsewhere the
+    result is cast (CPU callers pass fp32 operands, see ``fused_matmul_dtype``).
+    """
+    if x.dtype != acc and x.is_cuda and _HAS_MM_OUT_DTYPE:
+        return torch.mm(x, y, out_dtype=acc)
+    return (x @ y).to(acc)
+
+
+def fused_matmul_dtype(x: Tensor) -> torch.dtype:
+    """Operand dtype of the chunk matmuls: the input's on CUDA (tensor cores), fp32 elsewhere (CPU
+    half-precision matmuls are slow and round their outputs)."""
+    return x.dtype if x.is_cuda else _acc_dtype(x.dtype)
+
+
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _pad_queue_rows(grad_c: Tensor, n_cols: int) -> Tensor:
+    """Candidates past ``n_grad_cols`` (the queue) get a zero gradient."""
+    if grad_c.shape[0] == n_cols:
+        return grad_c
+    return torch.cat([grad_c, grad_c.new_zeros(n_cols - grad_c.shape[0], grad_c.shape[1])])
 
 
 class _ChunkedLSE(torch.autograd.Function):
-    """Row-chunked log-sum-exp with the memory shape of the kernel (chunk x M logits at a time).
+    """Pure-PyTorch row-chunked log-sum-exp (chunk x M logits at a time), the CPU default.
 
-    Low-precision inputs are upcast once to fp32 (O((N + M) D) memory, like the inputs), so the
-    chunked path is at least as accurate as the eager one in every dtype.
+    Low-precision inputs are upcast once to fp32 (O((N + M) D) memory, like the inputs), so this
+    path is at least as accurate as eager in every dtype.
 
     ``uniform_upstream=True`` is a contract with the caller: the upstream gradient of ``lse`` will
     be the same for every row (the caller reduces ``lse`` with a mean or a sum right away and never
-    hands it out). Then the gradients are computed during the forward pass with unit weights
-    (6NMD FLOPs in all, the same as eager, instead of 8NMD with recomputation) and backward only
-    scales them. Otherwise backward recomputes each chunk's logits from the saved log-sum-exp.
+    hands it out). Then the gradients are formed during the forward pass with unit weights (6NMD
+    FLOPs in all, the same as eager, instead of 8NMD with recomputation) and backward only scales
+    them: the trick of Liger-Kernel's fused linear cross-entropy. Otherwise backward recomputes.
     """
 
     @staticmethod
     def forward(ctx, a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, uniform_upstream):
         acc = _acc_dtype(a.dtype)
-        a32, c32, s = a.to(acc), c.to(acc), scale.to(acc)
-        n = a.shape[0]
-        lse = torch.empty(n, dtype=acc, device=a.device)
         precompute = bool(uniform_upstream and any(ctx.needs_input_grad[:3]))
-        if precompute:
-            da = torch.empty(a.shape, dtype=acc, device=a.device)
-            dc = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
-        for r0 in range(0, n, chunk_rows):
-            r1 = min(n, r0 + chunk_rows)
-            logits = _chunk_logits(a32[r0:r1], c32, s, r0, hn_weight, hn_offset)
-            chunk_lse = torch.logsumexp(logits, dim=1)
-            lse[r0:r1] = chunk_lse
-            if precompute:
-                probs = logits.sub_(chunk_lse[:, None]).exp_()  # p_ij, reusing the logits' buffer
-                torch.matmul(probs, c32, out=da[r0:r1])
-                dc.addmm_(probs[:, :n_grad_cols].T, a32[r0:r1])
-        if precompute:
-            dscale = torch.vdot(a32.flatten(), da.flatten())  # sum_ij p_ij <a_i, c_j>
-            da.mul_(s)
-            dc.mul_(s)
-            ctx.save_for_backward(da, dc, dscale)
-        else:
-            ctx.save_for_backward(a, c, scale, lse)
         ctx.config = (hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, c.shape[0])
         ctx.dtypes = (a.dtype, c.dtype, scale.dtype)
+        if precompute:
+            lse, da, dc, dscale = chunked_forward_with_grads(
+                a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, matmul_dtype=acc)
+            ctx.save_for_backward(da, dc, dscale)
+            return lse
+        lse = torch.empty(a.shape[0], dtype=acc, device=a.device)
+        am, cm = a.to(acc), c.to(acc)
+        for r0 in range(0, a.shape[0], chunk_rows):
+            dots = _mm_acc(am[r0:r0 + chunk_rows], cm.T, acc)
+            dots.mul_(scale.to(acc))
+            if hn_weight != 0.0:
+                idx = torch.arange(dots.shape[0], device=dots.device)
+                dots[idx, idx + r0 + hn_offset] += hn_weight
+            lse[r0:r0 + chunk_rows] = torch.logsumexp(dots, dim=1)
+        ctx.save_for_backward(a, c, scale, lse)
         return lse
 
     @staticmethod
@@ -242,32 +328,17 @@ class _ChunkedLSE(torch.autograd.Function):
             ga, gc, gs = da * g, dc * g, dscale * g
         else:
             a, c, scale, lse = ctx.saved_tensors
-            acc = lse.dtype
-            a32, c32, s = a.to(acc), c.to(acc), scale.to(acc)
-            g_rows = grad_lse.to(acc)
-            ga = torch.empty(a.shape, dtype=acc, device=a.device)
-            gc = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
-            for r0 in range(0, a.shape[0], chunk_rows):
-                r1 = min(a.shape[0], r0 + chunk_rows)
-                logits = _chunk_logits(a32[r0:r1], c32, s, r0, hn_weight, hn_offset)
-                weights = logits.sub_(lse[r0:r1, None]).exp_().mul_(g_rows[r0:r1, None])
-                torch.matmul(weights, c32, out=ga[r0:r1])
-                gc.addmm_(weights[:, :n_grad_cols].T, a32[r0:r1])
-            gs = torch.vdot(a32.flatten(), ga.flatten())
-            ga.mul_(s)
-            gc.mul_(s)
-        if n_grad_cols < n_cols:  # queue rows: no gradient
-            gc = torch.cat([gc, gc.new_zeros(n_cols - n_grad_cols, gc.shape[1])])
+            ga, gc, gs = chunked_backward(a, c, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols,
+                                          chunk_rows, matmul_dtype=lse.dtype)
+        gc = _pad_queue_rows(gc, n_cols)
         needs, (a_dtype, c_dtype, s_dtype) = ctx.needs_input_grad, ctx.dtypes
         return (ga.to(a_dtype) if needs[0] else None, gc.to(c_dtype) if needs[1] else None,
-                gs.to(s_dtype) if needs[2] else None,
-                None, None, None, None, None)
+                gs.to(s_dtype) if needs[2] else None, None, None, None, None, None)
 
 
 def chunked_lse(a, c, scale, hn_weight, hn_offset, *, n_grad_cols=None, chunk_rows=None, uniform_upstream=False):
     n_grad_cols = c.shape[0] if n_grad_cols is None else n_grad_cols
-    if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, c.shape[0]))
+    chunk_rows = chunk_rows or default_chunk_rows(c.shape[0])
     return _ChunkedLSE.apply(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, uniform_upstream)
 
 
@@ -278,12 +349,8 @@ def rowwise_lse(backend: str, a, c, scale, hn_weight, hn_offset, *, n_grad_cols,
                            chunk_rows=chunk_rows, uniform_upstream=uniform_upstream)
     from fastcse.kernels.infonce import triton_lse
 
-    return triton_lse(a, c, scale, hn_weight, hn_offset, n_grad_cols)
-
-
-# --------------------------------------------------------------------------------------------
-# the loss
-# --------------------------------------------------------------------------------------------
+    return triton_lse(a, c, scale, hn_weight, hn_offset, n_grad_cols=n_grad_cols,
+                      uniform_upstream=uniform_upstream, chunk_rows=chunk_rows)
 
 
 def _direction_loss(backend, a_hat, c_hat, scale, *, hn_weight, hn_offset, target_offset, n_grad_cols,

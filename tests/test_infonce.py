@@ -141,18 +141,35 @@ def test_dimension_one(backend):
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
-def test_chunk_and_tile_boundaries(backend):
-    """Row counts around the chunk / tile sizes: no row is lost or counted twice."""
-    for n in (31, 32, 33, 65):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_and_tile_boundaries(backend, reduction):
+    """Row counts around the chunk / tile sizes (16-row chunks, 32-row tiles): no row is lost or
+    counted twice, in the loss or its gradients, on both the precomputed (mean) and the
+    recomputed (none) gradient paths."""
+    for n in (15, 16, 17, 31, 32, 33, 65):
         anchors, positives, hard_negatives, _ = _inputs(n, 20, True, 0)
         t = torch.tensor(0.1)
-        kw = dict(hard_negative_weight=0.25, reduction="none")
-        if backend == "chunked":
-            kw["chunk_rows"] = 16
-        out = info_nce(anchors, positives, hard_negatives, temperature=t, backend=backend, **kw)
-        ref = reference_loss(anchors, positives, hard_negatives, temperature=t,
-                             hard_negative_weight=0.25, reduction="none")
+        upstream = torch.randn(n, dtype=torch.float64)
+        kw = dict(hard_negative_weight=0.25, reduction=reduction)
+        out, grads = _loss_and_grads(info_nce, anchors, positives, hard_negatives, None, t, upstream,
+                                     backend=backend, chunk_rows=16, **kw)
+        ref, ref_grads = _loss_and_grads(reference_loss, anchors, positives, hard_negatives, None, t,
+                                         upstream, **kw)
         assert rel_error(out, ref) <= 1e-5, f"N={n}: {describe_mismatch(out, ref)}"
+        for g, r in zip(grads, ref_grads):
+            assert rel_error(g, r) <= 1e-5, f"N={n}: {describe_mismatch(g, r)}"
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_forward_without_grad_matches(backend):
+    """Evaluation-time call (no_grad): the triton backend takes its fully fused tile kernel."""
+    anchors, positives, hard_negatives, queue = _inputs(45, 70, True, 11)
+    with torch.no_grad():
+        out = info_nce(anchors, positives, hard_negatives, queue=queue, hard_negative_weight=0.4,
+                       backend=backend, reduction="none")
+    ref = reference_loss(anchors, positives, hard_negatives, queue=queue, temperature=0.05,
+                         hard_negative_weight=0.4, reduction="none")
+    assert rel_error(out, ref) <= 1e-5, describe_mismatch(out, ref)
 
 
 def test_chunked_is_default_on_cpu_and_float_temperature_works():
