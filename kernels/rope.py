@@ -42,7 +42,7 @@ def _rotate_heads(
     stride_out_batch, stride_out_token, stride_out_head, stride_out_dim,
     stride_cos_position, stride_cos_dim, stride_sin_position, stride_sin_dim,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
 ):
     """Rotate one (tokens x heads x pairs) tile of X into OUT (OUT may be X: in place)."""
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -67,20 +67,25 @@ def _rotate_heads(
 
     x_row = X + batch_index * stride_x_batch + t3 * stride_x_token + h3 * stride_x_head
     out_row = OUT + batch_index * stride_out_batch + t3 * stride_out_token + h3 * stride_out_head
-    if INTERLEAVED:
-        dim1 = 2 * p3
-        dim2 = 2 * p3 + 1
-    else:
-        dim1 = p3
-        dim2 = p3 + rotary_half
-
     # fp32 arithmetic whatever the storage dtype: one rounding per output element.
-    x1 = tl.load(x_row + dim1 * stride_x_dim, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + dim2 * stride_x_dim, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
-    tl.store(out_row + dim1 * stride_out_dim, out1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out_row + dim2 * stride_out_dim, out2.to(OUT.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        # Pairs (x[2i], x[2i+1]) are adjacent: load them as one contiguous (..., pairs, 2) tile and
+        # split it, so each thread issues wide loads instead of two stride-2 gathers.
+        dims = tl.expand_dims(tl.expand_dims(tl.arange(0, 2 * BLOCK_HALF), 0), 1)
+        full_mask = row_mask & (dims < 2 * rotary_half)
+        x = tl.load(x_row + dims * stride_x_dim, mask=full_mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, BLOCK_HALF, 2]))
+        out1 = x1 * cos - x2 * sin
+        out2 = x2 * cos + x1 * sin
+        out = tl.reshape(tl.join(out1, out2), [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF])
+        tl.store(out_row + dims * stride_out_dim, out.to(OUT.dtype.element_ty), mask=full_mask)
+    else:
+        x1 = tl.load(x_row + p3 * stride_x_dim, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + (p3 + rotary_half) * stride_x_dim, mask=mask, other=0.0).to(tl.float32)
+        out1 = x1 * cos - x2 * sin
+        out2 = x2 * cos + x1 * sin
+        tl.store(out_row + p3 * stride_out_dim, out1.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(out_row + (p3 + rotary_half) * stride_out_dim, out2.to(OUT.dtype.element_ty), mask=mask)
 
     if COPY_TAIL:
         # Partial rotary, out of place: features past rotary_dim pass through unchanged.
@@ -155,7 +160,7 @@ def _rotary_kernel(
             stride_q_batch, stride_q_token, stride_q_head, stride_q_dim,
             stride_out_q_batch, stride_out_q_token, stride_out_q_head, stride_out_q_dim,
             stride_cos_position, stride_cos_dim, stride_sin_position, stride_sin_dim,
-            INTERLEAVED, CONJUGATE, COPY_TAIL, BLOCK_H, BLOCK_HALF, BLOCK_TAIL,
+            INTERLEAVED, CONJUGATE, COPY_TAIL, BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_TAIL,
         )
     else:
         _rotate_heads(
@@ -164,7 +169,7 @@ def _rotary_kernel(
             stride_k_batch, stride_k_token, stride_k_head, stride_k_dim,
             stride_out_k_batch, stride_out_k_token, stride_out_k_head, stride_out_k_dim,
             stride_cos_position, stride_cos_dim, stride_sin_position, stride_sin_dim,
-            INTERLEAVED, CONJUGATE, COPY_TAIL, BLOCK_H, BLOCK_HALF, BLOCK_TAIL,
+            INTERLEAVED, CONJUGATE, COPY_TAIL, BLOCK_T, BLOCK_H, BLOCK_HALF, BLOCK_TAIL,
         )
 
 
