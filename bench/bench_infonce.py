@@ -174,7 +174,7 @@ def plot(csv_name: str = CSV) -> list:
         fig.suptitle(f"InfoNCE, {dtype}, D={d}\n{dev}", fontsize=9)
         fig.tight_layout()
         safe = "".join(ch if ch.isalnum() else "_" for ch in f"{dev}_{dtype}_D{d}")[:80]
-        path = RESULTS_DIR / f"infonce_{safe}.png"
+        path = (RESULTS_DIR / csv_name).parent / f"infonce_{safe}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
