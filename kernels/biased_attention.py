@@ -423,6 +423,7 @@ def biased_attention_forward(
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     sm_scale: float, dropout_p: float,
     *, block_m: int | None = None, block_n: int | None = None,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher.
 
@@ -434,13 +435,17 @@ def biased_attention_forward(
     when ``dropout_p > 0``.
 
     Returns ``out`` (batch, heads, seq, head_dim) stored as (batch, seq, heads, head_dim) so that
-    merging the heads afterwards is free, and ``lse`` (batch, heads, seq) fp32 in base 2.
+    merging the heads afterwards is free, and ``lse`` (batch, heads, seq) fp32 in base 2; both are
+    written into ``out`` / ``lse`` when given (any strides with a unit last stride; ``lse``
+    contiguous).
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     cfg = _LaunchConfig(q, block_m, block_n)
-    out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if lse is None:
+        lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
     if seqlen == 0 or batch * heads == 0:
         return out, lse
     kmask = _kernel_mask(key_padding_mask)
@@ -475,17 +480,23 @@ def biased_attention_backward(
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     sm_scale: float, dropout_p: float,
     *, block_m: int | None = None, block_n: int | None = None,
+    dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+    raw_table_grads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher: (dq, dk, dv, d_row_table, d_col_table), same shapes as the inputs.
 
     The table gradients are accumulated in fp32 with atomics into (batch, heads, rows, entries)
     buffers (a per-batch buffer even for a broadcast table, which spreads the atomics; it is
-    summed afterwards) and cast to the table's dtype. ``None`` for an absent table.
+    summed afterwards) and cast to the table's dtype. ``None`` for an absent table. With
+    ``raw_table_grads`` the fp32 (batch, heads, rows, entries) buffers are returned as they are.
+    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride).
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
     cfg = _LaunchConfig(q, block_m, block_n)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
 
     def grad_buffer(table):
         if table is None:
@@ -538,8 +549,8 @@ def biased_attention_backward(
         dq.zero_(), dk.zero_(), dv.zero_()
 
     def finish(buffer, table):
-        if buffer is None:
-            return None
+        if buffer is None or raw_table_grads:
+            return buffer
         if table.size(0) == 1:
             buffer = buffer.sum(0, keepdim=True)
         return buffer.to(table.dtype)
@@ -634,6 +645,132 @@ _biased_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 
 
 # --------------------------------------------------------------------------------------------
+# DeBERTa's disentangled attention: tables rebuilt per batch chunk, never saved
+# --------------------------------------------------------------------------------------------
+
+# Elements of one (chunk, heads, seq, entries) table per batch chunk: the c2p / p2c tables and
+# their fp32 gradients exist for one chunk at a time, so at most ~6 x 4 MiB x 8 = 96 MiB live
+# (DeBERTa-v3-base at seq 512 has 3.1 M elements per sequence: chunks of 2 sequences).
+_TABLE_CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunks(batch: int, heads: int, seqlen: int, entries: int, chunk_rows: int):
+    rows = chunk_rows or max(1, _TABLE_CHUNK_ELEMENTS // max(1, heads * seqlen * entries))
+    return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
+
+
+def _disentangled_tables(q, k, pos_key, pos_query, scale, rows):
+    # HF: c2p = bmm(Q_c, K_r^T) / scale and p2c = bmm(K_c, Q_r^T) / scale, in the input dtype
+    row_table = None if pos_key is None else torch.matmul(q[rows], pos_key.transpose(-1, -2)) / scale
+    col_table = None if pos_query is None else torch.matmul(k[rows], pos_query.transpose(-1, -2)) / scale
+    return row_table, col_table
+
+
+def _chunk_seed(seed, rows, heads):
+    # the Philox key is seed + (batch * heads + head): keep the global batch index per chunk
+    return seed if seed is None or rows.start == 0 else seed + rows.start * heads
+
+
+def _entries(pos_key, pos_query):
+    return max(0 if pos_key is None else pos_key.size(1), 0 if pos_query is None else pos_query.size(1))
+
+
+@torch.library.custom_op("fastcse::disentangled_attention_fwd", mutates_args=())
+def _disentangled_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    pos_key: torch.Tensor | None, c2p_index: torch.Tensor | None,
+    pos_query: torch.Tensor | None, p2c_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
+    scale: float, dropout_p: float, chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seqlen, head_dim = q.shape
+    out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
+    for rows in _chunks(batch, heads, seqlen, _entries(pos_key, pos_query), chunk_rows):
+        row_table, col_table = _disentangled_tables(q, k, pos_key, pos_query, scale, rows)
+        biased_attention_forward(
+            q[rows], k[rows], v[rows], row_table, c2p_index, col_table, p2c_index,
+            None if key_padding_mask is None else key_padding_mask[rows],
+            _chunk_seed(seed, rows, heads), 1.0 / scale, dropout_p,
+            out=out[rows], lse=lse[rows])
+    return out, lse
+
+
+@_disentangled_fwd_op.register_fake
+def _(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed, scale, dropout_p,
+      chunk_rows):
+    batch, heads, seqlen, head_dim = q.shape
+    out = q.new_empty((batch, seqlen, heads, head_dim)).transpose(1, 2)
+    return out, q.new_empty((batch, heads, seqlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcse::disentangled_attention_bwd", mutates_args=())
+def _disentangled_bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    pos_key: torch.Tensor | None, c2p_index: torch.Tensor | None,
+    pos_query: torch.Tensor | None, p2c_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
+    scale: float, dropout_p: float, chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, seqlen, _ = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dpos_key = None if pos_key is None else torch.zeros(pos_key.shape, dtype=torch.float32, device=q.device)
+    dpos_query = None if pos_query is None else torch.zeros(pos_query.shape, dtype=torch.float32,
+                                                            device=q.device)
+    for rows in _chunks(batch, heads, seqlen, _entries(pos_key, pos_query), chunk_rows):
+        row_table, col_table = _disentangled_tables(q, k, pos_key, pos_query, scale, rows)
+        _, _, _, drow, dcol = biased_attention_backward(
+            grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows],
+            row_table, c2p_index, col_table, p2c_index,
+            None if key_padding_mask is None else key_padding_mask[rows],
+            _chunk_seed(seed, rows, heads), 1.0 / scale, dropout_p,
+            dq=dq[rows], dk=dk[rows], dv=dv[rows], raw_table_grads=True)
+        del row_table, col_table
+        # through the tables: c2p = Q_c K_r^T / scale, p2c = K_c Q_r^T / scale
+        if drow is not None:
+            g = drow.div_(scale).to(q.dtype)
+            dq[rows] += torch.matmul(g, pos_key)
+            dpos_key += torch.matmul(g.transpose(-1, -2), q[rows]).sum(0, dtype=torch.float32)
+        if dcol is not None:
+            g = dcol.div_(scale).to(k.dtype)
+            dk[rows] += torch.matmul(g, pos_query)
+            dpos_query += torch.matmul(g.transpose(-1, -2), k[rows]).sum(0, dtype=torch.float32)
+    return (dq, dk, dv, q.new_empty((0,)) if dpos_key is None else dpos_key.to(pos_key.dtype),
+            q.new_empty((0,)) if dpos_query is None else dpos_query.to(pos_query.dtype))
+
+
+@_disentangled_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed,
+      scale, dropout_p, chunk_rows):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty((0,)) if pos_key is None else pos_key.new_empty(pos_key.shape),
+            q.new_empty((0,)) if pos_query is None else pos_query.new_empty(pos_query.shape))
+
+
+def _disentangled_setup_context(ctx, inputs, output):
+    (q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed, scale, dropout_p,
+     chunk_rows) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index,
+                          key_padding_mask, seed)
+    ctx.scale, ctx.dropout_p, ctx.chunk_rows = scale, dropout_p, chunk_rows
+
+
+def _disentangled_backward(ctx, grad_out, grad_lse):
+    (q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
+     seed) = ctx.saved_tensors
+    dq, dk, dv, dpos_key, dpos_query = _disentangled_bwd_op(
+        grad_out, q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
+        seed, ctx.scale, ctx.dropout_p, ctx.chunk_rows)
+    return (dq, dk, dv, None if pos_key is None else dpos_key, None,
+            None if pos_query is None else dpos_query, None, None, None, None, None, None)
+
+
+_disentangled_fwd_op.register_autograd(_disentangled_backward, setup_context=_disentangled_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
 
@@ -704,3 +841,67 @@ def biased_attention_reference(
     if dropout_mask is not None and dropout_p > 0.0:
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
     return torch.matmul(probs, v)
+
+
+def disentangled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
+    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, scale: float = 1.0,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None, chunk_rows: int = 0,
+) -> torch.Tensor:
+    """DeBERTa's disentangled attention on the fused kernel, with HF's arithmetic::
+
+        s[i, j] = (q_i . k_j + q_i . pos_key[c2p_index[i - j + L - 1]]
+                   + k_j . pos_query[p2c_index[i - j + L - 1]]) / scale
+
+    The c2p / p2c tables (``Q_c K_r^T / scale``, ``K_c Q_r^T / scale``: seq x entries per
+    sequence and head) are built by matmuls a batch chunk at a time (``chunk_rows`` sequences, 0 =
+    sized to keep one chunk's table at ~8 M elements), consumed by the kernel, freed, and rebuilt
+    in the backward: no seq x seq or seq x entries tensor is kept for the backward.
+
+    Args:
+        q, k, v: (batch, heads, seq, head_dim).
+        pos_key, pos_query: (heads, entries, head_dim), HF's ``pos_key_layer`` / ``pos_query_layer``
+            (relative embeddings through the key / query projection); either may be None.
+        c2p_index, p2c_index: int (2 seq - 1,) table columns per distance ``i - j``.
+        key_padding_mask, dropout_p, seed: as :func:`biased_attention`.
+        scale: HF's ``sqrt(head_dim * scale_factor)`` (in the activation dtype).
+    """
+    _check_inputs(q, k, v, None, None, None, None, key_padding_mask)
+    batch, heads, seqlen, head_dim = q.shape
+    for name, pos, index in (("pos_key", pos_key, c2p_index), ("pos_query", pos_query, p2c_index)):
+        if (pos is None) != (index is None):
+            raise ValueError(f"disentangled_attention: {name} and its index go together")
+        if pos is None:
+            continue
+        if pos.dim() != 3 or pos.size(0) != heads or pos.size(2) != head_dim or pos.dtype != q.dtype:
+            raise ValueError(f"disentangled_attention: {name} must be (heads, entries, head_dim) = "
+                             f"({heads}, n, {head_dim}) in {q.dtype}, got {tuple(pos.shape)} {pos.dtype}")
+        if index.shape != (2 * seqlen - 1,) or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"disentangled_attention: the index of {name} must be an integer vector "
+                             f"of length 2 * seq - 1 = {2 * seqlen - 1}, got {tuple(index.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"disentangled_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    out, _ = _disentangled_fwd_op(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
+                                  seed if dropout_p > 0.0 else None, float(scale), float(dropout_p),
+                                  int(chunk_rows))
+    return out
+
+
+def disentangled_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
+    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, scale: float = 1.0,
+    dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eager twin of :func:`disentangled_attention` (tables and scores materialised)."""
+    row_table = None if pos_key is None else torch.matmul(q, pos_key.transpose(-1, -2)) / scale
+    col_table = None if pos_query is None else torch.matmul(k, pos_query.transpose(-1, -2)) / scale
+    return biased_attention_reference(
+        q, k, v, row_table=row_table, row_index=c2p_index, col_table=col_table, col_index=p2c_index,
+        key_padding_mask=key_padding_mask, sm_scale=1.0 / scale, dropout_p=dropout_p,
+        dropout_mask=dropout_mask)

@@ -11,7 +11,8 @@
 - DeBERTa-v2 / v3 ``DisentangledSelfAttention``: ``c2p = Q_c K_r^T`` and ``p2c = K_c Q_r^T``
   (seq x 2 span tables) are computed with ordinary matmuls, divided by HF's scale, and gathered
   inside the kernel at the (bucketed, clamped) relative position HF's ``relative_pos`` gives for
-  each distance. The content scores use ``1 / sqrt(head_dim * scale_factor)`` as HF does
+  each distance (:func:`~fastcse.kernels.biased_attention.disentangled_attention`: the tables
+  exist one batch chunk at a time and are rebuilt in the backward, never saved). The content scores use ``1 / sqrt(head_dim * scale_factor)`` as HF does
   (the scale rounded to the activation dtype, as HF's ``scale.to(dtype)``).
 
 The score matrix is never materialised. Key padding comes from the mask HF hands the module.
@@ -34,7 +35,7 @@ import types
 import torch
 from torch import nn
 
-from fastcse.kernels.biased_attention import biased_attention
+from fastcse.kernels.biased_attention import biased_attention, disentangled_attention
 
 _T5_CLASSES = ("T5Attention", "MT5Attention")
 _UMT5_CLASSES = ("UMT5Attention",)
@@ -224,7 +225,7 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
     v = split_heads(self.value_proj(hidden_states))
     scale = self._fastcse_scale[q.dtype]
 
-    bias = {}
+    rel = {}
     if self.relative_attention:
         from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
@@ -234,23 +235,23 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
                                                    max_position=self.max_relative_positions)
         span = self.pos_ebd_size
         distance = _per_distance(relative_pos.to(q.device), seqlen)
-        rel = self.pos_dropout(rel_embeddings)[: 2 * span]
+        rel_embeddings = self.pos_dropout(rel_embeddings)[: 2 * span]
 
         def pos_heads(x):  # (2 span, H * D) -> (H, 2 span, D)
             return x.view(x.size(0), heads, -1).transpose(0, 1)
 
         if "c2p" in self.pos_att_type:
-            pos_key = pos_heads(self.key_proj(rel) if self.share_att_key else self.pos_key_proj(rel))
-            bias["row_table"] = torch.matmul(q, pos_key.transpose(-1, -2)) / scale
-            bias["row_index"] = torch.clamp(distance + span, 0, 2 * span - 1)
+            proj = self.key_proj if self.share_att_key else self.pos_key_proj
+            rel["pos_key"] = pos_heads(proj(rel_embeddings))
+            rel["c2p_index"] = torch.clamp(distance + span, 0, 2 * span - 1)
         if "p2c" in self.pos_att_type:
-            pos_query = pos_heads(self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel))
-            bias["col_table"] = torch.matmul(k, pos_query.transpose(-1, -2)) / scale
-            bias["col_index"] = torch.clamp(-distance.flip(0) + span, 0, 2 * span - 1)
+            proj = self.query_proj if self.share_att_key else self.pos_query_proj
+            rel["pos_query"] = pos_heads(proj(rel_embeddings))
+            rel["p2c_index"] = torch.clamp(-distance.flip(0) + span, 0, 2 * span - 1)
 
-    out = biased_attention(
-        q, k, v, **bias, key_padding_mask=_deberta_key_padding_mask(attention_mask, batch, seqlen),
-        sm_scale=1.0 / scale, dropout_p=self.dropout.p if self.training else 0.0)
+    out = disentangled_attention(
+        q, k, v, **rel, key_padding_mask=_deberta_key_padding_mask(attention_mask, batch, seqlen),
+        scale=scale, dropout_p=self.dropout.p if self.training else 0.0)
     return out.transpose(1, 2).reshape(batch, seqlen, -1), None
 
 
