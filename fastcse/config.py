@@ -261,7 +261,12 @@ def load_config_file(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both mean "unreadable"
-        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:  # YAML: one line with the place, not PyYAML's multi-line excerpt
+            reason = f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', None) or e}"
+        else:
+            reason = " ".join(str(e).split())
+        raise ConfigError(f"cannot parse config file {path}: {reason}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -53,11 +54,17 @@ class Method:
     def __init__(self, cfg: MethodConfig, *, tokenizer_fn: Callable[[list[str]], dict[str, Tensor]],
                  pad_id: int, special_ids: set[int], max_seq_length: int, seed: int):
         self.cfg = cfg
-        self.tokenize = tokenizer_fn
+        self._tokenizer_fn = tokenizer_fn
         self.pad_id = pad_id
         self.special_ids = special_ids
         self.max_seq_length = max_seq_length
         self.seed = seed
+
+    def tokenize(self, sentences: list[str]) -> dict[str, Tensor]:
+        # cutting sentences to max_seq_length is what training asks for (SimCSE: 32): no warning
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*were longer than.*truncated")
+            return self._tokenizer_fn(sentences)
 
     def setup(self, encoder: nn.Module, device) -> None:
         """Called once with the plain encoder, before any distributed wrapping."""

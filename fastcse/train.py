@@ -656,7 +656,9 @@ class Trainer:
             if cfg.run.evaluate and cfg.run.eval_steps and self.step % cfg.run.eval_steps == 0 \
                     and self.step < self.total_steps:
                 self._eval_and_keep_best()
-            if cfg.run.save_steps and self.step % cfg.run.save_steps == 0 and self.step < self.total_steps:
+            # no checkpoint in the middle of a streak of skipped steps: the last good one stays the latest
+            if cfg.run.save_steps and self.step % cfg.run.save_steps == 0 and self.step < self.total_steps \
+                    and self.consecutive_bad == 0:
                 self.save()
         if bar is not None:
             bar.close()

@@ -1,0 +1,209 @@
+"""The training program in one process: resume equivalence, kill during save, non-finite steps,
+bad input, and the embedded default end to end (shortened)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcse.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from fastcse.train import main
+
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+             "max_position_embeddings": 64}  # BERT's default dropout 0.1 stays on: RNG must be restored
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    from fastcse.data import train_fallback_tokenizer
+
+    folder = tmp_path_factory.mktemp("assets")
+    (folder / "tiny.json").write_text(json.dumps(TINY_BERT))
+    train_fallback_tokenizer(vocab_size=2000).save_pretrained(str(folder / "tokenizer"))
+    return folder
+
+
+def tiny_args(assets: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model-config", str(assets / "tiny.json"), "--tokenizer", str(assets / "tokenizer"),
+            "--pooler", "cls_mlp", "--batch-size", "8", "--lr", "1e-3", "--max-examples", "400",
+            "--no-evaluate", "--no-export", "--no-progress", "--output-dir", str(out), *extra]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("simcse-unsup", []),
+    ("simcse-sup", ["--hard-negative-weight", "0.3", "--grad-accum", "2"]),
+    ("esimcse", ["--queue-size", "12", "--momentum", "0.9"]),
+])
+def test_resume_gives_the_uninterrupted_losses(assets, tmp_path, method, extra):
+    full = tmp_path / "full"
+    args = ["--method", method, "--max-steps", "5", "--save-steps", "2", "--save-total-limit", "10",
+            "--warmup-steps", "2", *extra]
+    assert main(tiny_args(assets, full, *args)) == 0
+    assert [p.name for p in list_checkpoints(full / "checkpoints")] == ["step-00000002", "step-00000004",
+                                                                       "step-00000005"]
+    # an interrupted run: only the step-2 checkpoint survived
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for name in ("step-00000004", "step-00000005"):
+        shutil.rmtree(cut / "checkpoints" / name)
+    (cut / "train_log.jsonl").unlink()
+    assert main(tiny_args(assets, cut, *args, "--resume")) == 0
+    ref, resumed = step_losses(full), step_losses(cut)
+    assert sorted(resumed) == [3, 4, 5]
+    for step in resumed:
+        assert abs(resumed[step] - ref[step]) <= 1e-6, f"step {step}: {resumed[step]} vs {ref[step]}"
+    # dropout is on: a run that does not restore the RNG would differ (the comparison can fail)
+    assert len(set(ref.values())) == len(ref)
+
+
+def test_kill_during_save_leaves_the_last_checkpoint(assets, tmp_path):
+    """A real SIGKILL in the middle of writing the second checkpoint; then resume."""
+    out = tmp_path / "run"
+    args = tiny_args(assets, out, "--max-steps", "6", "--save-steps", "2")
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        import fastcse.checkpoint as ck
+        from fastcse.train import main
+        real_save = torch.save
+        calls = {{"n": 0}}
+        def dying_save(obj, f, *a, **k):
+            calls["n"] += 1
+            if "trainer.pt" in str(f) and ck.list_checkpoints({str(out / 'checkpoints')!r}):
+                with open(f, "wb") as fh:  # half a file, then the process dies
+                    fh.write(b"partial")
+                    fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *a, **k)
+        ck.torch.save = dying_save
+        sys.exit(main({args!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000002"]
+    assert any(p.name.startswith(".tmp-step-00000004") for p in (out / "checkpoints").iterdir())
+    # the surviving checkpoint loads
+    state = torch.load(ckpts[0] / "trainer.pt", weights_only=False)
+    assert state["step"] == 2 and "model" in state and "optimizer" in state
+    # and the run resumes from it, cleaning the half-written folder on its next save
+    assert main(args + ["--resume"]) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000004", "step-00000006"]
+    assert not any(p.name.startswith(".tmp") for p in (out / "checkpoints").iterdir())
+    assert sorted(step_losses(out)) == [1, 2, 3, 4, 5, 6]  # steps 1-4 (killed run) then 3-6 logged
+
+
+def test_non_finite_steps_are_skipped_then_stop(assets, tmp_path, monkeypatch, capsys):
+    import fastcse.losses
+
+    real = fastcse.losses.info_nce
+    calls = {"n": 0}
+    bad_calls = {3, 6, 7, 8}  # one isolated bad step, then three in a row
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in bad_calls else loss
+
+    monkeypatch.setattr(fastcse.losses, "info_nce", flaky)
+    out = tmp_path / "run"
+    rc = main(tiny_args(assets, out, "--max-steps", "20", "--save-steps", "2", "--max-bad-steps", "3"))
+    assert rc == 3
+    message = capsys.readouterr().out
+    assert "3 consecutive steps with a non-finite loss or gradient" in message
+    assert "4 skipped in all" in message and "step-00000004" in message
+    logged = step_losses(out)
+    assert sorted(logged) == list(range(1, 9))
+    assert all(logged[s] != logged[s] for s in bad_calls)  # NaN logged for the skipped steps
+    # the last good checkpoint is intact; nothing was written after the bad steps
+    last = latest_checkpoint(out / "checkpoints")
+    assert last.name == "step-00000004"
+    state = torch.load(last / "trainer.pt", weights_only=False)
+    assert state["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-file", "{tmp}/missing.txt"], "training file not found"),
+    (["--method", "simcse-sup", "--train-file", "{tmp}/pairs.csv"], "missing column(s) hard_neg"),
+    (["--method", "simcse-sup", "--train-file", "{tmp}/bad.csv", "--on-bad-row", "error"],
+     "{tmp}/bad.csv:3: expected 3 fields"),
+    (["--config", "{tmp}/unknown_method.yaml"], "'moco' is not one of"),
+    (["--config", "{tmp}/broken.yaml"], "cannot parse config file"),
+    (["--model", "{tmp}/no_model_here"], "model folder not found"),
+    (["--model-config", "{tmp}/missing.json"], "model config not found"),
+    (["--ds", "{tmp}/missing_ds.json"], "DeepSpeed config not found"),
+    (["--method", "esimcse", "--hard-negative-weight", "1"], "applies to simcse-sup only"),
+    (["--train-file", "{tmp}/few.txt"], "fewer than one batch"),
+])
+def test_bad_input_is_one_clear_error_before_any_model(tmp_path, monkeypatch, capsys, argv, message):
+    import fastcse.train
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(fastcse.train, "build_encoder", no_model)
+    (tmp_path / "pairs.csv").write_text("sent0,sent1\na,b\n")
+    (tmp_path / "bad.csv").write_text("sent0,sent1,hard_neg\na,b,c\nd,e\n")
+    (tmp_path / "unknown_method.yaml").write_text("method: {name: moco}\n")
+    (tmp_path / "broken.yaml").write_text("lr: [1,\n")
+    (tmp_path / "few.txt").write_text("one\ntwo\n")
+    rc = main([a.format(tmp=tmp_path) for a in argv] + ["--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("fastcse.train: error: ") and message.format(tmp=tmp_path) in err, err
+    assert len(err.strip().splitlines()) == 1  # one message, no traceback
+
+
+def test_bad_rows_are_skipped_and_counted(assets, tmp_path, capsys):
+    data = tmp_path / "nli.csv"
+    rows = [f"anchor {i},positive {i},negative {i}" for i in range(20)]
+    rows.insert(5, "broken,row")
+    data.write_text("sent0,sent1,hard_neg\n" + "\n".join(rows) + "\n\n")
+    assert main(tiny_args(assets, tmp_path / "run", "--method", "simcse-sup", "--train-file", str(data),
+                          "--max-steps", "1", "--save-steps", "0")) == 0
+    out = capsys.readouterr().out
+    assert "20 examples from 23 lines; 1 empty lines skipped, 1 bad rows skipped" in out
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end(tmp_path, capsys):
+    """The README's main job, shortened: default model and data, STS-B dev before/after, export."""
+    from sentence_transformers import SentenceTransformer
+
+    from fastcse.train import minilm_path
+
+    out = tmp_path / "default"
+    assert main(["--max-steps", "3", "--batch-size", "16", "--eval-steps", "2", "--save-steps", "2",
+                 "--no-progress", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "STS-B dev Spearman before training:" in text and "STS-B dev Spearman after training:" in text
+    evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["stsb_dev"] for r in evals if "stsb_dev" in r}
+    assert sorted(scores) == [0, 2, 3]
+    if minilm_path() is not None:
+        assert scores[0] > 80  # real all-MiniLM-L6-v2 weights were loaded (82+ on STS-B dev)
+    best = json.loads(json.dumps(torch.load(latest_checkpoint(out / "checkpoints") / "trainer.pt",
+                                            weights_only=False)["best"]))
+    assert best["stsb_dev"] == max(scores[2], scores[3])
+    model = SentenceTransformer(str(out / "final"), device="cpu")
+    emb = model.encode(["A man is playing a guitar.", "A woman slices an onion."], convert_to_tensor=True)
+    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
+    assert (out / "best" / "modules.json").is_file()
+    # the export is the trained model: it scores what training reported after the last step
+    from fastcse.evaluation.sts import evaluate_stsb
+    from fastcse.models import SentenceEncoder
+
+    reloaded = SentenceEncoder.from_pretrained(str(out / "final"), attn_backend="eager")
+    assert abs(evaluate_stsb(reloaded, split="dev") - scores[3]) < 0.05
