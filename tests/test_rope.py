@@ -308,7 +308,8 @@ def test_rotary_embedding_cache_and_output():
 # --- torch.compile -----------------------------------------------------------------------------
 
 
-def test_compile_no_recompile_across_sizes():
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_no_recompile_across_sizes(inplace):
     """One graph, no breaks; changing batch and seqlen costs at most the one dynamic recompile."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -316,8 +317,9 @@ def test_compile_no_recompile_across_sizes():
     counter = CompileCounterWithBackend("aot_eager")
 
     def step(q, k, cos, sin):
-        q_out, k_out = apply_rotary(q, k, cos, sin, layout="half", backend="triton")
-        return (q_out * 2).sum() + k_out.sum()
+        q, k = q * 1.0, k * 1.0  # non-leaf, so the in-place variant is legal under autograd
+        q_out, k_out = apply_rotary(q, k, cos, sin, layout="half", backend="triton", inplace=inplace)
+        return (q_out * q_out).sum() + k_out.sum()
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     cos, sin = cos_sin(32, 8)
