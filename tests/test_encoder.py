@@ -273,6 +273,62 @@ def test_varlen_cuda_matches_eager(dtype):
     assert rel_error(enc(ids, mask), enc(ids, mask)) > 1e-3
 
 
+def _cuda_kernel_available(kernel: str) -> bool:
+    if kernel == "flash_attn":
+        return attn._flash_attn_varlen() is not None
+    if kernel == "torch_varlen":
+        return attn._torch_varlen_attn() is not None
+    return True
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["torch_varlen", "nested", "padded_sdpa", "flash_attn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_kernels_cuda(kernel, dtype):
+    """Each CUDA varlen kernel: output and q/k/v gradients within twice the error of per-sequence
+    SDPA in the same dtype (both against per-sequence SDPA in float32); dropout makes calls differ."""
+    if not _cuda_kernel_available(kernel):
+        pytest.skip(f"{kernel} is not available in this installation")
+    lengths = torch.randint(1, 200, (9,))
+    lengths[0] = 257
+    packed = unpad_input((torch.arange(int(lengths.max()))[None] < lengths[:, None]).long().cuda())
+    total, nheads, head_dim = int(lengths.sum()), 4, 64
+    base = [torch.randn(total, nheads, head_dim, device="cuda") for _ in range(3)]
+    g = torch.randn(total, nheads, head_dim, device="cuda")
+
+    def run(fn, dt):
+        q, k, v = (x.to(dt).requires_grad_() for x in base)
+        out = fn(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), g.to(dt))
+        return [out.float()] + [x.float() for x in grads]
+
+    exact = run(lambda q, k, v: _sequence_reference(q, k, v, lengths, head_dim ** -0.5), torch.float32)
+    low = run(lambda q, k, v: _sequence_reference(q, k, v, lengths, head_dim ** -0.5), dtype)
+    ours = run(lambda q, k, v: attn.varlen_attention(q, k, v, packed, kernel=kernel), dtype)
+    for name, a, b, c in zip(["out", "dq", "dk", "dv"], ours, low, exact):
+        assert rel_error(a, c) <= 2 * rel_error(b, c) + 1e-4, f"{kernel} {name}: {rel_error(a, c):.2e} vs {rel_error(b, c):.2e}"
+    if kernel != "torch_varlen":
+        q, k, v = (x.to(dtype) for x in base)
+        a = attn.varlen_attention(q, k, v, packed, dropout_p=0.1, kernel=kernel)
+        b = attn.varlen_attention(q, k, v, packed, dropout_p=0.1, kernel=kernel)
+        assert torch.isfinite(a).all() and rel_error(a, b) > 1e-3
+
+
+@pytest.mark.cuda
+def test_varlen_cuda_training_step_uses_a_varlen_kernel(caplog):
+    """bf16 training mode (attention dropout on) runs fwd+bwd on a varlen kernel, with no fallback."""
+    config = make_config("bert")
+    enc = SentenceEncoder.from_config(config, pooling="cls_mlp", attn_backend="auto", dtype=torch.bfloat16).cuda()
+    assert enc.attn_backend == "varlen"
+    assert attn.pick_varlen_kernel(torch.device("cuda"), torch.bfloat16, 0.1) in ("flash_attn", "nested")
+    ids, mask, _ = ragged_batch(config, batch=16, seqlen=32)
+    with caplog.at_level("WARNING", logger="fastcse.models.attention"):
+        out = enc.train()(ids.cuda(), mask.cuda())
+        out.float().pow(2).mean().backward()
+    assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+
+
 # ----------------------------------------------------------------------------------------------
 # construction, bad input, save / load
 
