@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 enc.load_state_dict(weights)
             enc.to(device).train()
+            backend_rows: list[dict] = []
             for workload in args.workloads:
                 new = bench_one(enc, model, backend, workload, device=device, tiny=tiny, batch=args.batch,
                                 long_batch=long_batch, long_len=long_len, reps=reps,
@@ -203,12 +204,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 thr, lat, mem = (r["p50"] for r in new)
                 print(f"{model:<11} {backend:<7} {workload:<8} {thr:>12,.0f} tok/s {lat:>9.2f} ms "
                       f"{mem / 2**20:>9.1f} MiB peak", flush=True)
-                rows += new
+                backend_rows += new
+            # written per backend: a run stopped by a timeout keeps what it measured
+            if backend_rows and not args.no_write:
+                path = append_rows(args.csv, backend_rows)
+            rows += backend_rows
             del enc
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if rows and not args.no_write:
-        path = append_rows(args.csv, rows)
         print(f"wrote {len(rows)} rows to {path}")
     return rows
 
