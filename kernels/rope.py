@@ -17,8 +17,8 @@ Contents: the ``@triton.jit`` kernel, the host launcher :func:`rotary_launch`, t
 autograd wrapper. Input checks and the eager reference live in :mod:`fastcse.rotary`, the user API.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library reads the custom ops' annotations as
+# real types (string annotations need a newer torch than some images carry).
 from typing import Optional
 
 import torch
