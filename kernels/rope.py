@@ -17,8 +17,8 @@ Contents: the ``@triton.jit`` kernel, the host launcher :func:`rotary_launch`, t
 autograd wrapper. Input checks and the eager reference live in :mod:`fastcse.rotary`, the user API.
 """
 
-# No `from __future__ import annotations`: torch.library reads the custom ops' annotations as
-# real types (string annotations need a newer torch than some images carry).
+# No `from __future__ import annotations`: torch.library infers the custom ops' schemas from
+# their annotations, and real types keep that independent of how a torch version parses strings.
 from typing import Optional
 
 import torch
