@@ -156,6 +156,23 @@ def test_strided_inputs():
                  rtol=1e-5, atol=1e-5, name="transposed q")
 
 
+def test_one_launch_for_q_and_k(monkeypatch):
+    """q and k (different head counts) rotate in one kernel launch forward and one backward."""
+    import fastcse.kernels.rope as rope_kernels
+
+    calls = []
+    original = rope_kernels.rotary_launch
+    monkeypatch.setattr(rope_kernels, "rotary_launch",
+                        lambda *a, **kw: calls.append(kw["conjugate"]) or original(*a, **kw))
+    q = torch.randn(2, 5, 4, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 5, 1, 8, device=DEVICE, requires_grad=True)
+    cos, sin = cos_sin(5, 8)
+    q_out, k_out = apply_rotary(q, k, cos, sin, backend="triton")
+    assert calls == [False]
+    (q_out.sum() + k_out.sum()).backward()
+    assert calls == [False, True]
+
+
 # --- packed varlen -----------------------------------------------------------------------------
 
 
