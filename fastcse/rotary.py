@@ -259,7 +259,8 @@ def apply_rotary(
         q: (batch, seqlen, nheads_q, headdim), or (total_tokens, nheads_q, headdim) with cu_seqlens.
         k: same leading dims and headdim as q, nheads_k heads; or None to rotate q alone.
         cos, sin: (seqlen_ro, rotary_dim // 2); rotary_dim <= headdim, features past it pass
-            through. Any float dtype; the kernel computes in fp32. Treated as constants (no grad).
+            through. Any float dtype; the kernel computes in fp32 and treats them as constants
+            (no gradient; the eager backend lets autograd reach them).
         layout: "half" (rotate_half) or "interleaved" (pairs (x0, x1), (x2, x3), ...).
         cu_seqlens: (batch + 1,) int32/int64 starts of the packed sequences.
         position_ids: (batch, seqlen) / (seqlen,), or (total_tokens,) when packed.
