@@ -240,11 +240,37 @@ def test_varlen_encoder_nested_kernel_matches_eager():
     assert_close(out, ref(ids, mask), rtol=1e-5, atol=1e-5, name="nested-kernel varlen")
 
 
+@pytest.mark.parametrize("arch,backend", [("bert", "varlen"), ("modernbert", "varlen"), ("bert", "sdpa")])
+def test_gradient_checkpointing_same_grads(arch, backend):
+    """Checkpointed layers give the same output and gradients in training mode (dropout replayed)."""
+    config = make_config(arch)
+    plain = SentenceEncoder.from_config(config, pooling="mean", attn_backend=backend).train()
+    ckpt = SentenceEncoder.from_config(config, pooling="mean", attn_backend=backend).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.gradient_checkpointing_enable()
+    ids, mask, _ = ragged_batch(config)
+    outs, calls = [], []
+    for enc in (plain, ckpt):
+        first = enc.backbone.layers[0].attn.Wqkv if arch == "modernbert" else enc.backbone.encoder.layer[0].attention.self.query
+        count = [0]
+        hook = first.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        torch.manual_seed(7)
+        out = enc(ids, mask)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        hook.remove()
+        outs.append(out)
+        calls.append(count[0])
+    assert calls == [1, 2], f"layer 0 ran {calls} times (plain, checkpointed): the recomputation is missing"
+    assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6, name="checkpointed output")
+    assert_grads_match(ckpt, plain, tol=1e-5)
+
+
 def test_pack_unpack_roundtrip():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     x = torch.randn(3, 4, 5)
     packed = unpad_input(mask)
-    assert packed.cu_seqlens.tolist() == [0, 3, 4, 8] and packed.max_seqlen == 4
+    assert packed.cu_seqlens.tolist() == [0, 3, 4, 8] and (packed.max_seqlen, packed.min_seqlen) == (4, 1)
+    assert packed.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
     assert packed.cu_seqlens.dtype == torch.int32
     y = pack(x, packed)
     assert y.shape == (8, 5)

@@ -263,10 +263,7 @@ def _padded_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float,
     """
     batch, max_len = packed.batch, packed.max_seqlen
     nheads, head_dim = q.shape[1], q.shape[2]
-    # position of each packed token inside its own sequence
-    offsets = packed.cu_seqlens.long()
-    pos = torch.arange(q.shape[0], device=q.device) - offsets[packed.seq_ids]
-    flat = packed.seq_ids * max_len + pos
+    flat = packed.seq_ids * max_len + packed.positions
 
     def scatter(x):
         out = x.new_zeros(batch * max_len, nheads, head_dim).index_copy(0, flat, x)
@@ -279,7 +276,7 @@ def _padded_sdpa(q, k, v, packed: PackedBatch, dropout_p: float, scale: float,
         mask = mask & ((steps[:, None] - steps[None, :]).abs() <= window)[None, None]
     out = F.scaled_dot_product_attention(scatter(q), scatter(k), scatter(v), attn_mask=mask,
                                          dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(batch * max_len, nheads, head_dim)[flat]
+    return out.transpose(1, 2).reshape(batch * max_len, nheads, head_dim).index_select(0, flat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +293,8 @@ def bert_position_ids(backbone: torch.nn.Module, input_ids: torch.Tensor) -> tor
 
 
 def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        token_type_ids: torch.Tensor | None = None, *,
-                        kernel: VarlenKernel = "auto") -> tuple[torch.Tensor, PackedBatch]:
+                        token_type_ids: torch.Tensor | None = None, *, kernel: VarlenKernel = "auto",
+                        checkpoint: bool = False) -> tuple[torch.Tensor, PackedBatch]:
     """Run a HF BERT / RoBERTa / XLM-R encoder on packed tokens.
 
     Args:
@@ -305,6 +302,8 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
             are used as they are; nothing is copied or patched).
         input_ids, attention_mask, token_type_ids: padded ``(batch, seqlen)``.
         kernel: the varlen attention kernel (:func:`varlen_attention`).
+        checkpoint: recompute each layer in backward (activation checkpointing) instead of storing
+            its activations.
 
     Returns ``(hidden, packed)``: the last hidden states of the real tokens ``(total_tokens, hidden)``
     and the :class:`PackedBatch` describing them.
@@ -314,7 +313,7 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     (``config.attention_probs_dropout_prob`` in training mode, 0 in evaluation).
     """
     packed = unpad_input(attention_mask)
-    if packed.total_tokens == 0 or int(packed.lengths.min()) == 0:
+    if packed.total_tokens == 0 or packed.min_seqlen == 0:
         raise ValueError("every sequence needs at least one token in attention_mask for the varlen backend")
     ids = pack(input_ids, packed)
     positions = pack(bert_position_ids(backbone, input_ids), packed)
@@ -322,7 +321,7 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     # HF embeddings take (batch, seqlen): the packed tokens are one "sequence" of total_tokens
     hidden = backbone.embeddings(input_ids=ids[None], token_type_ids=types[None], position_ids=positions[None])[0]
 
-    for layer in backbone.encoder.layer:
+    def run_layer(layer, hidden):
         self_attn = layer.attention.self
         nheads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
         q = self_attn.query(hidden).view(-1, nheads, head_dim)
@@ -332,12 +331,29 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
         scale = getattr(self_attn, "scaling", head_dim ** -0.5)
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
         attn_out = layer.attention.output(context.reshape(-1, nheads * head_dim), hidden)
-        hidden = layer.output(layer.intermediate(attn_out), attn_out)
+        return layer.output(layer.intermediate(attn_out), attn_out)
+
+    for layer in backbone.encoder.layer:
+        hidden = _maybe_checkpoint(run_layer, layer, hidden, checkpoint)
     return hidden, packed
 
 
+def _maybe_checkpoint(fn, layer, hidden, checkpoint: bool):
+    """``fn(layer, hidden)``, recomputed in backward when ``checkpoint`` and gradients are on.
+
+    torch's checkpoint restores the RNG state for the recomputation, so dropout masks (the model's
+    and the attention kernel's, all drawn from torch's generator) are the same in both passes.
+    """
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as run_checkpointed
+
+        return run_checkpointed(fn, layer, hidden, use_reentrant=False)
+    return fn(layer, hidden)
+
+
 def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              *, kernel: VarlenKernel = "auto") -> tuple[torch.Tensor, PackedBatch]:
+                              *, kernel: VarlenKernel = "auto",
+                              checkpoint: bool = False) -> tuple[torch.Tensor, PackedBatch]:
     """Run a HF ``ModernBertModel`` (transformers 5 layout) on packed tokens.
 
     Shapes as :func:`bert_varlen_forward`. Rotary: HF's own ``apply_rotary_pos_emb`` with cos/sin of
@@ -354,14 +370,15 @@ def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor
             "the varlen backend knows ModernBERT in the transformers 5 layout (layers with attention_type, a shared "
             "rotary_emb); this transformers differs: use attn_backend='sdpa' or 'rotary'")
     packed = unpad_input(attention_mask)
-    if packed.total_tokens == 0 or int(packed.lengths.min()) == 0:
+    if packed.total_tokens == 0 or packed.min_seqlen == 0:
         raise ValueError("every sequence needs at least one token in attention_mask for the varlen backend")
     ids = pack(input_ids, packed)
-    positions = torch.arange(packed.total_tokens, device=ids.device) - packed.cu_seqlens.long()[packed.seq_ids]
+    positions = packed.positions  # HF numbers the positions of right-padded rows 0..len-1
     hidden = backbone.embeddings(input_ids=ids[None])[0]
     rotary = {kind: backbone.rotary_emb(hidden[None], positions[None], kind) for kind in set(backbone.config.layer_types)}
     total = packed.total_tokens
-    for layer in layers:
+
+    def run_layer(layer, hidden):
         attn_module = layer.attn
         apply_rope = sys.modules[type(attn_module).__module__].apply_rotary_pos_emb
         nheads, head_dim = backbone.config.num_attention_heads, attn_module.head_dim
@@ -376,5 +393,8 @@ def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=head_dim ** -0.5, window=window,
                                    kernel=kernel)
         hidden = hidden + attn_module.out_drop(attn_module.Wo(context.reshape(total, nheads * head_dim)))
-        hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+        return hidden + layer.mlp(layer.mlp_norm(hidden))
+
+    for layer in layers:
+        hidden = _maybe_checkpoint(run_layer, layer, hidden, checkpoint)
     return backbone.final_norm(hidden), packed

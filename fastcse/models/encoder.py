@@ -110,6 +110,7 @@ class SentenceEncoder(nn.Module):
         # resolved backend name; the backbone was built for it (see _build)
         self.attn_backend = attn_backend
         self.varlen_kernel: attn.VarlenKernel = "auto"
+        self._checkpoint = False
         forward_params = inspect.signature(backbone.forward).parameters
         self._takes_token_type_ids = "token_type_ids" in forward_params
 
@@ -249,11 +250,31 @@ class SentenceEncoder(nn.Module):
                     f"Build the encoder with attn_backend='eager' or 'sdpa' for CPU."
                 )
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer in backward (fastcse addition): HF's own checkpointing for
+        the padded backends, ``torch.utils.checkpoint`` per layer on the varlen path. Dropout masks
+        are replayed (the RNG state is restored), so gradients match the stored-activation run."""
+        self._checkpoint = True
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._checkpoint = False
+        if hasattr(self.backbone, "activation_checkpointing_disable"):
+            self.backbone.activation_checkpointing_disable()
+        else:
+            self.backbone.gradient_checkpointing_disable()
+
     def _varlen(self, input_ids, attention_mask, token_type_ids):
+        checkpoint = self._checkpoint
         if self.backbone.config.model_type == "modernbert":
-            return attn.modernbert_varlen_forward(self.backbone, input_ids, attention_mask, kernel=self.varlen_kernel)
+            return attn.modernbert_varlen_forward(self.backbone, input_ids, attention_mask, kernel=self.varlen_kernel,
+                                                  checkpoint=checkpoint)
         return attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
-                                        kernel=self.varlen_kernel)
+                                        kernel=self.varlen_kernel, checkpoint=checkpoint)
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

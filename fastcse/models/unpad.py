@@ -22,7 +22,9 @@ class PackedBatch:
             the padded batch, in row-major order (so each sequence's tokens stay contiguous).
         cu_seqlens: ``(batch + 1,)`` int32 cumulative sequence lengths.
         seq_ids: ``(total_tokens,)`` int64, the sequence each packed token belongs to.
+        positions: ``(total_tokens,)`` int64, each token's index inside its own sequence.
         max_seqlen: longest sequence (a Python int: the flash kernels take it as a launch size).
+        min_seqlen: shortest sequence (0 flags a row without tokens).
         batch: number of sequences.
         seqlen: padded length.
     """
@@ -30,7 +32,9 @@ class PackedBatch:
     indices: torch.Tensor
     cu_seqlens: torch.Tensor
     seq_ids: torch.Tensor
+    positions: torch.Tensor
     max_seqlen: int
+    min_seqlen: int
     batch: int
     seqlen: int
 
@@ -48,7 +52,8 @@ def unpad_input(attention_mask: torch.Tensor) -> PackedBatch:
     """Describe the packing of a padded batch from its ``(batch, seqlen)`` 0/1 attention mask.
 
     Any pattern of real tokens works (right or left padding): the tokens of each row keep their
-    order. Costs one device-to-host copy (``max_seqlen``).
+    order. Costs one device-to-host copy (``max_seqlen`` and ``min_seqlen`` together) besides the
+    one ``nonzero`` makes.
     """
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (batch, seqlen), got shape {tuple(attention_mask.shape)}")
@@ -58,13 +63,14 @@ def unpad_input(attention_mask: torch.Tensor) -> PackedBatch:
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
     seq_ids = torch.div(indices, seqlen, rounding_mode="floor")
-    max_seqlen = int(lengths.max().item()) if batch else 0
-    return PackedBatch(indices, cu_seqlens, seq_ids, max_seqlen, batch, seqlen)
+    positions = torch.arange(indices.numel(), device=indices.device) - cu_seqlens.long()[seq_ids]
+    max_seqlen, min_seqlen = torch.stack([lengths.max(), lengths.min()]).tolist() if batch else (0, 0)
+    return PackedBatch(indices, cu_seqlens, seq_ids, positions, int(max_seqlen), int(min_seqlen), batch, seqlen)
 
 
 def pack(x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     """``(batch, seqlen, *rest)`` -> ``(total_tokens, *rest)``: keep the real tokens only."""
-    return x.reshape(packed.batch * packed.seqlen, *x.shape[2:])[packed.indices]
+    return x.reshape(packed.batch * packed.seqlen, *x.shape[2:]).index_select(0, packed.indices)
 
 
 def unpack(x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
