@@ -29,8 +29,10 @@ CSV = "biased_attention.csv"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_module(model: str, quick: bool):
-    """(HF attention module, function(batch, seq, dtype, device) -> forward closure inputs)."""
+def build_module(model: str, quick: bool, dropout: float = 0.0):
+    """(DeBERTa encoder holding the module or None, HF attention module); ``dropout`` is the
+    attention-probability dropout (hidden dropouts stay 0)."""
+    args_dropout = dropout
     hidden, heads = (64, 2) if quick else (768, 12)
     if model == "deberta":
         from transformers import DebertaV2Config
@@ -40,7 +42,7 @@ def build_module(model: str, quick: bool):
                                  intermediate_size=4 * hidden, relative_attention=True,
                                  pos_att_type=["p2c", "c2p"], position_buckets=256,
                                  max_relative_positions=512, norm_rel_ebd="layer_norm", share_att_key=True,
-                                 position_biased_input=False, attention_probs_dropout_prob=0.0,
+                                 position_biased_input=False, attention_probs_dropout_prob=args_dropout,
                                  hidden_dropout_prob=0.0, attn_implementation="eager")
         encoder = DebertaV2Encoder(config)
         return encoder, encoder.layer[0].attention.self
@@ -48,8 +50,8 @@ def build_module(model: str, quick: bool):
         from transformers import T5Config
         from transformers.models.t5.modeling_t5 import T5Attention
 
-        config = T5Config(d_model=hidden, d_kv=hidden // heads, num_heads=heads, num_layers=1, dropout_rate=0.0,
-                          attn_implementation="eager")
+        config = T5Config(d_model=hidden, d_kv=hidden // heads, num_heads=heads, num_layers=1,
+                          dropout_rate=args_dropout, attn_implementation="eager")
         return None, T5Attention(config, has_relative_attention_bias=True)
     raise ValueError(f"unknown model {model!r}")
 
@@ -81,7 +83,7 @@ def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
     rows = []
     for model in args.models:
-        encoder, attn = build_module(model, args.quick)
+        encoder, attn = build_module(model, args.quick, args.dropout)
         # (module holding the parameters, attention module) per provider
         if encoder is not None:
             patched_encoder = copy.deepcopy(encoder)
@@ -104,7 +106,8 @@ def run(args) -> list[dict]:
                 owner, mod = modules[provider]
                 call = make_call(model, owner, mod, x)
                 params = list(owner.parameters())
-                extra = dict(model=model, batch=args.batch, heads=heads, head_dim=head_dim, dtype=args.dtype)
+                extra = dict(model=model, batch=args.batch, heads=heads, head_dim=head_dim, dtype=args.dtype,
+                             dropout=args.dropout)
                 for mode in args.modes:
                     if mode == "fwd":
                         def fn():
@@ -136,7 +139,7 @@ def run(args) -> list[dict]:
                           f"{flops / (timing.p50 * 1e-3) / 1e12:6.2f} TFLOP/s")
                 x.grad = None
                 outputs[provider] = call().detach().float()
-            if "eager" in outputs and "biased" in outputs:
+            if "eager" in outputs and "biased" in outputs and args.dropout == 0.0:
                 err = ((outputs["biased"] - outputs["eager"]).norm() / outputs["eager"].norm()).item()
                 print(f"{model:8s} seq={seq:5d} biased vs eager output relative error {err:.2e}")
     return rows
@@ -152,6 +155,8 @@ def parse_args(argv):
     p.add_argument("--modes", default="fwd,full")
     p.add_argument("--providers", default="eager,biased")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="attention-probability dropout, training mode (SimCSE keeps it on); 0 compares outputs")
     p.add_argument("--csv", default=CSV)
     p.add_argument("--quick", action="store_true", help="tiny shapes (hidden 64), for a CPU smoke run")
     args = p.parse_args(argv)

@@ -481,7 +481,7 @@ def biased_attention_backward(
     sm_scale: float, dropout_p: float,
     *, block_m: int | None = None, block_n: int | None = None,
     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-    raw_table_grads: bool = False,
+    raw_table_grads: bool = False, passes: tuple[str, ...] = ("kv", "q"),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher: (dq, dk, dv, d_row_table, d_col_table), same shapes as the inputs.
 
@@ -489,7 +489,10 @@ def biased_attention_backward(
     buffers (a per-batch buffer even for a broadcast table, which spreads the atomics; it is
     summed afterwards) and cast to the table's dtype. ``None`` for an absent table. With
     ``raw_table_grads`` the fp32 (batch, heads, rows, entries) buffers are returned as they are.
-    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride).
+    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride). ``passes`` picks the
+    column-parallel pass (``"kv"``: dk, dv, column-table grad) and / or the row-parallel one
+    (``"q"``: dq, row-table grad); a skipped pass leaves its outputs unwritten and its table
+    gradient ``None``.
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
@@ -504,7 +507,8 @@ def biased_attention_backward(
         return torch.zeros((batch, heads, table.size(2), table.size(3)), dtype=torch.float32,
                            device=q.device)
 
-    drow, dcol = grad_buffer(row_table), grad_buffer(col_table)
+    drow = grad_buffer(row_table) if "q" in passes else None
+    dcol = grad_buffer(col_table) if "kv" in passes else None
     if seqlen > 0 and batch * heads > 0:
         delta = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
         _biased_attn_bwd_delta_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
@@ -541,10 +545,12 @@ def biased_attention_backward(
             *_table_strides(drow), *_table_strides(dcol),
             0 if kmask is None else kmask.stride(0),
         )
-        _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
-            *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, **common)
-        _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
-            *args, KV_PASS=False, LOOP_BLOCK=cfg.block_n, **common)
+        if "kv" in passes:
+            _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
+                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, **common)
+        if "q" in passes:
+            _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
+                *args, KV_PASS=False, LOOP_BLOCK=cfg.block_n, **common)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
 
@@ -648,14 +654,19 @@ _biased_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 # DeBERTa's disentangled attention: tables rebuilt per batch chunk, never saved
 # --------------------------------------------------------------------------------------------
 
-# Elements of one (chunk, heads, seq, entries) table per batch chunk: the c2p / p2c tables and
-# their fp32 gradients exist for one chunk at a time, so at most ~6 x 4 MiB x 8 = 96 MiB live
-# (DeBERTa-v3-base at seq 512 has 3.1 M elements per sequence: chunks of 2 sequences).
-_TABLE_CHUNK_ELEMENTS = 1 << 23
+# Elements of one (chunk, heads, seq, entries) table per batch chunk. The two tables (input dtype)
+# and one fp32 gradient buffer exist for one chunk at a time: DeBERTa-v3-base at seq 512 has 3.1 M
+# elements per sequence and head set, so chunks of <= 5 sequences, ~31 MiB each in bf16. Larger
+# chunks fill the GPU better (12 heads x 8 query tiles = 96 programs per sequence), smaller ones
+# save memory; re-measure with bench/bench_biased_attention.py before changing it.
+_TABLE_CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunks(batch: int, heads: int, seqlen: int, entries: int, chunk_rows: int):
+    """Batch slices of (nearly) equal size, each within the table budget."""
     rows = chunk_rows or max(1, _TABLE_CHUNK_ELEMENTS // max(1, heads * seqlen * entries))
+    count = -(-batch // rows)
+    rows = -(-batch // count)
     return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
 
 
@@ -720,22 +731,26 @@ def _disentangled_bwd_op(
                                                             device=q.device)
     for rows in _chunks(batch, heads, seqlen, _entries(pos_key, pos_query), chunk_rows):
         row_table, col_table = _disentangled_tables(q, k, pos_key, pos_query, scale, rows)
-        _, _, _, drow, dcol = biased_attention_backward(
-            grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows],
-            row_table, c2p_index, col_table, p2c_index,
-            None if key_padding_mask is None else key_padding_mask[rows],
-            _chunk_seed(seed, rows, heads), 1.0 / scale, dropout_p,
-            dq=dq[rows], dk=dk[rows], dv=dv[rows], raw_table_grads=True)
+        # one pass at a time, so that a single fp32 table gradient is alive; each goes back
+        # through its table (c2p = Q_c K_r^T / scale, p2c = K_c Q_r^T / scale) right away
+        for bwd_pass in ("kv", "q"):
+            _, _, _, drow, dcol = biased_attention_backward(
+                grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows],
+                row_table, c2p_index, col_table, p2c_index,
+                None if key_padding_mask is None else key_padding_mask[rows],
+                _chunk_seed(seed, rows, heads), 1.0 / scale, dropout_p,
+                dq=dq[rows], dk=dk[rows], dv=dv[rows], raw_table_grads=True, passes=(bwd_pass,))
+            if dcol is not None:
+                g = dcol.div_(scale).to(k.dtype)
+                del dcol
+                dk[rows] += torch.matmul(g, pos_query)
+                dpos_query += torch.matmul(g.transpose(-1, -2), k[rows]).sum(0, dtype=torch.float32)
+            if drow is not None:
+                g = drow.div_(scale).to(q.dtype)
+                del drow
+                dq[rows] += torch.matmul(g, pos_key)
+                dpos_key += torch.matmul(g.transpose(-1, -2), q[rows]).sum(0, dtype=torch.float32)
         del row_table, col_table
-        # through the tables: c2p = Q_c K_r^T / scale, p2c = K_c Q_r^T / scale
-        if drow is not None:
-            g = drow.div_(scale).to(q.dtype)
-            dq[rows] += torch.matmul(g, pos_key)
-            dpos_key += torch.matmul(g.transpose(-1, -2), q[rows]).sum(0, dtype=torch.float32)
-        if dcol is not None:
-            g = dcol.div_(scale).to(k.dtype)
-            dk[rows] += torch.matmul(g, pos_query)
-            dpos_query += torch.matmul(g.transpose(-1, -2), k[rows]).sum(0, dtype=torch.float32)
     return (dq, dk, dv, q.new_empty((0,)) if dpos_key is None else dpos_key.to(pos_key.dtype),
             q.new_empty((0,)) if dpos_query is None else dpos_query.to(pos_query.dtype))
 
