@@ -11,6 +11,9 @@ from fastcse.infonce import info_nce
 from tests.helpers import describe_mismatch, rel_error
 
 BACKENDS = ["eager", "chunked", "triton"]
+# The kernel tests run on CUDA when there is a GPU (compiled Triton), else on CPU tensors with
+# Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything imports Triton).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference_loss(anchors, positives, hard_negatives=None, *, temperature, hard_negative_weight=0.0,
@@ -53,7 +56,7 @@ CASES = [
 ]
 
 
-def _inputs(n, d, hard, k, dtype=torch.float32, device="cpu"):
+def _inputs(n, d, hard, k, dtype=torch.float32, device=DEVICE):
     make = lambda rows: torch.randn(rows, d, dtype=dtype, device=device) * (1 + torch.rand(rows, 1, dtype=dtype, device=device))
     anchors, positives = make(n), make(n)
     hard_negatives = make(n) if hard else None
@@ -77,7 +80,7 @@ def _loss_and_grads(fn, anchors, positives, hard_negatives, queue, temperature, 
 def test_fp32_matches_float64_reference(backend, case):
     n, d, hard, weight, k, symmetric, reduction = case
     anchors, positives, hard_negatives, queue = _inputs(n, d, hard, k)
-    temperature = torch.tensor(0.05 + 0.1 * torch.rand(()).item())
+    temperature = torch.tensor(0.05 + 0.1 * torch.rand(()).item(), device=DEVICE)
     upstream = torch.randn(n, dtype=torch.float64)  # non-uniform, for reduction="none"
     kw = dict(hard_negative_weight=weight, symmetric=symmetric, reduction=reduction)
     ref_loss, ref_grads = _loss_and_grads(reference_loss, anchors, positives, hard_negatives, queue,
@@ -97,7 +100,7 @@ def test_fp32_matches_float64_reference(backend, case):
 def test_low_precision_error_at_most_twice_pytorch_eager(backend, dtype):
     n, d = 33, 64
     anchors, positives, hard_negatives, queue = _inputs(n, d, True, 9, dtype=torch.float32)
-    temperature = torch.tensor(0.05)
+    temperature = torch.tensor(0.05, device=DEVICE)
     upstream = torch.randn(n, dtype=torch.float64)
     kw = dict(hard_negative_weight=0.5, reduction="mean")
     low = [x.to(dtype) for x in (anchors, positives, hard_negatives, queue)]
@@ -148,7 +151,7 @@ def test_chunk_and_tile_boundaries(backend, reduction):
     recomputed (none) gradient paths."""
     for n in (15, 16, 17, 31, 32, 33, 65):
         anchors, positives, hard_negatives, _ = _inputs(n, 20, True, 0)
-        t = torch.tensor(0.1)
+        t = torch.tensor(0.1, device=DEVICE)
         upstream = torch.randn(n, dtype=torch.float64)
         kw = dict(hard_negative_weight=0.25, reduction=reduction)
         out, grads = _loss_and_grads(info_nce, anchors, positives, hard_negatives, None, t, upstream,
@@ -192,11 +195,11 @@ def test_float64_inputs_stay_float64():
 
 def test_several_hard_negative_columns():
     anchors, positives, h1, _ = _inputs(6, 12, True, 0)
-    h2 = torch.randn(6, 12)
+    h2 = torch.randn(6, 12, device=DEVICE)
     loss = info_nce(anchors, positives, [h1, h2], backend="chunked")
     # both columns join the candidates, in order, after the positives
     a, c = F.normalize(anchors.double(), dim=-1), F.normalize(torch.cat([positives, h1, h2]).double(), dim=-1)
-    ref = F.cross_entropy(a @ c.T / 0.05, torch.arange(6))
+    ref = F.cross_entropy(a @ c.T / 0.05, torch.arange(6, device=DEVICE))
     assert rel_error(loss, ref) <= 1e-5
 
 
@@ -302,7 +305,7 @@ def test_compiled_step_one_graph_no_recompile_per_batch_size():
 
     compiled = torch.compile(step, backend=counting_backend, fullgraph=True)
     for n in (8, 12, 16, 20, 24):
-        a, p, h = (torch.randn(n, 32, requires_grad=True) for _ in range(3))
+        a, p, h = (torch.randn(n, 32, device=DEVICE, requires_grad=True) for _ in range(3))
         loss = compiled(a, p, h)
         loss.backward()
         ref = reference_loss(a, p, h, temperature=0.05, hard_negative_weight=0.5)
