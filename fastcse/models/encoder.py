@@ -49,8 +49,8 @@ def _backbone_kwargs(cls) -> dict:
 
 
 def _resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype  # "auto": the checkpoint's own dtype (from_pretrained only)
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
     raise ValueError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
@@ -123,6 +123,8 @@ class SentenceEncoder(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
         dtype = _resolve_dtype(dtype)
+        if dtype == "auto" and weights_path is None:
+            dtype = None  # a random init has no checkpoint dtype to follow
         model_cls = _backbone_class(config)
         supports_sdpa = bool(getattr(model_cls, "_supports_sdpa", False))
         backend = attn.resolve_backend(attn_backend, config.model_type, supports_sdpa)
@@ -172,7 +174,8 @@ class SentenceEncoder(nn.Module):
           ``max_seq_length`` from the tokenizer / position embeddings, at most 512.
 
         Explicit arguments override what the folder says. ``tokenizer`` defaults to the folder's
-        (None when it has no tokenizer files).
+        (None when it has no tokenizer files); a path or name loads that tokenizer instead.
+        ``dtype``: a ``torch.dtype``, its name, or ``"auto"`` (the checkpoint's dtype); None: float32.
         """
         from transformers import AutoConfig
 
@@ -192,6 +195,8 @@ class SentenceEncoder(nn.Module):
             mlp_only_train = bool(saved.get("mlp_only_train", True))
         if tokenizer is None:
             tokenizer = _load_tokenizer(backbone_path)
+        elif isinstance(tokenizer, (str, Path)):
+            tokenizer = _load_tokenizer(str(tokenizer))
         if max_seq_length is None:
             max_seq_length = folder_max_len or _default_max_len(config, tokenizer)
         encoder = cls._build(config, weights_path=backbone_path, tokenizer=tokenizer, pooling=pooling,
