@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +21,14 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(mod.__file__), "model")
 
 
-@pytest.fixture(scope="module")
-def reference(minilm_dir):
+@functools.lru_cache(maxsize=None)
+def reference_case(minilm_dir: str, data_dir: str, n: int) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The sentences and sentence-transformers' normalised embeddings, computed once per session."""
     st = pytest.importorskip("sentence_transformers")
-    return st.SentenceTransformer(minilm_dir, device="cpu")
+    sentences = stsb_sentences(Path(data_dir), n) + ["", "A very long sentence. " * 80]
+    model = st.SentenceTransformer(minilm_dir, device="cpu")
+    expected = model.encode(sentences, batch_size=16, convert_to_tensor=True, normalize_embeddings=True)
+    return tuple(sentences), expected.cpu().float()
 
 
 def stsb_sentences(shared_data, n: int) -> list[str]:
@@ -34,14 +40,14 @@ def stsb_sentences(shared_data, n: int) -> list[str]:
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "varlen"])
-def test_minilm_matches_sentence_transformers(minilm_dir, reference, shared_data, backend):
-    sentences = stsb_sentences(shared_data, 48) + ["", "A very long sentence. " * 80]
+def test_minilm_matches_sentence_transformers(minilm_dir, shared_data, backend):
+    sentences, expected = reference_case(minilm_dir, str(shared_data), 48)
+    sentences = list(sentences)
     enc = SentenceEncoder.from_pretrained(minilm_dir, attn_backend=backend)
     # the sentence-transformers folder says: mean pooling, 256 tokens (normalisation is encode's flag)
     assert (enc.pooling, enc.max_seq_length, enc.attn_backend) == ("mean", 256, backend)
     with pytest.warns(UserWarning, match="1 of 50 sentences were longer than 256 tokens"):
         ours = enc.encode(sentences, batch_size=16, normalize=True, progress=False)
-    expected = reference.encode(sentences, batch_size=16, convert_to_tensor=True, normalize_embeddings=True).cpu()
     assert ours.shape == (50, 384)
-    cos = F.cosine_similarity(ours, expected.float(), dim=-1)
+    cos = F.cosine_similarity(ours, expected, dim=-1)
     assert cos.min().item() >= 0.99999, f"lowest cosine {cos.min().item():.7f} at {cos.argmin().item()}"
