@@ -182,28 +182,29 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     """The README's main job, shortened: default model and data, STS-B dev before/after, export."""
     from sentence_transformers import SentenceTransformer
 
+    from fastcse.models import SentenceEncoder
     from fastcse.train import minilm_path
 
     out = tmp_path / "default"
-    assert main(["--max-steps", "3", "--batch-size", "16", "--eval-steps", "2", "--save-steps", "2",
-                 "--no-progress", "--output-dir", str(out)]) == 0
+    assert main(["--max-steps", "2", "--batch-size", "16", "--eval-steps", "0", "--no-progress",
+                 "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "STS-B dev Spearman before training:" in text and "STS-B dev Spearman after training:" in text
-    evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    scores = {r["step"]: r["stsb_dev"] for r in evals if "stsb_dev" in r}
-    assert sorted(scores) == [0, 2, 3]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["stsb_dev"] for r in records if "stsb_dev" in r}
+    assert sorted(scores) == [0, 2]
     if minilm_path() is not None:
-        assert scores[0] > 80  # real all-MiniLM-L6-v2 weights were loaded (82+ on STS-B dev)
-    best = json.loads(json.dumps(torch.load(latest_checkpoint(out / "checkpoints") / "trainer.pt",
-                                            weights_only=False)["best"]))
-    assert best["stsb_dev"] == max(scores[2], scores[3])
-    model = SentenceTransformer(str(out / "final"), device="cpu")
-    emb = model.encode(["A man is playing a guitar.", "A woman slices an onion."], convert_to_tensor=True)
-    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
-    assert (out / "best" / "modules.json").is_file()
-    # the export is the trained model: it scores what training reported after the last step
-    from fastcse.evaluation.sts import evaluate_stsb
-    from fastcse.models import SentenceEncoder
-
+        assert scores[0] > 80  # the real all-MiniLM-L6-v2 weights were loaded (86.7 on STS-B dev)
+    # final and best (the only evaluation during training is the last one) load in sentence-transformers
+    sentences = ["A man is playing a guitar.", "A woman slices an onion.", "The stock market fell."]
+    for name in ("final", "best"):
+        model = SentenceTransformer(str(out / name), device="cpu")
+        emb = model.encode(sentences, convert_to_tensor=True)
+        assert emb.shape == (3, 384 if minilm_path() else 256) and torch.isfinite(emb).all()
+    # the export holds the trained weights: fastcse reads the same folder to the same embeddings
     reloaded = SentenceEncoder.from_pretrained(str(out / "final"), attn_backend="eager")
-    assert abs(evaluate_stsb(reloaded, split="dev") - scores[3]) < 0.05
+    ours = reloaded.encode(sentences, progress=False)
+    assert (ours - emb.cpu()).abs().max() < 1e-4
+    if minilm_path() is not None:  # and training moved them away from the original model
+        original = SentenceEncoder.from_pretrained(minilm_path(), attn_backend="eager").encode(sentences, progress=False)
+        assert (original - ours).abs().max() > 1e-4
