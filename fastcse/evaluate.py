@@ -31,8 +31,8 @@ def _parse_tasks(values: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(normalize_task(name) for name in names))
 
 
-def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[dict], tasks: list[str]) -> str:
@@ -48,8 +48,8 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
 
 def format_geometry(rows: list[dict]) -> str:
     header = ["Model", "align", "uniform", "isotropy", "mean cos", "pos. pairs", "sentences"]
-    body = [[r["label"], f"{g['alignment']:.4f}", f"{g['uniformity']:.4f}", f"{g['isotropy']:.4f}",
-             f"{g['mean_cosine']:.4f}", str(g["positive_pairs"]), str(g["sentences"])]
+    body = [[r["label"]] + [_fmt(g[k], 4) for k in ("alignment", "uniformity", "isotropy", "mean_cosine")]
+            + [str(g["positive_pairs"]), str(g["sentences"])]
             for r in rows if (g := r.get("geometry"))]
     return _grid(header, body)
 

@@ -101,7 +101,8 @@ class Geometry:
     split: str
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: a non-finite measure (degenerate embeddings) becomes None."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def evaluate_geometry(encoder, *, split: str = "test", threshold: float = POSITIVE_THRESHOLD, batch_size: int = 128,

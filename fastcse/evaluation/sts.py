@@ -56,6 +56,8 @@ SEMEVAL_SUBSETS = {
     "sts15": ("answers-forums", "answers-students", "belief", "headlines", "images"),
     "sts16": ("answer-answer", "headlines", "plagiarism", "postediting", "question-question"),
 }
+# scored pairs per year in SimCSE's "all" setting over SEMEVAL_SUBSETS
+SEMEVAL_PAIRS = {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186}
 SICK_FILES = {"test": "SICK_test_annotated.txt", "dev": "SICK_trial.txt", "train": "SICK_train.txt"}
 # the longest evaluation input when the model itself sets no limit (T5's relative positions)
 MAX_EVAL_LENGTH = 512
@@ -256,6 +258,9 @@ def read_senteval_sts(folder, task: str | None = None) -> STSData:
         counts[subset] = n
     if not scores:
         raise DataFormatError(f"{folder}: no scored pairs (every gold line is empty)")
+    if expected is not None and set(subsets) == set(expected) and len(scores) != SEMEVAL_PAIRS[task]:
+        logger.warning("%s: %d scored pairs, but SemEval's %s release has %d: the files differ from SentEval's",
+                       folder, len(scores), task, SEMEVAL_PAIRS[task])
     return STSData(task, s1, s2, np.asarray(scores, dtype=np.float64), str(folder), counts, skipped)
 
 
