@@ -146,14 +146,11 @@ def run(args: argparse.Namespace, tasks: list[str] | None) -> dict:
     from fastcse import __version__
     from fastcse.evaluation.geometry import Geometry, evaluate_geometry, plot_alignment_uniformity
     from fastcse.evaluation.loading import detect_model_kind, load_encoder
-    from fastcse.evaluation.sts import EmbeddingCache, default_tasks, evaluate_sts, load_task
+    from fastcse.evaluation.sts import EmbeddingCache, load_tasks, score_tasks
 
-    if tasks is None:
-        tasks = default_tasks(split=args.split, senteval_dir=args.senteval_dir, sick_path=args.sick_path)
-    tasks = sorted(tasks, key=TASKS.index)
     # read every data file and check every model folder before the (long) encoding starts
-    for task in tasks:
-        load_task(task, split=args.split, senteval_dir=args.senteval_dir, sick_path=args.sick_path)
+    datasets = load_tasks(tasks, split=args.split, senteval_dir=args.senteval_dir, sick_path=args.sick_path)
+    tasks = [d.task for d in datasets]
     kinds = [detect_model_kind(m) for m in args.model]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     geometry = bool(args.geometry or args.plot)
@@ -164,8 +161,7 @@ def run(args: argparse.Namespace, tasks: list[str] | None) -> dict:
                                device=device)
         cache = EmbeddingCache(encoder, batch_size=args.batch_size, progress=not args.no_progress,
                                max_seq_length=args.max_seq_length)
-        results = evaluate_sts(encoder, tasks, split=args.split, senteval_dir=args.senteval_dir,
-                               sick_path=args.sick_path, cache=cache)
+        results = score_tasks(datasets, cache, args.split)
         row = {"model": str(path), "label": label, "kind": kind, "pooling": encoder.pooling,
                "sts": results.to_dict()}
         if geometry:

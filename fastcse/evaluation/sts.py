@@ -167,7 +167,8 @@ def _bundled(name: str) -> Iterator[Path]:
 def load_stsb(split: str = "test") -> STSData:
     """The bundled STS Benchmark ``dev`` (1500 pairs) or ``test`` (1379 pairs) split."""
     if split not in ("dev", "test"):
-        raise ValueError(f"the package bundles STS-B dev and test, not {split!r}; read other files with read_stsb(path)")
+        raise ValueError(f"the package bundles STS-B dev and test, not {split!r}; "
+                         f"read other files with read_stsb(path)")
     with _bundled(f"sts-{split}.csv") as path:
         data = read_stsb(path)
     data.source = f"fastcse/resources/sts-{split}.csv"
@@ -504,6 +505,15 @@ def evaluate_sts(encoder, tasks: Iterable[str] | None = None, *, split: str = "t
         >>> evaluate_sts(enc, ["stsb"])["stsb"]                                 # doctest: +SKIP
         82.03...
     """
+    datasets = load_tasks(tasks, split=split, senteval_dir=senteval_dir, sick_path=sick_path)
+    embed = cache if cache is not None else EmbeddingCache(encoder, batch_size=batch_size, progress=progress,
+                                                           max_seq_length=max_seq_length)
+    return score_tasks(datasets, embed, split)
+
+
+def load_tasks(tasks: Iterable[str] | None = None, *, split: str = "test", senteval_dir=None,
+               sick_path=None) -> list[STSData]:
+    """Read (and check) the data of ``tasks`` (``None``: :func:`default_tasks`), in the paper's order."""
     if tasks is None:
         keys = default_tasks(split=split, senteval_dir=senteval_dir, sick_path=sick_path)
     else:
@@ -511,9 +521,11 @@ def evaluate_sts(encoder, tasks: Iterable[str] | None = None, *, split: str = "t
         if not keys:
             raise ValueError(f"no tasks given; valid tasks: {', '.join(TASKS)}")
     keys.sort(key=TASKS.index)
-    datasets = [load_task(k, split=split, senteval_dir=senteval_dir, sick_path=sick_path) for k in keys]
-    embed = cache if cache is not None else EmbeddingCache(encoder, batch_size=batch_size, progress=progress,
-                                                           max_seq_length=max_seq_length)
+    return [load_task(k, split=split, senteval_dir=senteval_dir, sick_path=sick_path) for k in keys]
+
+
+def score_tasks(datasets: Sequence[STSData], embed, split: str = "test") -> STSResults:
+    """Score already-read tasks (see :func:`score_task`)."""
     return STSResults({d.task: score_task(d, embed, split) for d in datasets})
 
 
