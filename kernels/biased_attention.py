@@ -44,33 +44,34 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, seqlen, dropout_p):
+def _dropout_keep(seed, bh, qi, kj, seqlen, dropout_p):
     # One Philox stream per (batch, head): the key is seed + bh, the counter the flat (i, j)
     # position, so forward, both backward kernels and the test helper draw the same numbers.
-    rand = tl.rand(seed + bh, offs_m[:, None] * seqlen + offs_n[None, :])
+    # qi / kj: query / key positions as broadcastable 2-D tiles ((M, 1) and (1, N), or
+    # transposed in the column-parallel backward).
+    rand = tl.rand(seed + bh, qi * seqlen + kj)
     return rand >= dropout_p
 
 
 @triton.jit
 def _bias_tile(
-    b, h, offs_m, offs_n, mask_mn, seqlen,
+    b, h, qi, kj, mask, seqlen,
     ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
     COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+    HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
 ):
-    """The (BLOCK_M, BLOCK_N) relative bias tile in fp32 (zero where ``mask_mn`` is false)."""
-    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    dist = offs_m[:, None] - offs_n[None, :] + seqlen - 1
+    """The relative bias in fp32 for query positions ``qi`` and key positions ``kj`` (broadcastable
+    2-D tiles; the result has their broadcast shape), zero where ``mask`` is false."""
+    dist = qi - kj + seqlen - 1
+    bias = tl.zeros_like(dist).to(tl.float32)
     if HAS_ROW:
-        ridx = tl.load(ROW_I + dist, mask=mask_mn, other=0)
+        ridx = tl.load(ROW_I + dist, mask=mask, other=0)
         row_base = ROW_T + b * stride_rtb + h * stride_rth
-        bias += tl.load(row_base + offs_m[:, None] * stride_rtm + ridx * stride_rtc,
-                        mask=mask_mn, other=0.0).to(tl.float32)
+        bias += tl.load(row_base + qi * stride_rtm + ridx * stride_rtc, mask=mask, other=0.0).to(tl.float32)
     if HAS_COL:
-        cidx = tl.load(COL_I + dist, mask=mask_mn, other=0)
+        cidx = tl.load(COL_I + dist, mask=mask, other=0)
         col_base = COL_T + b * stride_ctb + h * stride_cth
-        bias += tl.load(col_base + offs_n[None, :] * stride_ctn + cidx * stride_ctc,
-                        mask=mask_mn, other=0.0).to(tl.float32)
+        bias += tl.load(col_base + kj * stride_ctn + cidx * stride_ctc, mask=mask, other=0.0).to(tl.float32)
     return bias
 
 
@@ -132,10 +133,10 @@ def _biased_attn_fwd_kernel(
 
         mask_mn = m_valid[:, None] & n_valid[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s += _bias_tile(b, h, offs_m, offs_n, mask_mn, seqlen,
+        s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
                         ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
                         COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
-                        BLOCK_M, BLOCK_N, HAS_ROW, HAS_COL) * 1.4426950408889634
+                        HAS_ROW, HAS_COL) * 1.4426950408889634
         key_ok = n_valid
         if HAS_KMASK:
             key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
@@ -148,7 +149,7 @@ def _biased_attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -253,18 +254,44 @@ def _biased_attn_bwd_kernel(
 
     for start in range(0, seqlen, LOOP_BLOCK):
         if KV_PASS:
+            # transposed tiles (keys x queries): sT = K Q^T, so that dV += P^T dO and
+            # dK += dS^T Q need no transpose of a computed tile
             offs_m = start + tl.arange(0, BLOCK_M)
             m_valid = offs_m < seqlen
             mask_md = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                        + offs_d[None, :], mask=mask_md, other=0.0)
+            q_t = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qm
+                          + offs_d[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
             do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                          + offs_d[None, :], mask=mask_md, other=0.0)
             if UPCAST_DOT:
-                q = q.to(tl.float32)
+                q_t = q_t.to(tl.float32)
                 do = do.to(tl.float32)
             lse = tl.load(LSE + bh * seqlen + offs_m, mask=m_valid, other=float("inf"))
             delta = tl.load(DELTA + bh * seqlen + offs_m, mask=m_valid, other=0.0)
+
+            mask_nm = n_valid[:, None] & m_valid[None, :]
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+            s_t += _bias_tile(b, h, offs_m[None, :], offs_n[:, None], mask_nm, seqlen,
+                              ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
+                              COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+                              HAS_ROW, HAS_COL) * 1.4426950408889634
+            s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
+            p_t = tl.exp2(s_t - lse[None, :])
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], seqlen, dropout_p)
+                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+                p_drop_t = tl.where(keep_t, p_t * drop_scale, 0.0)
+            else:
+                p_drop_t = p_t
+            # dS = dLoss / d(score), the score being sm_scale * q.k + bias
+            ds_t = p_t * (dp_t - delta[None, :])
+            dv += tl.dot(p_drop_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+            if HAS_COL:
+                cidx = tl.load(COL_I + offs_m[None, :] - offs_n[:, None] + seqlen - 1, mask=mask_nm, other=0)
+                tl.atomic_add(DCOL + b * stride_dcb + h * stride_dch + offs_n[:, None] * stride_dcn
+                              + cidx * stride_dcc, ds_t, mask=mask_nm, sem="relaxed")
         else:
             offs_n = start + tl.arange(0, BLOCK_N)
             n_valid = offs_n < seqlen
@@ -280,40 +307,23 @@ def _biased_attn_bwd_kernel(
             if HAS_KMASK:
                 key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
 
-        # recompute the probabilities of this tile from the stored log-sum-exp
-        mask_mn = m_valid[:, None] & n_valid[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s += _bias_tile(b, h, offs_m, offs_n, mask_mn, seqlen,
-                        ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
-                        COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
-                        BLOCK_M, BLOCK_N, HAS_ROW, HAS_COL) * 1.4426950408889634
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen, dropout_p)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        # ds = dLoss / d(score), the score being sm_scale * q.k + bias
-        ds = p * (dp - delta[:, None])
-
-        if KV_PASS:
+            # recompute the probabilities of this tile from the stored log-sum-exp
+            mask_mn = m_valid[:, None] & n_valid[None, :]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
+                            ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
+                            COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+                            HAS_ROW, HAS_COL) * 1.4426950408889634
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                p_drop = tl.where(keep, p * drop_scale, 0.0)
-            else:
-                p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            if HAS_COL:
-                cidx = tl.load(COL_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1,
-                               mask=mask_mn, other=0)
-                tl.atomic_add(DCOL + b * stride_dcb + h * stride_dch + offs_n[None, :] * stride_dcn
-                              + cidx * stride_dcc, ds, mask=mask_mn, sem="relaxed")
-        else:
+                keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             if HAS_ROW:
-                ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1,
-                               mask=mask_mn, other=0)
+                ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
                 tl.atomic_add(DROW + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
                               + ridx * stride_drc, ds, mask=mask_mn, sem="relaxed")
 
@@ -335,7 +345,7 @@ def _dropout_mask_kernel(MASK, SEED, dropout_p, seqlen, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m, offs_n, seqlen, dropout_p)
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
     mask = (offs_m < seqlen)[:, None] & (offs_n < seqlen)[None, :]
     tl.store(MASK + bh * seqlen * seqlen + offs_m[:, None] * seqlen + offs_n[None, :],
              keep.to(tl.int8), mask=mask)
@@ -367,19 +377,30 @@ def _kernel_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
 class _LaunchConfig:
     """Tile sizes and flags of one call.
 
-    GPU tiles are a size heuristic (64 x 64, 4 warps up to head_dim 64, 8 above), not tuned on
-    hardware yet: re-tune when a GPU run of ``bench/bench_biased_attention.py`` is available.
+    GPU tiles come from compiling for sm_90 without a GPU (see ``test_kernels_compile_for_sm90``)
+    and keeping the largest tiles with no register spills at head_dim 64: fp16/bf16 forward
+    64 x 32 with 4 warps, backward 64 x 32 with 8 warps; fp32 (IEEE dots, no tensor-core
+    shortcut) 32 x 32 with 8 warps. 64 x 64 tiles spill: the bias gathers hold one 64-bit
+    address per score per table. Not timed on a GPU yet: re-tune with
+    ``bench/bench_biased_attention.py`` when one is available.
     Interpreted runs use 16 x 16 tiles, so tiny test shapes still cover several ragged tiles.
     """
 
-    def __init__(self, q: torch.Tensor, block_m: int | None, block_n: int | None):
+    def __init__(self, q: torch.Tensor, block_m: int | None, block_n: int | None, backward: bool = False):
         head_dim = q.shape[-1]
         self.interpreted = interpreted()
-        default = 16 if self.interpreted else 64
-        self.block_m = block_m or default
-        self.block_n = block_n or default
         self.block_d = max(16, triton.next_power_of_2(head_dim))
-        self.num_warps = 4 if self.block_d <= 64 else 8
+        if self.interpreted:
+            default_m, default_n, self.num_warps = 16, 16, 4
+        elif q.dtype == torch.float32:
+            default_m, default_n, self.num_warps = 32, 32, 8
+        else:
+            default_m, default_n, self.num_warps = 64, 32, 8 if backward else 4
+        if self.block_d > 64 and not self.interpreted:  # wider heads: halve the query tile
+            default_m = max(16, default_m // 2)
+            self.num_warps = 8
+        self.block_m = block_m or default_m
+        self.block_n = block_n or default_n
         self.num_stages = 2
         # bf16 tl.dot is wrong in the interpreter only (triton-lang/triton#11584)
         self.upcast_dot = self.interpreted and q.dtype == torch.bfloat16
@@ -496,7 +517,7 @@ def biased_attention_backward(
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
-    cfg = _LaunchConfig(q, block_m, block_n)
+    cfg = _LaunchConfig(q, block_m, block_n, backward=True)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv

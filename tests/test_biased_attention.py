@@ -13,6 +13,14 @@ from fastcse.kernels.biased_attention import (
 from tests.helpers import assert_close, rel_error
 
 BATCH, HEADS = 2, 2
+# the interpreter on CPU; on a GPU machine the same tests run compiled on the GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    with torch.device(DEVICE):
+        yield
 
 
 def _bias(kind: str, seqlen: int, dtype: torch.dtype):
@@ -229,3 +237,137 @@ def test_disentangled_attention_matches_reference(dropout_p, chunk_rows):
     assert_close(out, ref, rtol=1e-5, atol=1e-5, name="out")
     for name, g, r in zip(["dq", "dk", "dv", "dpos_key", "dpos_query"], grads, ref_grads):
         assert_close(g, r, rtol=1e-5, atol=3e-5, name=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["t5", "deberta"])
+def test_cuda_real_shapes_low_precision(kind, dtype):
+    """Base-model shapes (12 heads of 64, seq 509 ragged, span 256) compiled on the GPU: the error
+    of every output vs float64 is at most twice PyTorch's eager error in the same dtype."""
+    from fastcse.kernels.biased_attention import (
+        disentangled_attention,
+        disentangled_attention_reference,
+    )
+
+    batch, heads, seqlen, head_dim = 2, 12, 509, 64
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, dtype=dtype) for _ in range(3))
+    mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 300])[:, None]
+    grad_out = torch.randn(batch, heads, seqlen, head_dim, dtype=dtype)
+    if kind == "t5":
+        extra = dict(row_table=torch.randn(1, heads, 1, 2 * seqlen - 1, dtype=dtype),
+                     row_index=torch.arange(2 * seqlen - 2, -1, -1))
+        fast, eager, kw = biased_attention, biased_attention_reference, dict(sm_scale=1.0)
+    else:
+        span = 256
+        dist = torch.arange(-(seqlen - 1), seqlen)
+        extra = dict(pos_key=torch.randn(heads, 2 * span, head_dim, dtype=dtype) * 0.5,
+                     c2p_index=torch.clamp(dist + span, 0, 2 * span - 1),
+                     pos_query=torch.randn(heads, 2 * span, head_dim, dtype=dtype) * 0.5,
+                     p2c_index=torch.clamp(-dist.flip(0) + span, 0, 2 * span - 1))
+        fast, eager, kw = disentangled_attention, disentangled_attention_reference, dict(scale=(64 * 3) ** 0.5)
+    tensors = [name for name in extra if not name.endswith("index")]
+
+    def run(fn, cast):
+        leaves = [cast(x).requires_grad_() for x in (q, k, v)]
+        tabs = {name: cast(extra[name]).requires_grad_() for name in tensors}
+        out = fn(*leaves, **{**extra, **tabs}, key_padding_mask=mask, **kw)
+        return (out, *torch.autograd.grad(out, leaves + list(tabs.values()), cast(grad_out)))
+
+    got = run(fast, lambda x: x.detach().clone())
+    low = run(eager, lambda x: x.detach().clone())
+    ref = run(eager, lambda x: x.detach().double())
+    for name, a, lo, r in zip(["out", "dq", "dk", "dv"] + tensors, got, low, ref):
+        err, torch_err = rel_error(a, r), rel_error(lo, r)
+        assert err <= 2 * torch_err + 1e-3, f"{name}: kernel {err:.2e} vs torch {torch_err:.2e}"
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_is_exact_at_real_shapes():
+    """fp32 runs its dots in IEEE fp32 (never TF32) unless torch allows TF32 matmuls."""
+    batch, heads, seqlen, head_dim = 2, 12, 300, 64
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim) for _ in range(3))
+    bias = dict(row_table=torch.randn(1, heads, 1, 2 * seqlen - 1), row_index=torch.arange(2 * seqlen - 1))
+    mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 123])[:, None]
+    grad_out = torch.randn(batch, heads, seqlen, head_dim)
+    out, grads = _run(q, k, v, bias, grad_out, fn=biased_attention, key_padding_mask=mask, sm_scale=0.125)
+    ref, ref_grads = _ref64(q, k, v, bias, grad_out, key_padding_mask=mask, sm_scale=0.125)
+    for name, a, r in zip(["out", "dq", "dk", "dv", "drow"], (out, *grads), (ref, *ref_grads)):
+        assert rel_error(a, r) < 1e-5, f"{name}: {rel_error(a, r):.2e}"
+
+
+_SM90_COMPILE_SCRIPT = r'''
+import json, os, re, subprocess, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastcse.kernels.biased_attention as ba
+
+ba.interpreted = lambda: False  # the launch configuration a GPU run would pick
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+report = {}
+for dtype in (torch.bfloat16, torch.float32):
+    for kernel, backward_pass in (("fwd", None), ("bwd", True), ("bwd", False)):
+        cfg = ba._LaunchConfig(torch.empty(1, 1, 1, 64, dtype=dtype, device="meta"), None, None,
+                               backward=kernel == "bwd")
+        fn = ba._biased_attn_fwd_kernel if kernel == "fwd" else ba._biased_attn_bwd_kernel
+        consts = dict(HEAD_DIM=64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                      HAS_ROW=True, HAS_COL=True, HAS_KMASK=True, HAS_DROPOUT=True,
+                      UPCAST_DOT=False, DOT_PRECISION=cfg.dot_precision)
+        if kernel == "bwd":
+            consts.update(KV_PASS=backward_pass, LOOP_BLOCK=cfg.block_m if backward_pass else cfg.block_n)
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in ("sm_scale", "dropout_p"):
+                signature[name] = "fp32"
+            elif name in ("LSE", "DELTA", "DROW", "DCOL"):
+                signature[name] = "*fp32"
+            elif name in ("ROW_I", "COL_I"):
+                signature[name] = "*i32"
+            elif name == "KMASK":
+                signature[name] = "*u8"
+            elif name == "SEED":
+                signature[name] = "*i64"
+            elif name.isupper():
+                signature[name] = "*" + TY[dtype]
+            else:
+                signature[name] = "i32"
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        path = f"/tmp/fastcse_biased_{os.getpid()}.cubin"
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        os.remove(path)
+        name = f"{kernel}{'' if backward_pass is None else ('_kv' if backward_pass else '_q')}_{TY[dtype]}"
+        report[name] = int(re.search(r"STACK:(\d+)", usage).group(1))
+print(json.dumps(report))
+'''
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """CI has no GPU: compile the forward and both backward passes for sm_90 (H100) with the tiles
+    the launcher picks there, every feature on, and require no register spills (stack use)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "ptxas")) or not os.path.exists(os.path.join(tools, "cuobjdump")):
+        pytest.skip("this Triton install has no bundled NVIDIA ptxas / cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stacks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(stacks) == 6
+    assert all(v == 0 for v in stacks.values()), f"register spills (stack bytes): {stacks}"

@@ -28,6 +28,15 @@ from fastcse.models.biased import patch_biased_attention, unpatch_biased_attenti
 from tests.helpers import assert_close, rel_error
 
 SEQ = 29
+# the interpreter on CPU; on a GPU machine the same tests run compiled on the GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    with torch.device(DEVICE):
+        yield
+
 LENGTHS = [SEQ, 17, 5]
 
 
