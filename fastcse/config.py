@@ -100,7 +100,8 @@ class RunConfig:
 
     batch_size: int = field(default=64, metadata=_opt(
         "Sentences (anchors) per micro-step over all ranks; each rank gets batch_size / world_size."))
-    epochs: int = field(default=1, metadata=_opt("Passes over the data (ignored when --max-steps is set)."))
+    epochs: int | None = field(default=None, metadata=_opt(
+        "Passes over the data (None: 1; ignored when --max-steps is set)."))
     max_steps: int | None = field(default=None, metadata=_opt("Optimizer steps to run."))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=_opt(
         "auto: bf16 on a CUDA device that supports it, fp32 otherwise."))
@@ -279,7 +280,7 @@ def validate(cfg: TrainConfig) -> None:
     r, o, m = cfg.run, cfg.optim, cfg.method
     checks = [
         (r.batch_size >= 2, "--batch-size must be at least 2 (in-batch negatives)"),
-        (r.epochs >= 1, "--epochs must be at least 1"),
+        (r.epochs is None or r.epochs >= 1, "--epochs must be at least 1"),
         (r.max_steps is None or r.max_steps >= 1, "--max-steps must be at least 1"),
         (cfg.model.max_seq_length >= 4, "--max-seq-length must be at least 4"),
         (o.lr > 0, "--lr must be positive"),

@@ -51,8 +51,11 @@ DEFAULT_RANDOM_BERT = dict(model_type="bert", hidden_size=256, num_hidden_layers
                            intermediate_size=1024, max_position_embeddings=512)
 
 
-class TrainingStopped(RuntimeError):
-    """Training stopped early for a reason the user must see (non-finite steps)."""
+# The embedded default (no model, no data, no length given) is sized to finish in minutes on 2 CPU
+# cores: one step of all-MiniLM-L6-v2 over 2 x 64 sequences of <= 32 tokens takes ~3 s there.
+EMBEDDED_DEFAULT = {"max_steps": 50, "eval_steps": 25, "save_steps": 25}
+# a randomly initialised model learns nothing in 50 steps at SimCSE's fine-tuning rate of 3e-5
+EMBEDDED_RANDOM_LR = 5e-4
 
 
 @dataclass
@@ -204,12 +207,27 @@ def preflight(cfg: TrainConfig) -> Prepared:
         if model_path is None:
             model_config = dict(DEFAULT_RANDOM_BERT)
 
+    embedded_note = None
+    r = cfg.run
+    if source in ("minilm", "random-default") and cfg.data.train_file is None and r.max_steps is None \
+            and r.epochs is None:
+        defaults = TrainConfig().run
+        r.max_steps = EMBEDDED_DEFAULT["max_steps"]
+        for key in ("eval_steps", "save_steps"):
+            if getattr(r, key) == getattr(defaults, key):
+                setattr(r, key, EMBEDDED_DEFAULT[key])
+        if source == "random-default" and cfg.optim.lr == TrainConfig().optim.lr:
+            cfg.optim.lr = EMBEDDED_RANDOM_LR
+        embedded_note = (f"embedded default: {r.max_steps} steps, STS-B dev every {r.eval_steps}, lr {cfg.optim.lr:g} "
+                         "(--max-steps / --epochs / --train-file / --model train longer or on other data)")
+
     examples, report = read_training_data(cfg.method.name, cfg.data.train_file,
                                           on_bad_row=cfg.data.on_bad_row, max_examples=cfg.data.max_examples)
     if len(examples) < cfg.run.batch_size:
         raise DataError(f"{report.path}: {len(examples)} usable examples, fewer than one batch of "
                         f"{cfg.run.batch_size} (--batch-size)")
-    return Prepared(cfg, examples, report.summary(), source, model_path, model_config, ds_config, rank, world)
+    summary = report.summary() + (f"\n{embedded_note}" if embedded_note else "")
+    return Prepared(cfg, examples, summary, source, model_path, model_config, ds_config, rank, world)
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -410,7 +428,7 @@ class Trainer:
         if cfg.run.max_steps is None and steps_per_epoch == 0:
             raise DataError(f"{len(self.prep.examples)} examples are fewer than one step of "
                             f"{cfg.run.batch_size} x {accum} (--batch-size x --grad-accum)")
-        self.total_steps = cfg.run.max_steps or steps_per_epoch * cfg.run.epochs
+        self.total_steps = cfg.run.max_steps or steps_per_epoch * (cfg.run.epochs or 1)
         warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * self.total_steps)
 
         self.method = build_method(cfg.method, self.encoder, seed=cfg.run.seed)

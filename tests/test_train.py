@@ -208,3 +208,16 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     if minilm_path() is not None:  # and training moved them away from the original model
         original = SentenceEncoder.from_pretrained(minilm_path(), attn_backend="eager").encode(sentences, progress=False)
         assert (original - ours).abs().max() > 1e-4
+
+
+def test_embedded_default_is_sized_for_a_laptop():
+    """No options: the bundled data, the embedded model, a fixed short budget; options override it."""
+    from fastcse.config import parse_args
+    from fastcse.train import EMBEDDED_DEFAULT, minilm_path, preflight
+
+    prep = preflight(parse_args([]))
+    assert prep.model_source == ("minilm" if minilm_path() else "random-default")
+    assert prep.cfg.run.max_steps == EMBEDDED_DEFAULT["max_steps"] and prep.cfg.run.eval_steps == 25
+    assert len(prep.examples) == 11914 and prep.cfg.method.name == "simcse-unsup"
+    assert preflight(parse_args(["--epochs", "1"])).cfg.run.max_steps is None
+    assert preflight(parse_args(["--max-steps", "7"])).cfg.run.max_steps == 7
