@@ -186,8 +186,12 @@ def test_torch_compile_one_graph_across_batch_sizes():
     counter = CompileCounterWithBackend("aot_eager")
     seqlen, head_dim = 12, 16
 
+    from fastcse.kernels.biased_attention import disentangled_attention, disentangled_attention_reference
+
     def attend(q, k, v, row_table, row_index):
-        return biased_attention(q, k, v, row_table=row_table, row_index=row_index).sum(-1)
+        out = biased_attention(q, k, v, row_table=row_table, row_index=row_index)
+        pos_key = row_table[0, :, 0, :, None].expand(-1, -1, head_dim)  # (heads, entries, head_dim)
+        return (out + disentangled_attention(q, k, v, pos_key=pos_key, c2p_index=row_index, scale=2.0)).sum(-1)
 
     compiled = torch.compile(attend, backend=counter)
     row_index = torch.arange(2 * seqlen - 1)
@@ -197,8 +201,11 @@ def test_torch_compile_one_graph_across_batch_sizes():
         out = compiled(q, k, v, table, row_index)
         out.sum().backward()
         ref = biased_attention_reference(q.double(), k.double(), v.double(),
-                                         row_table=table.double(), row_index=row_index).sum(-1)
-        assert_close(out, ref, rtol=1e-5, atol=1e-5, name=f"compiled out, batch {batch}")
+                                         row_table=table.double(), row_index=row_index)
+        pos_key = table.double()[0, :, 0, :, None].expand(-1, -1, head_dim)
+        ref = ref + disentangled_attention_reference(q.double(), k.double(), v.double(), pos_key=pos_key,
+                                                     c2p_index=row_index, scale=2.0)
+        assert_close(out, ref.sum(-1), rtol=1e-5, atol=1e-5, name=f"compiled out, batch {batch}")
         assert table.grad is not None and torch.isfinite(table.grad).all()
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 4 batch sizes"
 

@@ -232,3 +232,24 @@ def test_unpatch_restores_hf_forward():
 def test_unsupported_model_raises_clear_error(build):
     with pytest.raises(ValueError, match="attn_backend='biased' supports"):
         patch_biased_attention(build())
+
+
+@pytest.mark.parametrize("family", ["t5", "deberta"])
+def test_bf16_model_within_twice_hf_bf16_error(family):
+    """bf16 end to end (tables, scale rounding, dtype plumbing): the patched model's error against
+    the fp32 HF model is at most twice HF eager's own bf16 error (plus a small floor)."""
+    torch.manual_seed(0)
+    if family == "t5":
+        reference = T5EncoderModel(_t5_config())
+    else:
+        reference = DebertaV2Model(_deberta_config(**DEBERTA_VARIANTS["v3_buckets_shared"]))
+    reference.eval()
+    eager_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    fast_bf16 = copy.deepcopy(eager_bf16)
+    patch_biased_attention(fast_bf16)
+    ids, mask = _batch()
+    real = mask.bool()
+    ref = _hidden(reference, ids, mask)[real]
+    err_fast = rel_error(_hidden(fast_bf16, ids, mask)[real], ref)
+    err_hf = rel_error(_hidden(eager_bf16, ids, mask)[real], ref)
+    assert err_fast <= 2 * err_hf + 2e-3, f"patched bf16 {err_fast:.2e} vs HF bf16 {err_hf:.2e}"
