@@ -165,10 +165,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per measurement")
     parser.add_argument("--csv", default=CSV_NAME, help="file name under bench/results/")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU only: torch threads (default 1: on the shared 2-core machines two OpenMP threads "
+                             "spinning against other processes made a tiny BERT step 70x slower, 2.8 s vs 0.04 s)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tiny = args.quick or device.type != "cuda"
     long_len = 128 if args.quick else 512

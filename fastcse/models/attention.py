@@ -29,9 +29,9 @@ Backends (``attn_backend=``):
     CPU tensors the patched modules call the model's own rotary code). Dropout: HF's.
 ``auto``
     Resolved when the encoder is built, for the model and the machine. BERT family: ``varlen``
-    everywhere (on 2 CPU cores, a 4-layer hidden-256 BERT, fwd+bwd of 64 wiki1m sentences with 32%
-    padding: varlen 0.24 s vs sdpa 0.35 s / eager 0.35 s; without any padding varlen costs about
-    6% more than sdpa, 0.21 vs 0.20 s). T5 / DeBERTa-v2: ``biased``; RoFormer / ModernBERT:
+    everywhere (CPU, 1 thread, a 4-layer hidden-256 BERT, fwd+bwd of 64 wiki1m sentences with 32%
+    padding: varlen 0.56 s vs sdpa 0.82 s / eager 0.82 s; 8 x 128 tokens without padding: varlen
+    0.31 s vs sdpa 0.29 s, 7% slower). T5 / DeBERTa-v2: ``biased``; RoFormer / ModernBERT:
     ``rotary``; both only when CUDA is available and the fused module is present, since Triton
     runs only interpreted on CPU. Otherwise ``sdpa`` where HF supports it, else ``eager``.
 """
