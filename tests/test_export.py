@@ -170,3 +170,15 @@ def test_export_needs_tokenizer(tmp_path, tokenizer):
     enc.tokenizer = None
     with pytest.raises(ValueError, match="no tokenizer"):
         export_sentence_transformers(enc, tmp_path / "x")
+
+
+def test_foreign_dense_module_is_refused(tmp_path, tokenizer):
+    """Without fastcse's marker a Dense module would be dropped by SentenceEncoder: refuse instead."""
+    from fastcse.evaluation.loading import ModelFolderError
+
+    enc = tiny_encoder(tokenizer, "cls_mlp", mlp_only_train=False)
+    out = export_sentence_transformers(enc, tmp_path / "st")
+    (out / "fastcse_encoder.json").unlink()
+    (out / "pooler.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"modules \['Dense'\] have no SentenceEncoder equivalent"):
+        load_encoder(out)

@@ -68,6 +68,29 @@ def detect_model_kind(path) -> str:
     raise ModelFolderError(f"{folder} is not a model folder{detail}; expected {_EXPECTED}")
 
 
+# sentence-transformers modules a SentenceEncoder reproduces (Normalize does not change cosines;
+# encode(normalize=True) applies it)
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def _check_sentence_transformers_modules(folder: Path) -> None:
+    """Refuse modules a SentenceEncoder would silently drop (Dense, LayerNorm, ...): its embeddings
+    would not be the model's."""
+    import json
+
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ModelFolderError(f"{folder / 'modules.json'} is not a sentence-transformers module list "
+                               f"({exc})") from None
+    other = [k for k in kinds if k not in _ST_MODULES]
+    if other:
+        raise ModelFolderError(f"{folder}: sentence-transformers modules {other} have no SentenceEncoder equivalent "
+                               f"(supported: {', '.join(_ST_MODULES)}); fastcse would compute other embeddings than "
+                               f"SentenceTransformer does")
+
+
 def load_encoder(path, *, pooling: str | None = None, attn_backend: str = "auto", dtype=None,
                  max_seq_length: int | None = None, device=None):
     """A :class:`~fastcse.models.SentenceEncoder` from a folder of any kind in :data:`MODEL_KINDS`.
@@ -78,6 +101,8 @@ def load_encoder(path, *, pooling: str | None = None, attn_backend: str = "auto"
     from fastcse.models import SentenceEncoder
 
     kind = detect_model_kind(path)
+    if kind == "sentence-transformers":
+        _check_sentence_transformers_modules(Path(path).expanduser())
     encoder = SentenceEncoder.from_pretrained(str(Path(path).expanduser()), pooling=pooling,
                                               attn_backend=attn_backend, dtype=dtype, max_seq_length=max_seq_length)
     if encoder.tokenizer is None:
