@@ -180,10 +180,12 @@ def _t5_forward(self, hidden_states, mask=None, key_value_states=None, position_
     return out, position_bias, None
 
 
-def _umt5_forward(self, hidden_states, encoder_hidden_states=None, cache=None, attention_mask=None, **kwargs):
-    if encoder_hidden_states is not None or cache is not None or kwargs.get("past_key_values") is not None:
+def _umt5_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    # the cache arrives as ``cache`` (transformers >= 5.2x) or ``past_key_values`` (5.17)
+    if encoder_hidden_states is not None or kwargs.get("cache") is not None \
+            or kwargs.get("past_key_values") is not None:
         return type(self).forward(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                  cache=cache, attention_mask=attention_mask, **kwargs)
+                                  attention_mask=attention_mask, **kwargs)
     batch, seqlen = hidden_states.shape[:2]
     heads, head_dim = self.n_heads, self.key_value_proj_dim
     q = self.q(hidden_states).view(batch, seqlen, heads, head_dim).transpose(1, 2)
