@@ -543,3 +543,27 @@ def test_biased_backend_matches_eager(arch):
     assert_grads_match(enc.backbone, ref)
     enc.train()
     assert rel_error(enc(ids, mask), enc(ids, mask)) > 1e-3
+
+
+def _write_st_folder(path, model, pooling_modes: dict, max_seq_length: int = 20):
+    model.save_pretrained(path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+         "pooling_mode_max_tokens": False, **pooling_modes}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+
+
+def test_sentence_transformers_folder_pooling(tmp_path):
+    model = transformers.BertModel(make_config("bert"), add_pooling_layer=False)
+    _write_st_folder(tmp_path / "cls", model, {"pooling_mode_cls_token": True})
+    enc = SentenceEncoder.from_pretrained(tmp_path / "cls", attn_backend="eager")
+    assert (enc.pooling, enc.max_seq_length) == ("cls", 20)
+    assert SentenceEncoder.from_pretrained(tmp_path / "cls", pooling="mean", max_seq_length=9).pooling == "mean"
+    _write_st_folder(tmp_path / "max", model, {"pooling_mode_max_tokens": True})
+    with pytest.raises(ValueError, match="fastcse supports cls or mean"):
+        SentenceEncoder.from_pretrained(tmp_path / "max")
