@@ -107,7 +107,13 @@ class SentenceEncoder(nn.Module):
         param = next(backbone.parameters(), None)
         if param is not None:
             self.pooler.to(device=param.device, dtype=param.dtype)
-        # resolved backend name; the backbone was built for it (see _build)
+        if attn_backend == "auto":
+            # a backbone handed in directly: varlen where it applies, else the HF attention it was built with
+            supports_sdpa = getattr(config, "_attn_implementation", "eager") == "sdpa"
+            attn_backend = attn.resolve_backend("auto", config.model_type, supports_sdpa, cuda=False)
+        elif attn_backend not in attn.ATTN_BACKENDS:
+            raise ValueError(f"unknown attn_backend {attn_backend!r}; valid backends: {', '.join(attn.ATTN_BACKENDS)}")
+        # the resolved backend name; from_config / from_pretrained built the backbone for it
         self.attn_backend = attn_backend
         self.varlen_kernel: attn.VarlenKernel = "auto"
         self._checkpoint = False
