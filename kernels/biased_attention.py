@@ -27,7 +27,6 @@ from a per-call seed tensor; the backward regenerates the same mask instead of s
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -12,8 +12,9 @@
   (seq x 2 span tables) are computed with ordinary matmuls, divided by HF's scale, and gathered
   inside the kernel at the (bucketed, clamped) relative position HF's ``relative_pos`` gives for
   each distance (:func:`~fastcse.kernels.biased_attention.disentangled_attention`: the tables
-  exist one batch chunk at a time and are rebuilt in the backward, never saved). The content scores use ``1 / sqrt(head_dim * scale_factor)`` as HF does
-  (the scale rounded to the activation dtype, as HF's ``scale.to(dtype)``).
+  exist one batch chunk at a time and are rebuilt in the backward, never saved). The content
+  scores use ``1 / sqrt(head_dim * scale_factor)`` as HF does (the scale rounded to the
+  activation dtype, as HF's ``scale.to(dtype)``).
 
 The score matrix is never materialised. Key padding comes from the mask HF hands the module.
 Dropout: attention-probability dropout runs inside the kernel (Philox, a fresh seed from torch's
