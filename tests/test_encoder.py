@@ -280,13 +280,15 @@ def test_pack_unpack_roundtrip():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varlen_cuda_matches_eager(dtype):
-    """GPU: the varlen backend (flash-attn / torch varlen_attn / nested) against HF eager in low precision.
+def test_varlen_cuda_matches_eager(arch, dtype):
+    """GPU: the varlen backend (flash-attn / torch varlen_attn / nested; fused rotary for ModernBERT)
+    against HF eager in low precision.
 
     Tolerance: at most twice the eager bf16/fp16 model's own error against an fp32 eager model.
     """
-    config = make_config("bert")
+    config = make_config(arch)
     ref32 = SentenceEncoder.from_config(config, pooling="mean", attn_backend="eager").cuda().eval()
     ref = SentenceEncoder.from_config(config, pooling="mean", attn_backend="eager").cuda().to(dtype).eval()
     enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="varlen").cuda().to(dtype).eval()
@@ -512,6 +514,25 @@ def test_rotary_backend_matches_eager(arch):
     real = mask.bool()
     assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=1e-5, name="hidden states of real tokens")
     assert_close(pooled, masked_mean(ref_hidden, mask), rtol=1e-5, atol=1e-5, name="pooled")
+    w = torch.randn_like(pooled)
+    (pooled * w).sum().backward()
+    (masked_mean(ref_hidden, mask) * w).sum().backward()
+    assert_grads_match(enc.backbone, ref)
+
+
+@pytest.mark.parametrize("rotary", ["hf", "triton"])
+def test_modernbert_varlen_rotary_paths(rotary):
+    """ModernBERT varlen with HF's rotary or fastcse's fused kernel on packed tokens (interpreted
+    on CPU) equals HF eager, forward and gradients."""
+    config = make_config("modernbert")
+    enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="varlen").eval()
+    enc.varlen_rotary = rotary
+    ref = reference_model(enc).eval()
+    ids, mask, _ = ragged_batch(config, batch=4, seqlen=10)
+    hidden, pooled = enc.encode_tokens(ids, mask)
+    ref_hidden = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=1e-5, name=f"hidden ({rotary} rotary)")
     w = torch.randn_like(pooled)
     (pooled * w).sum().backward()
     (masked_mean(ref_hidden, mask) * w).sum().backward()

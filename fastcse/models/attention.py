@@ -352,12 +352,14 @@ def _maybe_checkpoint(fn, layer, hidden, checkpoint: bool):
 
 
 def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              *, kernel: VarlenKernel = "auto",
-                              checkpoint: bool = False) -> tuple[torch.Tensor, PackedBatch]:
+                              *, kernel: VarlenKernel = "auto", checkpoint: bool = False,
+                              rotary_backend: str = "auto") -> tuple[torch.Tensor, PackedBatch]:
     """Run a HF ``ModernBertModel`` (transformers 5 layout) on packed tokens.
 
-    Shapes as :func:`bert_varlen_forward`. Rotary: HF's own ``apply_rotary_pos_emb`` with cos/sin of
-    each packed token's position in its sequence. Local layers attend within ``config.sliding_window``
+    Shapes as :func:`bert_varlen_forward`. Rotary: fastcse's ``apply_rotary`` on the packed q and k
+    with ``cu_seqlens`` (``rotary_backend``: ``auto`` = the fused Triton kernel on CUDA, the eager
+    reference on CPU; ``triton``; ``eager``), with HF's own cos/sin tables (cast to the activation
+    dtype, as HF does); ``rotary_backend="hf"`` uses HF's ``apply_rotary_pos_emb`` instead. Local layers attend within ``config.sliding_window``
     tokens on each side (``|i - j| <= window``, HF's mask). Dropout: the model's ``nn.Dropout``
     modules (embeddings, attention output, MLP) on packed tokens; attention-probability dropout
     (``config.attention_dropout``) in the kernel, in training mode only.
@@ -373,10 +375,22 @@ def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor
     if packed.total_tokens == 0 or packed.min_seqlen == 0:
         raise ValueError("every sequence needs at least one token in attention_mask for the varlen backend")
     ids = pack(input_ids, packed)
-    positions = packed.positions  # HF numbers the positions of right-padded rows 0..len-1
     hidden = backbone.embeddings(input_ids=ids[None])[0]
-    rotary = {kind: backbone.rotary_emb(hidden[None], positions[None], kind) for kind in set(backbone.config.layer_types)}
     total = packed.total_tokens
+    if rotary_backend == "hf":
+        # HF numbers the positions of right-padded rows 0..len-1: per packed token cos/sin rows
+        rotary = {kind: backbone.rotary_emb(hidden[None], packed.positions[None], kind)
+                  for kind in set(backbone.config.layer_types)}
+    else:
+        from fastcse.rotary import apply_rotary
+
+        # one (max_seqlen, head_dim / 2) table per layer type; the kernel indexes it by position
+        steps = torch.arange(packed.max_seqlen, device=ids.device)[None]
+        rotary = {}
+        for kind in set(backbone.config.layer_types):
+            cos, sin = backbone.rotary_emb(hidden[None], steps, kind)
+            half = cos.shape[-1] // 2
+            rotary[kind] = (cos[0, :, :half], sin[0, :, :half])
 
     def run_layer(layer, hidden):
         attn_module = layer.attn
@@ -385,9 +399,13 @@ def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor
         qkv = attn_module.Wqkv(layer.attn_norm(hidden)).view(total, 3, nheads, head_dim)
         q, k, v = qkv.unbind(dim=1)
         cos, sin = rotary[layer.attention_type]
-        # HF's rotary takes (batch, heads, seqlen, head_dim): the packed tokens are one row
-        q, k = apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin, unsqueeze_dim=1)
-        q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+        if rotary_backend == "hf":
+            # HF's rotary takes (batch, heads, seqlen, head_dim): the packed tokens are one row
+            q, k = apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin, unsqueeze_dim=1)
+            q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+        else:
+            q, k = apply_rotary(q, k, cos, sin, layout="half", cu_seqlens=packed.cu_seqlens, backend=rotary_backend,
+                                validate=False)
         window = None if attn_module.sliding_window is None else backbone.config.sliding_window
         dropout_p = attn_module.attention_dropout if attn_module.training else 0.0
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=head_dim ** -0.5, window=window,

@@ -115,7 +115,9 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"unknown attn_backend {attn_backend!r}; valid backends: {', '.join(attn.ATTN_BACKENDS)}")
         # the resolved backend name; from_config / from_pretrained built the backbone for it
         self.attn_backend = attn_backend
+        # knobs of the varlen path (fastcse additions): the attention kernel and, for ModernBERT, the rotary
         self.varlen_kernel: attn.VarlenKernel = "auto"
+        self.varlen_rotary = "auto"
         self._checkpoint = False
         forward_params = inspect.signature(backbone.forward).parameters
         self._takes_token_type_ids = "token_type_ids" in forward_params
@@ -283,7 +285,7 @@ class SentenceEncoder(nn.Module):
         checkpoint = self._checkpoint
         if self.backbone.config.model_type == "modernbert":
             return attn.modernbert_varlen_forward(self.backbone, input_ids, attention_mask, kernel=self.varlen_kernel,
-                                                  checkpoint=checkpoint)
+                                                  checkpoint=checkpoint, rotary_backend=self.varlen_rotary)
         return attn.bert_varlen_forward(self.backbone, input_ids, attention_mask, token_type_ids,
                                         kernel=self.varlen_kernel, checkpoint=checkpoint)
 
