@@ -253,3 +253,24 @@ def test_bf16_model_within_twice_hf_bf16_error(family):
     err_fast = rel_error(_hidden(fast_bf16, ids, mask)[real], ref)
     err_hf = rel_error(_hidden(eager_bf16, ids, mask)[real], ref)
     assert err_fast <= 2 * err_hf + 2e-3, f"patched bf16 {err_fast:.2e} vs HF bf16 {err_hf:.2e}"
+
+
+def test_gradient_checkpointing_replays_the_dropout_masks():
+    """The kernel's dropout seed comes from torch's generator, so HF gradient checkpointing (which
+    restores the RNG state for the recomputation) recomputes the same masks: with the same seed,
+    checkpointed and plain training steps give the same gradients."""
+    torch.manual_seed(0)
+    model = DebertaV2Model(_deberta_config(**DEBERTA_VARIANTS["v3_buckets_shared"],
+                                           attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.0))
+    patch_biased_attention(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    ids, mask = _batch([14, 9])
+    weight = torch.randn(*ids.shape, 32) * mask[..., None]
+    for m in (model, checkpointed):
+        m.train()
+        torch.manual_seed(7)
+        (_hidden(m, ids, mask) * weight).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
+        if p.grad is not None:
+            assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, name=f"grad {name}")
