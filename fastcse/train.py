@@ -25,14 +25,12 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import contextlib
 import copy
-import dataclasses
 import importlib.util
 import json
 import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,7 +402,6 @@ class Trainer:
 
     def setup(self):
         from fastcse.methods import build_method
-        from fastcse.models.encoder import TruncationWarning
 
         cfg = self.cfg
         self._init_distributed()
@@ -418,8 +415,6 @@ class Trainer:
 
         random.seed(cfg.run.seed)
         self.encoder = build_encoder(self.prep).to(self.device)
-        # sentences longer than max_seq_length are cut (SimCSE's max_seq_length 32 cuts many): expected
-        warnings.simplefilter("ignore", TruncationWarning)
 
         self.schedule = BatchSchedule(len(self.prep.examples), cfg.run.batch_size, seed=cfg.run.seed,
                                       rank=self.rank, world_size=self.world)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcse.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from fastcse.checkpoint import latest_checkpoint, list_checkpoints
 from fastcse.train import main
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,

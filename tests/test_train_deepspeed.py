@@ -66,8 +66,9 @@ def _worker(argv: list[str]) -> None:
     ds = str(ROOT / "ds_configs" / f"zero{args.stage}.json")
     base = common_args(args.assets) + ["--ds", ds]
     for method in METHODS:
-        export = ["--export"] if (args.stage == 3 and method == "simcse-unsup") else ["--no-export"]
-        rc = main(base + method_args(method) + export + ["--output-dir", str(args.out / method)])
+        extra = ["--export", "--evaluate", "--eval-steps", "0"] if (args.stage == 3 and method == "simcse-unsup") \
+            else ["--no-export"]
+        rc = main(base + method_args(method) + extra + ["--output-dir", str(args.out / method)])
         assert rc == 0, f"{method} exited with {rc}"
     if args.stage == 3:
         # resume: a copy of the ESimCSE run without its last checkpoint and log, continued from step 2
@@ -117,8 +118,8 @@ def single_process(assets, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("single")
     for method in METHODS:
-        export = ["--export"] if method == "simcse-unsup" else ["--no-export"]
-        assert main(common_args(assets) + method_args(method) + export + ["--output-dir", str(out / method)]) == 0
+        extra = ["--export", "--evaluate", "--eval-steps", "0"] if method == "simcse-unsup" else ["--no-export"]
+        assert main(common_args(assets) + method_args(method) + extra + ["--output-dir", str(out / method)]) == 0
     return out
 
 
@@ -144,6 +145,15 @@ def test_zero_matches_single_process(stage, assets, single_process, tmp_path):
         assert sorted(resumed) == [3, 4]
         for step, loss in resumed.items():
             assert abs(loss - ref[step]) <= 1e-4, f"resumed ZeRO-3 esimcse step {step}: {loss} vs {ref[step]}"
+        # STS-B dev evaluated on every rank through the sharded model, before and after training
+        def scores(run):
+            lines = (run / "train_log.jsonl").read_text().splitlines()
+            return {r["step"]: r["stsb_dev"] for r in map(json.loads, lines) if "stsb_dev" in r}
+
+        ref_scores, got_scores = scores(single_process / "simcse-unsup"), scores(out / "simcse-unsup")
+        assert sorted(got_scores) == sorted(ref_scores) == [0, STEPS]
+        for step in ref_scores:
+            assert abs(got_scores[step] - ref_scores[step]) < 1e-3, (got_scores, ref_scores)
         # the consolidated ZeRO-3 export embeds like the single-process export
         from sentence_transformers import SentenceTransformer
 
