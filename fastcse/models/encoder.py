@@ -434,8 +434,30 @@ class SentenceEncoder(nn.Module):
                 f"max_seq_length={self.max_seq_length}, embedding_dim={self.embedding_dim}")
 
 
+# sentence-transformers < 6 wrote one boolean per pooling mode; >= 6 writes {"pooling_mode": ...}
+_ST_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                      "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def _st_pooling(cfg: dict, folder: Path) -> str:
+    modes = cfg.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _ST_LEGACY_POOLING.items() if cfg.get(key)]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if modes == ["mean"] or modes == ["cls"]:
+        return modes[0]
+    raise ValueError(f"{folder}: pooling {modes} is not supported; fastcse supports cls or mean")
+
+
 def _read_sentence_transformers(path: Path):
-    """(backbone folder, pooling, max_seq_length) of a sentence-transformers folder."""
+    """(backbone folder, pooling, max_seq_length or None) of a sentence-transformers folder.
+
+    Reads both layouts: sentence-transformers < 6 (``pooling_mode_*_tokens`` booleans,
+    ``max_seq_length`` in ``sentence_bert_config.json``) and >= 6 (``pooling_mode``; the length is
+    the tokenizer's ``model_max_length``). Modules other than Transformer, Pooling and Normalize
+    (Dense, ...) would change the embedding, so such folders are refused.
+    """
     modules = json.loads((path / "modules.json").read_text())
     backbone = pooling = max_len = None
     for module in modules:
@@ -447,14 +469,10 @@ def _read_sentence_transformers(path: Path):
             if cfg_file.is_file():
                 max_len = json.loads(cfg_file.read_text()).get("max_seq_length")
         elif kind == "Pooling":
-            cfg = json.loads((folder / "config.json").read_text())
-            modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
-            if modes == ["pooling_mode_mean_tokens"]:
-                pooling = "mean"
-            elif modes == ["pooling_mode_cls_token"]:
-                pooling = "cls"
-            else:
-                raise ValueError(f"{folder}: pooling {modes} is not supported; fastcse supports cls or mean")
+            pooling = _st_pooling(json.loads((folder / "config.json").read_text()), folder)
+        elif kind != "Normalize":
+            raise ValueError(f"{path}: sentence-transformers module {module.get('type')!r} is not supported by "
+                             f"SentenceEncoder (it reproduces Transformer + Pooling (cls / mean) + Normalize)")
     if backbone is None:
         raise ValueError(f"{path}/modules.json lists no Transformer module")
     return str(backbone), pooling, max_len
