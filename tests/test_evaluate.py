@@ -405,9 +405,6 @@ def test_embedding_cache_encodes_each_sentence_once(tiny_encoder):
     assert_close(second[0], first[1], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="fastcse/models/encoder.py _read_sentence_transformers reads only the legacy "
-                          "pooling_mode_*_tokens keys; sentence-transformers >= 6 writes {'pooling_mode': 'mean'}")
 def test_loads_folder_saved_by_installed_sentence_transformers(tmp_path, minilm_dir):
     st = pytest.importorskip("sentence_transformers")
     st.SentenceTransformer(minilm_dir, device="cpu").save(str(tmp_path / "st"))
