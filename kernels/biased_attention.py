@@ -9,11 +9,13 @@ The score of query ``i`` and key ``j`` (per batch ``b`` and head ``h``) is::
 and ``j`` is dropped when ``key_padding_mask[b, j]`` is false. Both bias terms are functions of
 the relative distance ``i - j`` looked up in small tables, which covers
 
-- T5: ``row_table = table[h, bucket(j - i)]`` laid out per distance, shape ``(1, H, 1, 2L - 1)``
-  (one row, broadcast over queries and batch), ``row_index = arange(2L - 1)``;
+- T5: ``table[h, bucket(j - i)]`` evaluated once per distance, a ``(1, H, 1, 2L - 1)`` row
+  broadcast over batch and queries (:func:`biased_attention`; its gradient is scattered per
+  distance and reaches the bucket table by autograd);
 - DeBERTa-v2/v3: ``row_table = c2p = Q_c K_r^T / scale`` of shape ``(B, H, L, 2 * span)`` with
   ``row_index = clamp(bucket(i - j) + span)``, and ``col_table = p2c = K_c Q_r^T / scale`` with the
-  index of HF's p2c gather.
+  index of HF's p2c gather (:func:`disentangled_attention` builds both tables a batch chunk at a
+  time from ``K_r`` / ``Q_r`` and rebuilds them in the backward instead of saving them).
 
 Forward: online softmax over key tiles; one log-sum-exp per query row is stored, never the
 L x L matrix. Backward: the tiles are recomputed twice, once column-parallel (dK, dV and the
@@ -27,14 +29,11 @@ from a per-call seed tensor; the backward regenerates the same mask instead of s
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
 from fastcse._triton_utils import interpreted
-
-LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------------
