@@ -2,6 +2,7 @@
 
     python -m bench.bench_biased_attention --device cuda --dtype bf16          # DeBERTa-v3-base + T5-base, seq 128..512
     python -m bench.bench_biased_attention --quick                             # tiny CPU smoke run (interpreter)
+    python -m bench.bench_biased_attention --device cuda --tune                # kernel tile sweep (launchers)
 
 The module is the HF self-attention of one layer with the shapes of DeBERTa-v3-base (hidden 768,
 12 heads, 256 position buckets, shared keys, c2p + p2c) or T5-base's encoder (768, 12 heads of 64,
@@ -145,6 +146,51 @@ def run(args) -> list[dict]:
     return rows
 
 
+# (block_m, block_n, num_warps) candidates of --tune; the launcher's defaults are the first two
+TILES = [(64, 32, 4), (64, 32, 8), (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8), (32, 64, 8), (32, 32, 4)]
+
+
+def tune(args) -> list[dict]:
+    """Time the forward and backward launchers per tile config at DeBERTa-v3-base's attention shape
+    (c2p + p2c tables of 2 x 256 entries, key padding, dropout): which tiles to make the default."""
+    import triton
+
+    from fastcse.kernels.biased_attention import biased_attention_backward, biased_attention_forward
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    heads, head_dim, entries = (2, 16, 32) if args.quick else (12, 64, 512)
+    rows = []
+    for seq in args.seqs:
+        batch = args.batch
+        q, k, v, grad = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device) for _ in range(4))
+        tables = [torch.randn(batch, heads, seq, entries, dtype=dtype, device=device) for _ in range(2)]
+        dist = torch.arange(-(seq - 1), seq, device=device)
+        index = torch.clamp(dist + entries // 2, 0, entries - 1)
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        common = (tables[0], index, tables[1], index.flip(0), mask, seed, 0.125, args.dropout)
+        for block_m, block_n, warps in TILES:
+            tiles = dict(block_m=block_m, block_n=block_n, num_warps=warps)
+            try:
+                out, lse = biased_attention_forward(q, k, v, *common, **tiles)
+                fwd = time_fn(lambda: biased_attention_forward(q, k, v, *common, **tiles), device, reps=args.reps)
+                bwd = time_fn(lambda: biased_attention_backward(grad, q, k, v, out, lse, *common, **tiles),
+                              device, reps=args.reps)
+            except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
+                print(f"seq={seq} tiles {block_m}x{block_n} w{warps}: {type(err).__name__}: {err}")
+                continue
+            name = f"triton_{block_m}x{block_n}_w{warps}"
+            extra = dict(model="deberta", batch=batch, heads=heads, head_dim=head_dim, dtype=args.dtype,
+                         dropout=args.dropout, block_m=block_m, block_n=block_n, num_warps=warps)
+            for mode, timing in (("fwd", fwd), ("bwd", bwd)):
+                rows.append(make_row(kernel="biased_attention_tiles", provider=name, mode=mode, metric="time",
+                                     unit="ms", x_name="seq", x_value=seq, p50=timing.p50, p20=timing.p20,
+                                     p80=timing.p80, extra_config=extra, device=device))
+            print(f"seq={seq:5d} tiles {block_m:3d}x{block_n:<3d} warps {warps}: fwd {fwd.p50:8.3f} ms  "
+                  f"bwd {bwd.p50:8.3f} ms")
+    return rows
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,6 +205,7 @@ def parse_args(argv):
                    help="attention-probability dropout, training mode (SimCSE keeps it on); 0 compares outputs")
     p.add_argument("--csv", default=CSV)
     p.add_argument("--quick", action="store_true", help="tiny shapes (hidden 64), for a CPU smoke run")
+    p.add_argument("--tune", action="store_true", help="sweep the kernel tiles instead (launchers only)")
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     args.modes = args.modes.split(",")
@@ -175,7 +222,7 @@ def main(argv=None) -> int:
     if not args.device.startswith("cuda"):
         # the kernels run in Triton's interpreter on CPU; it must be chosen before they are defined
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    rows = run(args)
+    rows = tune(args) if args.tune else run(args)
     path = append_rows(args.csv, rows)
     print(f"{len(rows)} rows -> {path}")
     return 0

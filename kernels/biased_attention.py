@@ -384,7 +384,8 @@ class _LaunchConfig:
     Interpreted runs use 16 x 16 tiles, so tiny test shapes still cover several ragged tiles.
     """
 
-    def __init__(self, q: torch.Tensor, block_m: int | None, block_n: int | None, backward: bool = False):
+    def __init__(self, q: torch.Tensor, block_m: int | None, block_n: int | None, backward: bool = False,
+                 num_warps: int | None = None):
         head_dim = q.shape[-1]
         self.interpreted = interpreted()
         self.block_d = max(16, triton.next_power_of_2(head_dim))
@@ -399,6 +400,7 @@ class _LaunchConfig:
             self.num_warps = 8
         self.block_m = block_m or default_m
         self.block_n = block_n or default_n
+        self.num_warps = num_warps or self.num_warps
         self.num_stages = 2
         # bf16 tl.dot is wrong in the interpreter only (triton-lang/triton#11584)
         self.upcast_dot = self.interpreted and q.dtype == torch.bfloat16
@@ -441,10 +443,12 @@ def biased_attention_forward(
     col_table: torch.Tensor | None, col_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     sm_scale: float, dropout_p: float,
-    *, block_m: int | None = None, block_n: int | None = None,
+    *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher.
+
+    ``block_m`` / ``block_n`` / ``num_warps`` override the tile heuristic (tests, tuning runs).
 
     Shapes: ``q, k, v``: (batch, heads, seq, head_dim), any strides with a unit last stride (HF's
     ``view(B, L, H, D).transpose(1, 2)`` needs no copy). ``row_table`` / ``col_table``:
@@ -460,7 +464,7 @@ def biased_attention_forward(
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    cfg = _LaunchConfig(q, block_m, block_n)
+    cfg = _LaunchConfig(q, block_m, block_n, num_warps=num_warps)
     if out is None:
         out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     if lse is None:
@@ -498,7 +502,7 @@ def biased_attention_backward(
     col_table: torch.Tensor | None, col_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     sm_scale: float, dropout_p: float,
-    *, block_m: int | None = None, block_n: int | None = None,
+    *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
     raw_table_grads: bool = False, passes: tuple[str, ...] = ("kv", "q"),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -515,7 +519,7 @@ def biased_attention_backward(
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
-    cfg = _LaunchConfig(q, block_m, block_n, backward=True)
+    cfg = _LaunchConfig(q, block_m, block_n, backward=True, num_warps=num_warps)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
