@@ -943,3 +943,72 @@ def disentangled_attention_reference(
         q, k, v, row_table=row_table, row_index=c2p_index, col_table=col_table, col_index=p2c_index,
         key_padding_mask=key_padding_mask, sm_scale=1.0 / scale, dropout_p=dropout_p,
         dropout_mask=dropout_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked PyTorch tier (CPU without Triton's interpreter): the kernel's memory shape
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_attention(q_rows, k, v, rows, row_table, row_index, col_table, col_index, pos_key,
+                     pos_query, key_padding_mask, sm_scale, table_scale, dropout_p):
+    """Attention of the query positions ``rows`` (one chunk) against all keys, materialised."""
+    batch, heads, seqlen = k.shape[:3]
+    if pos_key is not None:  # DeBERTa: this chunk's c2p rows, built here so they are not saved
+        row_table = torch.matmul(q_rows, pos_key.transpose(-1, -2)) / table_scale
+    elif row_table is not None and row_table.size(2) != 1:
+        row_table = row_table[:, :, rows]
+    if pos_query is not None:  # ... and all p2c rows
+        col_table = torch.matmul(k, pos_query.transpose(-1, -2)) / table_scale
+    pos = torch.arange(seqlen, device=k.device)
+    dist = rows[:, None] - pos[None, :] + seqlen - 1  # [i, j] -> i - j + seq - 1
+    scores = torch.matmul(q_rows, k.transpose(-1, -2)) * sm_scale
+    if row_table is not None:
+        table = row_table.to(scores.dtype).expand(batch, heads, rows.numel(), row_table.size(-1))
+        scores = scores + torch.gather(table, -1, row_index.long()[dist].expand(batch, heads, -1, -1))
+    if col_table is not None:
+        table = col_table.to(scores.dtype).expand(batch, heads, seqlen, col_table.size(-1))
+        index = col_index.long()[dist].t().expand(batch, heads, -1, -1)  # [j, i]
+        scores = scores + torch.gather(table, -1, index).transpose(-1, -2)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # rows with no valid key: 0
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v)
+
+
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    row_table: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
+    col_table: torch.Tensor | None = None, col_index: torch.Tensor | None = None,
+    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
+    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, sm_scale: float = 1.0, scale: float = 1.0,
+    dropout_p: float = 0.0, chunk_size: int = 128,
+) -> torch.Tensor:
+    """Pure PyTorch twin of :func:`biased_attention` / :func:`disentangled_attention` with the
+    kernel's memory shape: query rows in chunks of ``chunk_size``, each chunk recomputed in the
+    backward (activation checkpointing), so only (batch, heads, chunk, seq) scores are ever alive.
+    The CPU path when Triton's interpreter is off. Takes either the generic tables
+    (``row_table`` ...) with ``sm_scale``, or DeBERTa's ``pos_key`` / ``pos_query`` with ``scale``
+    (content scores and tables divided by it, as :func:`disentangled_attention`).
+    Dropout: ``torch.nn.functional.dropout`` on the probabilities (torch's RNG, which the
+    checkpoint replays in the backward), not the kernels' Philox stream.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if pos_key is not None or pos_query is not None:
+        row_index, col_index, sm_scale = c2p_index, p2c_index, 1.0 / scale
+    seqlen = q.size(-2)
+    outs = []
+    for start in range(0, seqlen, chunk_size):
+        rows = torch.arange(start, min(seqlen, start + chunk_size), device=q.device)
+        args = (q[:, :, start:start + chunk_size], k, v, rows, row_table, row_index, col_table, col_index,
+                pos_key, pos_query, key_padding_mask, sm_scale, scale, dropout_p)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, row_table, col_table, pos_key, pos_query)):
+            outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk_attention(*args))
+    return torch.cat(outs, dim=2)

@@ -274,3 +274,23 @@ def test_gradient_checkpointing_replays_the_dropout_masks():
     for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
         if p.grad is not None:
             assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("family", ["t5", "deberta"])
+def test_chunked_pytorch_path_matches_hf_eager(family, monkeypatch):
+    """Where Triton cannot run (CPU without its interpreter) the patched modules use the chunked
+    PyTorch twin: same outputs and gradients as HF eager; dropout on in training only."""
+    import fastcse.models.biased as biased
+
+    monkeypatch.setattr(biased, "triton_can_run", lambda tensor: False)
+    torch.manual_seed(0)
+    if family == "t5":
+        model = T5EncoderModel(_t5_config())
+    else:
+        model = DebertaV2Model(_deberta_config(**DEBERTA_VARIANTS["v3_buckets_shared"]))
+    _, fast = _assert_same_as_eager(model, expect_patched=2)
+    ids, mask = _batch()
+    fast.train()
+    real = mask.bool()
+    assert rel_error(_hidden(fast, ids, mask)[real], _hidden(fast, ids, mask)[real]) > 1e-3
+
