@@ -69,6 +69,12 @@ DEBERTA_VARIANTS = {
     "v2_clamped": dict(pos_att_type=["p2c", "c2p"], position_buckets=-1, max_relative_positions=12,
                        share_att_key=False),
     "c2p_only": dict(pos_att_type=["c2p"], position_buckets=-1, max_relative_positions=12, share_att_key=False),
+    # span 64 > SEQ: only the 2 SEQ - 1 relative embeddings around the centre are used (window)
+    "v3_wide_span": dict(pos_att_type=["p2c", "c2p"], position_buckets=64, max_relative_positions=128,
+                         norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False),
+    # max_relative_positions ~ position_buckets: bucketing can move distances outwards, no window
+    "no_window": dict(pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=16,
+                      share_att_key=False),
 }
 
 

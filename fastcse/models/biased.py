@@ -208,12 +208,27 @@ def _umt5_forward(self, hidden_states, encoder_hidden_states=None, attention_mas
 
 
 def _prepare_deberta(module: nn.Module) -> None:
-    """HF's scale sqrt(head_dim * scale_factor), computed in fp32 and rounded to each activation
-    dtype (HF divides by ``scale.to(dtype)``); computed once here, not in the traced forward."""
+    """Constants computed once here, not in the traced forward.
+
+    HF's scale sqrt(head_dim * scale_factor), in fp32 and rounded to each activation dtype (HF
+    divides by ``scale.to(dtype)``). Whether this config's bucketing never moves a distance away
+    from 0 (``|bucket(d)| <= |d|``, true for DeBERTa-v2/v3's configs, false for some
+    ``max_relative_positions ~ position_buckets`` ones): then a sequence of length L only reaches
+    the 2L - 1 relative embeddings around the centre, and the tables are built for those only
+    (at L = 32 and 2 x 256 buckets, 63 entries instead of 512).
+    """
     scale_factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
     scale = torch.sqrt(torch.tensor(module.attention_head_size, dtype=torch.float) * scale_factor)
     module._fastcse_scale = {dtype: float(scale.to(dtype))
                              for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    window_ok = True
+    if module.relative_attention and module.position_buckets > 0:
+        from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+        dist = torch.arange(-(1 << 15), (1 << 15) + 1)
+        bucket = make_log_bucket_position(dist, module.position_buckets, module.max_relative_positions)
+        window_ok = bool((bucket.abs() <= dist.abs()).all())
+    module._fastcse_window_ok = window_ok
 
 
 def _deberta_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
@@ -243,7 +258,13 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
                                                    max_position=self.max_relative_positions)
         span = self.pos_ebd_size
         distance = _per_distance(relative_pos.to(q.device), seqlen)
-        rel_embeddings = self.pos_dropout(rel_embeddings)[: 2 * span]
+        # the relative embeddings this length can reach (all 2 span when the window is not safe)
+        lo, hi = (max(0, span - seqlen + 1), min(2 * span, span + seqlen)) if self._fastcse_window_ok \
+            else (0, 2 * span)
+        rel_embeddings = self.pos_dropout(rel_embeddings[lo:hi])
+
+        def window(index):  # HF's clamped index, shifted into the window (and kept inside it)
+            return torch.clamp(torch.clamp(index, 0, 2 * span - 1) - lo, 0, hi - lo - 1)
 
         def pos_heads(x):  # (2 span, H * D) -> (H, 2 span, D)
             return x.view(x.size(0), heads, -1).transpose(0, 1)
@@ -251,11 +272,11 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
         if "c2p" in self.pos_att_type:
             proj = self.key_proj if self.share_att_key else self.pos_key_proj
             rel["pos_key"] = pos_heads(proj(rel_embeddings))
-            rel["c2p_index"] = torch.clamp(distance + span, 0, 2 * span - 1)
+            rel["c2p_index"] = window(distance + span)
         if "p2c" in self.pos_att_type:
             proj = self.query_proj if self.share_att_key else self.pos_query_proj
             rel["pos_query"] = pos_heads(proj(rel_embeddings))
-            rel["p2c_index"] = torch.clamp(-distance.flip(0) + span, 0, 2 * span - 1)
+            rel["p2c_index"] = window(-distance.flip(0) + span)
 
     attend = disentangled_attention if triton_can_run(q) else chunked_attention
     out = attend(q, k, v, **rel, key_padding_mask=_deberta_key_padding_mask(attention_mask, batch, seqlen),
