@@ -85,6 +85,16 @@ def _lse_fwd_kernel(
 
 
 @triton.jit
+def _row_logits(dots_row, cols, n_cols, scale, hn_col, hn_weight, HAS_HARD_NEG: tl.constexpr):
+    """A block of one row's fp32 logits from raw dot products; -inf past the end."""
+    mask = cols < n_cols
+    s = tl.load(dots_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
+    if HAS_HARD_NEG:
+        s += tl.where(cols == hn_col, hn_weight, 0.0)
+    return tl.where(mask, s, float("-inf"))
+
+
+@triton.jit
 def _rows_softmax_kernel(
     dots_ptr, out_ptr, lse_ptr, grad_lse_ptr, scale_ptr,
     n_cols, stride_dots_row, stride_out_row, row0, hn_weight, hn_offset,
@@ -109,11 +119,7 @@ def _rows_softmax_kernel(
         running_sum = 0.0
         for col0 in range(0, n_cols, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
-            mask = cols < n_cols
-            s = tl.load(dots_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
-            if HAS_HARD_NEG:
-                s += tl.where(cols == hn_col, hn_weight, 0.0)
-            s = tl.where(mask, s, float("-inf"))
+            s = _row_logits(dots_row, cols, n_cols, scale, hn_col, hn_weight, HAS_HARD_NEG)
             new_max = tl.maximum(running_max, tl.max(s, axis=0))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max), axis=0)
             running_max = new_max
@@ -127,12 +133,8 @@ def _rows_softmax_kernel(
         g = 1.0
     for col0 in range(0, n_cols, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
-        mask = cols < n_cols
-        s = tl.load(dots_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
-        if HAS_HARD_NEG:
-            s += tl.where(cols == hn_col, hn_weight, 0.0)
-        weights = tl.exp(s - lse) * g
-        tl.store(out_row + cols, weights.to(out_ptr.dtype.element_ty), mask=mask)
+        weights = tl.exp(_row_logits(dots_row, cols, n_cols, scale, hn_col, hn_weight, HAS_HARD_NEG) - lse) * g
+        tl.store(out_row + cols, weights.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 # --------------------------------------------------------------------------------------------
