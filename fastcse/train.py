@@ -524,13 +524,21 @@ class Trainer:
         score = float(evaluate_stsb(self.encoder, split="dev", batch_size=self.cfg.run.eval_batch_size,
                                     progress=False))
         self.encoder.train(was_training)
+        self._release_zero3_params()
         return score
+
+    def _release_zero3_params(self) -> None:
+        # ZeRO-3: forwards outside the engine's own (evaluation) leave prefetched parameters in
+        # flight; release them all, or the next gather / training step trips over their status
+        if self.zero_stage == 3:
+            self.engine.empty_partition_cache()
 
     def export(self, name: str) -> Path | None:
         """Export the current model as a sentence-transformers folder ``output_dir/name`` (atomically)."""
         from fastcse.export import export_sentence_transformers
 
         target = self.out / name
+        self._release_zero3_params()
         with self.gathered(self.encoder.parameters()):  # ZeRO-3: consolidate the shards first
             if self.is_main:
                 tmp = self.out / f".tmp-{name}"
