@@ -283,6 +283,18 @@ def _pad_queue_rows(grad_c: Tensor, n_cols: int) -> Tensor:
     return torch.cat([grad_c, grad_c.new_zeros(n_cols - grad_c.shape[0], grad_c.shape[1])])
 
 
+def _claim_precomputed_grads(ctx) -> None:
+    """Precomputed gradients are handed out (scaled in place) once: refuse a second backward
+    through the same graph (``retain_graph=True``) rather than return wrong gradients."""
+    if getattr(ctx, "grads_claimed", False):
+        raise RuntimeError(
+            "backward ran twice through a fused InfoNCE loss whose gradients were formed in the "
+            "forward pass (reduction='mean'/'sum'); with retain_graph=True use reduction='none' "
+            "(then .mean()) or backend='eager'"
+        )
+    ctx.grads_claimed = True
+
+
 class _ChunkedLSE(torch.autograd.Function):
     """Pure-PyTorch row-chunked log-sum-exp (chunk x M logits at a time), the CPU default.
 
@@ -323,9 +335,12 @@ class _ChunkedLSE(torch.autograd.Function):
     def backward(ctx, grad_lse):
         hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, n_cols = ctx.config
         if precompute:
+            _claim_precomputed_grads(ctx)
             da, dc, dscale = ctx.saved_tensors
             g = grad_lse[0].to(da.dtype)  # uniform upstream (see the class docstring)
-            ga, gc, gs = da * g, dc * g, dscale * g
+            # scaled in place: the saved gradients become the returned ones (no second N x D and
+            # M x D copy at the memory peak), which is why a second backward is refused above
+            ga, gc, gs = da.mul_(g), dc.mul_(g), dscale * g
         else:
             a, c, scale, lse = ctx.saved_tensors
             ga, gc, gs = chunked_backward(a, c, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols,
@@ -353,24 +368,62 @@ def rowwise_lse(backend: str, a, c, scale, hn_weight, hn_offset, *, n_grad_cols,
                       uniform_upstream=uniform_upstream, chunk_rows=chunk_rows)
 
 
-def _direction_loss(backend, a_hat, c_hat, scale, *, hn_weight, hn_offset, target_offset, n_grad_cols,
-                    reduction, chunk_rows):
-    """Per-row or reduced cross-entropy of one direction (rows a_hat against columns c_hat)."""
-    n = a_hat.shape[0]
+class _NormalizeRows(torch.autograd.Function):
+    """``x / max(||x||, 1e-12)`` per row, as ``F.normalize``, but saving only ``x`` (the caller's
+    tensor, no new memory) and the inverse norms: F.normalize keeps its normalised output alive
+    for backward, an extra (N + M) x D that the fused backends exist to avoid."""
+
+    @staticmethod
+    def forward(ctx, x):
+        acc = _acc_dtype(x.dtype)
+        inv_norm = torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
+        ctx.save_for_backward(x, inv_norm)
+        return (x * inv_norm[:, None].to(x.dtype)) if x.dtype == acc else (x.to(acc) * inv_norm[:, None]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, inv_norm = ctx.saved_tensors
+        x_hat = x.to(inv_norm.dtype) * inv_norm[:, None]
+        grad = grad.to(inv_norm.dtype)
+        radial = (x_hat * grad).sum(dim=1, keepdim=True)
+        return ((grad - x_hat * radial) * inv_norm[:, None]).to(x.dtype)
+
+
+def _lean_normalize(parts: Sequence[Tensor]) -> Tensor:
+    """Normalise each block and concatenate, keeping no normalised copy for backward."""
+    normed = [_NormalizeRows.apply(p) if p.requires_grad else F.normalize(p, dim=-1) for p in parts]
+    return torch.cat(normed) if len(normed) > 1 else normed[0]
+
+
+def _cosine_rows(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
+    """cos(x_i, y_i) per row from the raw rows (no normalised copies saved for backward)."""
+    dots = (x * y).sum(dim=1, dtype=acc)
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc) * torch.linalg.vector_norm(y, dim=1, dtype=acc)
+    return dots / norms.clamp_min(1e-24)
+
+
+def _direction_loss(backend, rows, candidate_parts, targets, scale, *, hn_weight, hn_offset, target_offset,
+                    n_grad_cols, reduction, chunk_rows):
+    """Cross-entropy of one direction: raw ``rows`` (N, D) against the concatenated raw
+    ``candidate_parts`` (M rows in all; the queue, if any, last and detached). ``targets`` are
+    the raw candidate rows ``target_offset .. target_offset + N`` (this rank's own block), from
+    which the target logit is computed directly."""
+    n = rows.shape[0]
     if backend == "eager":
+        a_hat = F.normalize(rows, dim=-1)
+        c_hat = F.normalize(torch.cat(candidate_parts) if len(candidate_parts) > 1 else candidate_parts[0], dim=-1)
         logits = scale * (a_hat @ c_hat.T)
         if hn_weight != 0.0:
-            rows = torch.arange(n, device=a_hat.device)
+            idx = torch.arange(n, device=rows.device)
             bias = torch.zeros_like(logits)
-            bias[rows, rows + hn_offset] = hn_weight
+            bias[idx, idx + hn_offset] = hn_weight
             logits = logits + bias
-        targets = torch.arange(n, device=a_hat.device) + target_offset
-        return F.cross_entropy(logits, targets, reduction=reduction)
-    lse = rowwise_lse(backend, a_hat, c_hat, scale, hn_weight, hn_offset, n_grad_cols=n_grad_cols,
-                      uniform_upstream=reduction != "none", chunk_rows=chunk_rows)
-    target_cols = c_hat[target_offset:target_offset + n]
-    target_logit = scale * (a_hat * target_cols).sum(dim=1, dtype=lse.dtype)
-    per_row = lse - target_logit
+        target_ids = torch.arange(n, device=rows.device) + target_offset
+        return F.cross_entropy(logits, target_ids, reduction=reduction)
+    lse = rowwise_lse(backend, _lean_normalize([rows]), _lean_normalize(candidate_parts), scale, hn_weight,
+                      hn_offset, n_grad_cols=n_grad_cols, uniform_upstream=reduction != "none",
+                      chunk_rows=chunk_rows)
+    per_row = lse - scale * _cosine_rows(rows, targets, lse.dtype)
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
@@ -454,23 +507,19 @@ def info_nce(
     else:
         scale = torch.tensor(1.0 / temperature, dtype=acc_dtype, device=anchors.device)
 
-    a_hat = F.normalize(anchors, dim=-1)
     parts = [positives_all] + hard_all
     n_grad_cols = sum(p.shape[0] for p in parts)
     if queue is not None and queue.shape[0] > 0:
         parts.append(queue.detach())
-    c_hat = F.normalize(torch.cat(parts) if len(parts) > 1 else parts[0], dim=-1)
-
     loss = _direction_loss(
-        resolved, a_hat, c_hat, scale, hn_weight=float(hard_negative_weight),
+        resolved, anchors, parts, positives, scale, hn_weight=float(hard_negative_weight),
         hn_offset=(world + rank) * n, target_offset=rank * n,
         n_grad_cols=n_grad_cols, reduction=reduction, chunk_rows=chunk_rows,
     )
     if symmetric:
         anchors_all = all_gather_with_grad(anchors) if world > 1 else anchors
-        p_hat = F.normalize(positives, dim=-1)
         reverse = _direction_loss(
-            resolved, p_hat, F.normalize(anchors_all, dim=-1), scale, hn_weight=0.0, hn_offset=0,
+            resolved, positives, [anchors_all], anchors, scale, hn_weight=0.0, hn_offset=0,
             target_offset=rank * n, n_grad_cols=anchors_all.shape[0], reduction=reduction,
             chunk_rows=chunk_rows,
         )

@@ -299,9 +299,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lse, *_unused):
     hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, n_cols = ctx.config
     if precompute:
+        from fastcse.infonce import _claim_precomputed_grads
+
+        _claim_precomputed_grads(ctx)
         grad_a, grad_c, grad_scale = ctx.saved_tensors
         g = grad_lse[0]  # uniform upstream: the caller reduced lse with a mean or a sum
-        grad_a, grad_c, grad_scale = grad_a * g, grad_c * g, grad_scale * g
+        grad_a, grad_c, grad_scale = grad_a.mul_(g), grad_c.mul_(g), grad_scale * g  # once, in place
     else:
         anchors, candidates, scale, lse = ctx.saved_tensors
         grad_a, grad_c, grad_scale = infonce_lse_backward(
