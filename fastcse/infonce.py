@@ -19,8 +19,11 @@ hn_offset)``, with the gradients
 where g_i is the upstream gradient of lse_i. The three tiers:
 
 * ``eager``: materialises the N x M logits; the reference of the tests and the benchmarks.
-* ``chunked``: pure PyTorch, row chunks of at most ``chunk_size`` x M logits at a time.
-* ``triton``: ``fastcse.kernels.infonce``, tiles with an online log-sum-exp (never the N x M matrix).
+* ``chunked``: pure PyTorch, row chunks of at most ``chunk_rows`` x M logits at a time; with a
+  mean / sum reduction the gradients are formed during the forward pass.
+* ``triton``: ``fastcse.kernels.infonce``: without gradients (or for per-row upstream gradients)
+  a tile kernel with an online log-sum-exp (never the N x M matrix); for training, the row-chunk
+  loops below with a fused Triton row-softmax between cuBLAS matmuls.
 """
 
 from __future__ import annotations
