@@ -141,11 +141,17 @@ def _rows_softmax_kernel(
 # launch configuration
 # --------------------------------------------------------------------------------------------
 
-# Rows of dot products materialised per chunk on the fused path: 2**27 fp32 (512 MiB) plus the
-# same count in the matmul dtype. At N = 32768, M = 65536 that is 2048 rows, about 1/16 of the
-# 8 GiB an eager bf16 logits matrix alone takes, while each chunk's matmuls stay large enough
-# (2048 x 768 x 65536) to run at cuBLAS speed.
-FUSED_CHUNK_ELEMENTS = 1 << 27
+# Rows of dot products materialised per chunk on the fused training path. Two pulls:
+# * memory: a chunk holds chunk_rows x M fp32 dot products plus their probabilities in the matmul
+#   dtype (6 bytes per element in bf16). 2**25 elements is 192 MiB: at N = 32768, M = 65536 that
+#   is 512 rows, next to the ~17 GiB eager's bf16 logits, log-softmax and their gradients take.
+# * speed: every chunk re-reads and re-writes the fp32 gradient accumulator of the candidates
+#   (8 M D bytes) while its three matmuls do 6 chunk_rows M D FLOPs: 0.75 chunk_rows FLOPs per
+#   byte. An H100 needs ~300 (990 TFLOP/s over 3.35 TB/s), hence the floor of 512 rows, which wins over
+#   the memory budget when M is very large (N = 262144: 512 x 524288 x 6 B = 1.5 GiB).
+# Predictions, not yet measured on a GPU: bench/gpu_check.sh records both.
+FUSED_CHUNK_ELEMENTS = 1 << 25
+FUSED_MIN_CHUNK_ROWS = 512
 
 
 def _tile_config(a: torch.Tensor) -> dict:
@@ -330,7 +336,7 @@ def triton_lse(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, hn_weight:
     caller reduces with a mean or a sum), the gradients are formed in the same pass.
     """
     n_grad_cols = c.shape[0] if n_grad_cols is None else n_grad_cols
-    chunk_rows = chunk_rows or max(1, FUSED_CHUNK_ELEMENTS // max(1, c.shape[0]))
+    chunk_rows = chunk_rows or max(FUSED_MIN_CHUNK_ROWS, FUSED_CHUNK_ELEMENTS // max(1, c.shape[0]))
     wants_grad = torch.is_grad_enabled() and (a.requires_grad or c.requires_grad or scale.requires_grad)
     lse, _, _, _ = infonce_lse(a.contiguous(), c.contiguous(), scale.to(torch.float32).reshape(1),
                                float(hn_weight), int(hn_offset), int(n_grad_cols), int(chunk_rows),
