@@ -57,6 +57,18 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("fastcse") / "resources" / name))
 
 
+def _decoded_lines(path: Path, report: ReadReport, on_bad_row: str):
+    """(line number, UTF-8 text) of every line; undecodable lines are reported as bad rows."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            report.lines += 1
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad_row(report, lineno, f"undecodable bytes (not UTF-8): {e.reason} at byte {e.start}",
+                         on_bad_row)
+
+
 def _bad_row(report: ReadReport, line: int, reason: str, on_bad_row: str) -> None:
     message = f"{report.path}:{line}: {reason}"
     if on_bad_row == "error":
@@ -82,20 +94,12 @@ def read_sentences(path: str | Path, *, on_bad_row: Literal["skip", "error"] = "
     path = _check_file(path)
     report = ReadReport(str(path))
     sentences = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            report.lines += 1
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad_row(report, lineno, f"undecodable bytes (not UTF-8): {e.reason} at byte {e.start}",
-                         on_bad_row)
-                continue
-            text = text.strip()
-            if not text:
-                report.empty_skipped += 1
-                continue
-            sentences.append(text)
+    for lineno, text in _decoded_lines(path, report, on_bad_row):
+        text = text.strip()
+        if not text:
+            report.empty_skipped += 1
+            continue
+        sentences.append(text)
     report.examples = len(sentences)
     if not sentences:
         raise DataError(f"{path}: no sentences (all {report.lines} lines empty or bad)")
@@ -167,30 +171,22 @@ def _read_csv_triplets(path: Path, report: ReadReport, on_bad_row: str) -> list[
 
 def _read_jsonl_triplets(path: Path, report: ReadReport, on_bad_row: str) -> list[Triplet]:
     triplets = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            report.lines += 1
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad_row(report, lineno, f"undecodable bytes (not UTF-8): {e.reason} at byte {e.start}",
-                         on_bad_row)
-                continue
-            if not text.strip():
-                report.empty_skipped += 1
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                _bad_row(report, lineno, f"malformed JSON: {e.msg} at column {e.colno}", on_bad_row)
-                continue
-            if not isinstance(obj, dict):
-                _bad_row(report, lineno, f"expected a JSON object with {', '.join(TRIPLET_COLUMNS)}",
-                         on_bad_row)
-                continue
-            t = _triplet_from(obj, report, lineno, on_bad_row)
-            if t is not None:
-                triplets.append(t)
+    for lineno, text in _decoded_lines(path, report, on_bad_row):
+        if not text.strip():
+            report.empty_skipped += 1
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            _bad_row(report, lineno, f"malformed JSON: {e.msg} at column {e.colno}", on_bad_row)
+            continue
+        if not isinstance(obj, dict):
+            _bad_row(report, lineno, f"expected a JSON object with {', '.join(TRIPLET_COLUMNS)}",
+                     on_bad_row)
+            continue
+        t = _triplet_from(obj, report, lineno, on_bad_row)
+        if t is not None:
+            triplets.append(t)
     return triplets
 
 
