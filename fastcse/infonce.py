@@ -209,32 +209,41 @@ def torch_rows_softmax_(dots: Tensor, row0: int, scale: Tensor, hn_weight: float
     return weights
 
 
+def _chunk_gradient_pass(a: Tensor, c: Tensor, scale: Tensor, hn_weight: float, hn_offset: int,
+                         n_grad_cols: int, chunk_rows: int, lse: Tensor, grad_rows: Optional[Tensor],
+                         compute_lse: bool, matmul_dtype: torch.dtype, softmax_):
+    """The loop both gradient paths share: per row chunk, one matmul for the dot products,
+    ``softmax_`` turning them into weights g_i p_ij in place (writing ``lse`` first when
+    ``compute_lse``), and two matmuls accumulating ``w c`` and ``w^T a``. Returns
+    ``(grad_a, grad_c, grad_scale)`` of ``sum_i g_i lse_i`` in the accumulation dtype."""
+    acc = lse.dtype
+    am, cm = a.to(matmul_dtype), c.to(matmul_dtype)
+    grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
+    grad_c = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
+    for r0 in range(0, a.shape[0], chunk_rows):
+        r1 = min(a.shape[0], r0 + chunk_rows)
+        dots = _mm_acc(am[r0:r1], cm.T, acc)
+        weights = softmax_(dots, r0, scale, hn_weight, hn_offset, lse, grad_rows, compute_lse).to(matmul_dtype)
+        grad_a[r0:r1] = _mm_acc(weights, cm, acc)
+        _addmm_acc_(grad_c, weights[:, :n_grad_cols].T, am[r0:r1])
+    # d scale = sum_ij w_ij <a_i, c_j> = sum_i <a_i, (w c)_i>, taken before scaling grad_a
+    grad_scale = torch.vdot(a.to(acc).flatten(), grad_a.flatten())
+    s = scale.to(acc)
+    return grad_a.mul_(s), grad_c.mul_(s), grad_scale
+
+
 def chunked_forward_with_grads(a: Tensor, c: Tensor, scale: Tensor, hn_weight: float, hn_offset: int,
                                n_grad_cols: int, chunk_rows: int, *, matmul_dtype: torch.dtype,
                                softmax_=torch_rows_softmax_):
     """One pass over row chunks computing lse and the gradients of ``sum_i lse_i`` (6NMD FLOPs).
 
     Returns ``(lse, grad_a, grad_c, grad_scale)``: fp32 (fp64 for fp64 inputs); grad_c covers
-    the first ``n_grad_cols`` candidates. The chunk's dot products go through one matmul
-    (``matmul_dtype`` operands), ``softmax_`` turns them into p_ij in place, and two matmuls
-    accumulate ``p c`` and ``p^T a``.
+    the first ``n_grad_cols`` candidates (``matmul_dtype``: the operands of the chunk matmuls).
     """
-    acc = _acc_dtype(a.dtype)
-    am, cm = a.to(matmul_dtype), c.to(matmul_dtype)
-    n = a.shape[0]
-    lse = torch.empty(n, dtype=acc, device=a.device)
-    grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
-    grad_c = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
-    for r0 in range(0, n, chunk_rows):
-        r1 = min(n, r0 + chunk_rows)
-        dots = _mm_acc(am[r0:r1], cm.T, acc)
-        probs = softmax_(dots, r0, scale, hn_weight, hn_offset, lse, None, True).to(matmul_dtype)
-        grad_a[r0:r1] = _mm_acc(probs, cm, acc)
-        _addmm_acc_(grad_c, probs[:, :n_grad_cols].T, am[r0:r1])
-    # d scale = sum_ij p_ij <a_i, c_j> = sum_i <a_i, (p c)_i>, taken before scaling grad_a
-    grad_scale = torch.vdot(a.to(acc).flatten(), grad_a.flatten())
-    s = scale.to(acc)
-    return lse, grad_a.mul_(s), grad_c.mul_(s), grad_scale
+    lse = torch.empty(a.shape[0], dtype=_acc_dtype(a.dtype), device=a.device)
+    grads = _chunk_gradient_pass(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, lse, None,
+                                 True, matmul_dtype, softmax_)
+    return (lse, *grads)
 
 
 def chunked_backward(a: Tensor, c: Tensor, scale: Tensor, lse: Tensor, grad_lse: Tensor, hn_weight: float,
@@ -242,20 +251,8 @@ def chunked_backward(a: Tensor, c: Tensor, scale: Tensor, lse: Tensor, grad_lse:
                      softmax_=torch_rows_softmax_):
     """Gradients of ``sum_i grad_lse_i * lse_i``, recomputing each chunk (4NMD FLOPs on top of the
     forward's 2NMD). Returns ``(grad_a, grad_c, grad_scale)`` in the accumulation dtype."""
-    acc = lse.dtype
-    am, cm = a.to(matmul_dtype), c.to(matmul_dtype)
-    grad_rows = grad_lse.to(acc)
-    grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
-    grad_c = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
-    for r0 in range(0, a.shape[0], chunk_rows):
-        r1 = min(a.shape[0], r0 + chunk_rows)
-        dots = _mm_acc(am[r0:r1], cm.T, acc)
-        weights = softmax_(dots, r0, scale, hn_weight, hn_offset, lse, grad_rows, False).to(matmul_dtype)
-        grad_a[r0:r1] = _mm_acc(weights, cm, acc)
-        _addmm_acc_(grad_c, weights[:, :n_grad_cols].T, am[r0:r1])
-    grad_scale = torch.vdot(a.to(acc).flatten(), grad_a.flatten())
-    s = scale.to(acc)
-    return grad_a.mul_(s), grad_c.mul_(s), grad_scale
+    return _chunk_gradient_pass(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, lse,
+                                grad_lse.to(lse.dtype), False, matmul_dtype, softmax_)
 
 
 def _mm_acc(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
