@@ -177,6 +177,22 @@ def test_bad_rows_are_skipped_and_counted(assets, tmp_path, capsys):
     assert "20 examples from 23 lines; 1 empty lines skipped, 1 bad rows skipped" in out
 
 
+def test_tensorboard_logs_what_the_jsonl_log_holds(assets, tmp_path):
+    pytest.importorskip("tensorboard")  # in the test extras; optional for users
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(tiny_args(assets, out, "--max-steps", "3", "--save-steps", "0", "--tensorboard")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "sentences_per_s"} <= set(events.Tags()["scalars"])
+    logged = step_losses(out)
+    board = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(board) == sorted(logged) == [1, 2, 3]
+    for step, loss in logged.items():  # TensorBoard stores float32
+        assert abs(board[step] - loss) <= 1e-6 * max(1.0, abs(loss))
+
+
 @pytest.mark.slow
 def test_embedded_default_end_to_end(tmp_path, capsys):
     """The README's main job, shortened: default model and data, STS-B dev before/after, export."""
