@@ -585,14 +585,20 @@ class Trainer:
                                 queue=inputs.queue,
                                 gather_across_ranks=self.world > 1,  # every rank's negatives, with gradient
                                 backend=cfg.method.loss_backend)
-            if not _all_finite(loss):  # all ranks skip together, or the collectives would hang
-                finite = False
+            finite = _all_finite(loss)  # all ranks skip together, or the collectives would hang
+            if self.engine is not None:
+                # The window ends here when this micro-batch is bad: DeepSpeed holds the earlier
+                # micro-batches' gradients in its own buffers, so the bad one is handed over poisoned
+                # (NaN in every gradient it touches) at an early boundary; DeepSpeed's overflow check
+                # then drops the whole window, and our loop, not its micro-step counter, keeps the
+                # boundaries aligned with the data schedule.
+                self.engine.set_gradient_accumulation_boundary(k == accum - 1 or not finite)
+                self.engine.backward(loss if finite else loss * float("nan"))  # scales by 1/accum
+                self.engine.step()  # an optimizer step only at the accumulation boundary
+            if not finite:
                 self.method.discard_pending()
                 break
-            if self.engine is not None:
-                self.engine.backward(loss)  # DeepSpeed scales by 1/accum and averages across ranks
-                self.engine.step()  # an optimizer step only at the accumulation boundary
-            else:
+            if self.engine is None:
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             self.method.after_micro_step()  # ESimCSE: this batch's momentum embeddings join the queue
@@ -600,11 +606,17 @@ class Trainer:
 
         grad_norm = None
         if self.engine is not None:
-            if finite:
-                norm = self.engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else None
-                if grad_norm is not None and not math.isfinite(grad_norm) and self.precision != "fp16":
-                    finite = False  # counted; DeepSpeed (outside fp16's loss scaler) has applied it
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None and finite else None
+            applied = self.engine.was_step_applied()
+            if not applied and finite and self.precision != "fp16":
+                finite = False  # DeepSpeed found non-finite gradients and dropped the window
+            # (fp16: a dropped step is the loss scaler's overflow, expected early on, as without --ds)
+            if applied and (not finite or (grad_norm is not None and not math.isfinite(grad_norm))):
+                raise RuntimeError(
+                    "DeepSpeed applied an optimizer step with non-finite gradients (this DeepSpeed "
+                    "version or precision does not check them); the weights in memory are damaged. "
+                    f"Last good checkpoint: {self.last_checkpoint or 'none yet'}.")
         else:
             if finite:
                 if self.scaler:
