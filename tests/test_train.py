@@ -237,3 +237,27 @@ def test_embedded_default_is_sized_for_a_laptop():
     assert len(prep.examples) == 11914 and prep.cfg.method.name == "simcse-unsup"
     assert preflight(parse_args(["--epochs", "1"])).cfg.run.max_steps is None
     assert preflight(parse_args(["--max-steps", "7"])).cfg.run.max_steps == 7
+
+
+def test_quality_bar_commands_are_valid_runs(tmp_path):
+    """bench/quality_bar.py's documented commands pass the training program's checks (no model load)."""
+    from bench.quality_bar import RUNS
+    from fastcse.config import parse_args
+    from fastcse.train import preflight
+
+    (tmp_path / "small.json").write_text(json.dumps(TINY_BERT))
+    tokenizer = str(tmp_path / "tok")
+    from fastcse.data import train_fallback_tokenizer
+
+    train_fallback_tokenizer(vocab_size=500).save_pretrained(tokenizer)
+    seen = set()
+    for run in RUNS:
+        argv = run.args(tmp_path / "small.json", tokenizer, tmp_path)[3:]  # after `python -m fastcse.train`
+        prep = preflight(parse_args(argv))
+        cfg = prep.cfg
+        assert (cfg.method.name, cfg.method.loss_backend, cfg.run.seed) == (run.method, run.backend, run.seed)
+        assert cfg.run.epochs == 10 and cfg.optim.lr == 1e-3 and cfg.method.temperature == 0.1
+        assert prep.model_source == "config" and cfg.run.output_dir == str(tmp_path / run.name)
+        seen.add((run.method, run.backend))
+    # the bar's comparisons are all there: unsupervised fused and eager, supervised
+    assert {("simcse-unsup", "chunked"), ("simcse-unsup", "eager"), ("simcse-sup", "chunked")} <= seen
