@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             got = scores(args.out / run.name)
             steps = sorted(got)
-            ax.plot(steps, [got[s] for s in steps], marker=".", label=run.name)
+            eager = run.backend == "eager"  # dashed over its fused twin, which it hides when they agree
+            ax.plot(steps, [got[s] for s in steps], marker="." if not eager else "x", label=run.name,
+                    linestyle="--" if eager else "-")
         ax.set_xlabel("optimizer step (batch 64)")
         ax.set_ylabel("STS-B dev Spearman x100")
         ax.set_title("Random 4-layer BERT (hidden 128): SimCSE from scratch")
