@@ -354,25 +354,21 @@ def concat_features(*parts: dict[str, torch.Tensor], pad_id: int) -> dict[str, t
 # fallback tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def train_fallback_tokenizer(vocab_size: int = 8192, *, model_max_length: int = 512):
-    """A lowercasing BERT-style WordPiece tokenizer trained on the bundled wiki sample.
+FALLBACK_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-    For randomly initialised models when no pretrained tokenizer is at hand (nothing is downloaded).
-    Training takes about a second; save it with the model (``encoder.save``) so a resumed run or an
-    export uses the very same vocabulary.
-    """
+
+def _wordpiece_tokenizer(model, *, train_lines=None, vocab_size: int = 0, model_max_length: int = 512):
+    """BERT's uncased pipeline (normaliser, pre-tokenizer, [CLS] ... [SEP] template) around ``model``."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
-    from tokenizers.models import WordPiece
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2)
-    lines = bundled_path("wiki_sample.txt").read_text(encoding="utf-8").splitlines()
-    tok.train_from_iterator([line for line in lines if line.strip()], trainer=trainer)
+    if train_lines is not None:
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=FALLBACK_SPECIALS, min_frequency=2)
+        tok.train_from_iterator(train_lines, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -380,3 +376,30 @@ def train_fallback_tokenizer(vocab_size: int = 8192, *, model_max_length: int = 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
+
+
+def train_fallback_tokenizer(vocab_size: int = 8192, *, model_max_length: int = 512):
+    """A lowercasing BERT-style WordPiece tokenizer trained on the bundled wiki sample.
+
+    Training takes about a second but is not reproducible across processes (the trainer breaks
+    frequency ties in hash order, so a few tokens and most ids change); :func:`fallback_tokenizer`
+    is the fixed, shipped result of one such training. Save a trained one with the model
+    (``encoder.save``) so a resumed run or an export uses the very same vocabulary.
+    """
+    from tokenizers.models import WordPiece
+
+    lines = bundled_path("wiki_sample.txt").read_text(encoding="utf-8").splitlines()
+    return _wordpiece_tokenizer(WordPiece(unk_token="[UNK]"), train_lines=[line for line in lines if line.strip()],
+                                vocab_size=vocab_size, model_max_length=model_max_length)
+
+
+def fallback_tokenizer(*, model_max_length: int = 512):
+    """The shipped 8,192-token WordPiece vocabulary (``resources/fallback_vocab.txt``; made once by
+    :func:`train_fallback_tokenizer` on the wiki sample), for randomly initialised models when no
+    pretrained tokenizer is at hand: the same token ids on every machine and in every process.
+    """
+    from tokenizers.models import WordPiece
+
+    tokens = bundled_path("fallback_vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return _wordpiece_tokenizer(WordPiece(vocab, unk_token="[UNK]"), model_max_length=model_max_length)

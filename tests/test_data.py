@@ -196,3 +196,30 @@ def test_config_errors(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         parse_args(["--config", str(tmp_path / "none.yaml")])
+
+
+def test_shipped_fallback_vocabulary_tokenizes_like_the_trained_tokenizer():
+    """The fixed fallback vocabulary behaves as the tokenizer it was trained as: a tokenizer rebuilt
+    from a freshly trained one's vocabulary splits real sentences identically, and the shipped one
+    covers the wiki sample with BERT's special-token layout."""
+    from tokenizers.models import WordPiece
+
+    from fastcse.data import _wordpiece_tokenizer, bundled_path, fallback_tokenizer, train_fallback_tokenizer
+
+    lines = [l for l in bundled_path("wiki_sample.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+    sample = random.Random(3).sample(lines, 300) + ["Ünïcode, ÄCCENTS and 12,345 numbers!", "a"]
+    trained = train_fallback_tokenizer(vocab_size=3000)
+    rebuilt = _wordpiece_tokenizer(WordPiece(trained.get_vocab(), unk_token="[UNK]"))
+    assert rebuilt(sample)["input_ids"] == trained(sample)["input_ids"]
+    assert rebuilt("one sentence", "and two")["input_ids"] == trained("one sentence", "and two")["input_ids"]
+
+    shipped = fallback_tokenizer()
+    assert len(shipped) == 8192
+    assert shipped.convert_ids_to_tokens(list(range(5))) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert shipped.pad_token_id == 0
+    ids = shipped(lines[:2000])["input_ids"]
+    assert all(row[0] == shipped.cls_token_id and row[-1] == shipped.sep_token_id for row in ids)
+    unknown = sum(row.count(shipped.unk_token_id) for row in ids) / sum(len(row) for row in ids)
+    assert unknown < 0.001, unknown
+    assert shipped.decode(shipped("A man is playing a guitar.")["input_ids"], skip_special_tokens=True) == \
+        "a man is playing a guitar."
