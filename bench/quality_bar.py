@@ -83,11 +83,11 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "done").exists()
 
 
-def train(run: Run, model_config: Path, tokenizer: str, out: Path, threads: int) -> float:
+def train(run: Run, model_config: Path, tokenizer: str, out: Path, threads: int) -> None:
     run_dir = out / run.name
     if finished(run_dir):
         print(f"[{run.name}] finished earlier, kept")
-        return float("nan")
+        return
     cmd = run.args(model_config, tokenizer, out)
     print(f"[{run.name}] {shlex.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -100,7 +100,6 @@ def train(run: Run, model_config: Path, tokenizer: str, out: Path, threads: int)
         raise SystemExit(f"[{run.name}] failed (exit {proc.returncode}); see {run_dir / 'stdout.log'}")
     (run_dir / "done").write_text(f"{wall:.1f}\n")
     print(f"[{run.name}] done in {wall:.0f} s", flush=True)
-    return wall
 
 
 def main(argv: list[str] | None = None) -> int:

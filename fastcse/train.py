@@ -84,19 +84,24 @@ def minilm_path() -> str | None:
     return str(folder) if (folder / "config.json").is_file() else None
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a missing, unreadable or non-object file is one ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object")
+    return data
+
+
 def _read_model_config(value: Any) -> dict:
     if isinstance(value, dict):
         data = dict(value)
     else:
-        path = Path(str(value))
-        if not path.is_file():
-            raise ConfigError(f"model config not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config {path}: expected a JSON object")
+        data = _read_json_object(Path(str(value)), "model config")
     data.setdefault("model_type", "bert")
     return data
 
@@ -167,15 +172,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
             raise ConfigError(f"{module} is not available in this installation; run with {flag}")
     ds_config = None
     if cfg.run.ds:
-        path = Path(cfg.run.ds)
-        if not path.is_file():
-            raise ConfigError(f"DeepSpeed config not found: {path}")
-        try:
-            ds_config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read DeepSpeed config {path}: {e}") from e
-        if not isinstance(ds_config, dict):
-            raise ConfigError(f"DeepSpeed config {path}: expected a JSON object")
+        ds_config = _read_json_object(Path(cfg.run.ds), "DeepSpeed config")
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("--ds needs DeepSpeed (pip install deepspeed)")
         fill_ds_config(ds_config, cfg, world, where=str(path))  # catches batch-size conflicts now
