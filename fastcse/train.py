@@ -175,7 +175,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
         ds_config = _read_json_object(Path(cfg.run.ds), "DeepSpeed config")
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("--ds needs DeepSpeed (pip install deepspeed)")
-        fill_ds_config(ds_config, cfg, world, where=str(path))  # catches batch-size conflicts now
+        fill_ds_config(ds_config, cfg, world, where=str(Path(cfg.run.ds)))  # catches batch-size conflicts now
 
     model_config = None
     model_path = cfg.model.name_or_path
