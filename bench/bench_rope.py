@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from bench._common import RESULTS_DIR, append_rows, make_row, peak_memory_bytes, read_rows, time_fn
-from fastcse._triton_utils import interpreted as triton_interpreted
+from fastcse.kernels._triton_utils import interpreted as triton_interpreted
 
 CSV_NAME = "rope.csv"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

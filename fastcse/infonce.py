@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcse._triton_utils import interpreted, triton_available
+from fastcse.kernels._triton_utils import interpreted, triton_available
 
 Backend = Literal["auto", "triton", "chunked", "eager"]
 Reduction = Literal["mean", "sum", "none"]

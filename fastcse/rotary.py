@@ -24,7 +24,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import nn
 
-from fastcse._triton_utils import triton_available, triton_can_run
+from fastcse.kernels._triton_utils import triton_available, triton_can_run
 
 Layout = Literal["half", "interleaved"]
 Backend = Literal["auto", "triton", "eager"]

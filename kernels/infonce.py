@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcse._triton_utils import interpreted
+from fastcse.kernels._triton_utils import interpreted
 
 
 @triton.jit

@@ -543,7 +543,7 @@ def test_modernbert_varlen_rotary_paths(rotary):
 def test_biased_backend_matches_eager(arch):
     """attn_backend='biased' (the fused relative-bias kernel, interpreted on CPU) equals HF eager on
     real tokens, pooled embeddings and parameter gradients (relative bias tables included)."""
-    from fastcse._triton_utils import triton_can_run
+    from fastcse.kernels._triton_utils import triton_can_run
 
     if not triton_can_run(torch.empty(0)):
         pytest.skip("Triton cannot run on CPU here (needs TRITON_INTERPRET=1)")

@@ -40,7 +40,7 @@ import types
 import torch
 from torch import nn
 
-from fastcse._triton_utils import triton_can_run
+from fastcse.kernels._triton_utils import triton_can_run
 from fastcse.kernels.biased_attention import biased_attention, chunked_attention, disentangled_attention
 
 _T5_CLASSES = ("T5Attention", "MT5Attention")

@@ -254,7 +254,7 @@ class SentenceEncoder(nn.Module):
     def _check_device(self, tensor: torch.Tensor) -> None:
         # ``rotary`` needs no check: the patched modules run the model's own rotary code on CPU
         if self.attn_backend == "biased" and not tensor.is_cuda:
-            from fastcse._triton_utils import triton_can_run
+            from fastcse.kernels._triton_utils import triton_can_run
 
             if not triton_can_run(tensor):
                 raise RuntimeError(

@@ -1,4 +1,9 @@
-"""Helpers shared by the Triton launchers: availability, interpreter mode, dtype mapping."""
+"""Helpers shared by the Triton launchers and the engine's dispatch: availability, interpreter mode.
+
+Triton-free on purpose (torch and os only): the engine asks :func:`triton_available` before it
+picks a backend, and that question must not need Triton itself. It lives in the kernel layer
+because the launchers read :func:`interpreted` and ``kernels/`` imports nothing of the engine.
+"""
 
 from __future__ import annotations
 
