@@ -299,22 +299,33 @@ def stub_kernel_launches(on_launch: Optional[Callable[[Launch], None]] = None):
     """
     from triton.runtime.jit import JITFunction
 
+    kernel_classes = [JITFunction]
+    try:  # TRITON_INTERPRET=1 makes @triton.jit build these instead
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kernel_classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover
+        pass
     launches: list[Launch] = []
-    original = JITFunction.run
+    originals = {cls: cls.__dict__["run"] for cls in kernel_classes}
 
     def fake_run(self, *args, grid, warmup=False, **kwargs):
+        if warmup:
+            return None
         meta = dict(kwargs)
         meta.update(zip(self.arg_names, args))
-        g = grid(meta) if callable(grid) else grid
-        g = tuple(g) + (1,) * (3 - len(tuple(g)))
-        launch = Launch(name=self.__name__, grid=g, args=tuple(args), kwargs=kwargs)
+        g = tuple(grid(meta) if callable(grid) else grid)
+        g = g + (1,) * (3 - len(g))
+        launch = Launch(name=self.fn.__name__, grid=g, args=tuple(args), kwargs=kwargs)
         launches.append(launch)
         if on_launch is not None:
             on_launch(launch)
         return None
 
-    JITFunction.run = fake_run
+    for cls in kernel_classes:
+        cls.run = fake_run
     try:
         yield launches
     finally:
-        JITFunction.run = original
+        for cls, run in originals.items():
+            cls.run = run
