@@ -6,7 +6,9 @@ For L2-normalised anchors ``a`` (N, D) and candidates ``c`` (M, D)::
     lse_i = log sum_j exp(s_ij)
 
 The rest of the loss (target logit, reduction, normalisation, gathering) is cheap O((N + M) D)
-PyTorch around it in ``fastcse/infonce.py``. Two paths, chosen by what the caller needs:
+PyTorch around it in ``fastcse/infonce.py``; the row-chunk loop of the training path is shared
+with the chunked tier and lives, Triton-free, in :mod:`fastcse.kernels.infonce_chunks`. Two
+paths, chosen by what the caller needs:
 
 * ``_lse_fwd_kernel`` (no gradient wanted, or per-row upstream gradients): tiles of a against
   tiles of c with an online log-sum-exp, one float stored per row, never the N x M matrix
@@ -32,6 +34,12 @@ import triton
 import triton.language as tl
 
 from fastcse.kernels._triton_utils import interpreted
+from fastcse.kernels.infonce_chunks import (
+    chunked_backward,
+    chunked_forward_with_grads,
+    claim_precomputed_grads,
+    fused_matmul_dtype,
+)
 
 
 @triton.jit
@@ -181,7 +189,7 @@ def _tile_config(a: torch.Tensor) -> dict:
 def rows_softmax_(dots: torch.Tensor, row0: int, scale: torch.Tensor, hn_weight: float, hn_offset: int,
                   lse: torch.Tensor, grad_rows: Optional[torch.Tensor], compute_lse: bool,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Triton twin of :func:`fastcse.infonce.torch_rows_softmax_` (same contract).
+    """Triton twin of :func:`fastcse.kernels.infonce_chunks.torch_rows_softmax_` (same contract).
 
     dots: (rows, M) fp32 raw dot products of anchors row0.. against all candidates, unit stride
     along M. The weights are written into ``out`` (default: ``dots`` itself), whose dtype may be
@@ -241,8 +249,6 @@ def infonce_lse(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Te
         precompute_grads, else empty tensors.
     """
     if precompute_grads:
-        from fastcse.infonce import chunked_forward_with_grads, fused_matmul_dtype
-
         mm_dtype = fused_matmul_dtype(anchors)
         return chunked_forward_with_grads(
             anchors, candidates, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows,
@@ -276,8 +282,6 @@ def infonce_lse_backward(anchors: torch.Tensor, candidates: torch.Tensor, scale:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i grad_lse_i * lse_i``: (N, D), (n_grad_cols, D), () fp32, recomputing
     chunk by chunk (cuBLAS matmuls around the fused row-softmax kernel)."""
-    from fastcse.infonce import chunked_backward, fused_matmul_dtype
-
     mm_dtype = fused_matmul_dtype(anchors)
     return chunked_backward(anchors, candidates, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols,
                             chunk_rows, matmul_dtype=mm_dtype, softmax_=_softmax_into_matmul_dtype(mm_dtype))
@@ -305,9 +309,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lse, *_unused):
     hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, n_cols = ctx.config
     if precompute:
-        from fastcse.infonce import _claim_precomputed_grads
-
-        _claim_precomputed_grads(ctx)
+        claim_precomputed_grads(ctx)
         grad_a, grad_c, grad_scale = ctx.saved_tensors
         g = grad_lse[0]  # uniform upstream: the caller reduced lse with a mean or a sum
         grad_a, grad_c, grad_scale = grad_a.mul_(g), grad_c.mul_(g), grad_scale * g  # once, in place
