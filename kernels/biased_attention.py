@@ -10,12 +10,12 @@ and ``j`` is dropped when ``key_padding_mask[b, j]`` is false. Both bias terms a
 the relative distance ``i - j`` looked up in small tables, which covers
 
 - T5: ``table[h, bucket(j - i)]`` evaluated once per distance, a ``(1, H, 1, 2L - 1)`` row
-  broadcast over batch and queries (:func:`biased_attention`; its gradient is scattered per
+  broadcast over batch and queries (:func:`biased_attention_triton`; its gradient is scattered per
   distance and reaches the bucket table by autograd);
 - DeBERTa-v2/v3: ``row_table = c2p = Q_c K_r^T / scale`` of shape ``(B, H, L, 2 * span)`` with
   ``row_index = clamp(bucket(i - j) + span)``, and ``col_table = p2c = K_c Q_r^T / scale`` with the
-  index of HF's p2c gather (:func:`disentangled_attention` builds both tables a batch chunk at a
-  time from ``K_r`` / ``Q_r`` and rebuilds them in the backward instead of saving them).
+  index of HF's p2c gather (:func:`disentangled_attention_triton` builds both tables a batch chunk
+  at a time from ``K_r`` / ``Q_r`` and rebuilds them in the backward instead of saving them).
 
 Forward: online softmax over key tiles; one log-sum-exp per query row is stored, never the
 L x L matrix. Backward: the tiles are recomputed twice, once column-parallel (dK, dV and the
@@ -25,6 +25,11 @@ atomics. The bias-table gradients are scattered with fp32 atomics into per-batch
 
 Dropout (on the probabilities, as Hugging Face does) draws a Philox number per ``(b, h, i, j)``
 from a per-call seed tensor; the backward regenerates the same mask instead of storing it.
+
+Contents: the ``@triton.jit`` kernels, their host launchers, the ``torch.library`` custom ops
+with their autograd, and the triton tier's entry points. Input checks, the eager references, the
+chunked PyTorch twin and the dispatch live in :mod:`fastcse.biased_attention`, which imports this
+module only when the triton tier runs.
 """
 
 from __future__ import annotations
@@ -408,35 +413,6 @@ class _LaunchConfig:
         self.dot_precision = "ieee" if q.dtype == torch.float32 and fp32_exact else "tf32"
 
 
-def _check_inputs(q, k, v, row_table, row_index, col_table, col_index, key_padding_mask):
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            "biased_attention: q, k, v must all be (batch, heads, seq, head_dim) with equal shapes, "
-            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"biased_attention: q, k, v must share a dtype among fp32/fp16/bf16, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    batch, heads, seqlen, _ = q.shape
-    for name, table, index in (("row", row_table, row_index), ("col", col_table, col_index)):
-        if (table is None) != (index is None):
-            raise ValueError(f"biased_attention: {name}_table and {name}_index go together")
-        if table is None:
-            continue
-        if table.dim() != 4 or table.size(0) not in (1, batch) or table.size(1) != heads \
-                or table.size(2) not in (1, seqlen):
-            raise ValueError(
-                f"biased_attention: {name}_table must be (1 or batch, heads, 1 or seq, entries) = "
-                f"(1|{batch}, {heads}, 1|{seqlen}, n), got {tuple(table.shape)}")
-        if index.shape != (2 * seqlen - 1,) or index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"biased_attention: {name}_index must be an integer vector of length 2 * seq - 1 = "
-                f"{2 * seqlen - 1} (entry per distance i - j + seq - 1), got {tuple(index.shape)} "
-                f"{index.dtype}")
-    if key_padding_mask is not None and key_padding_mask.shape != (batch, seqlen):
-        raise ValueError(f"biased_attention: key_padding_mask must be (batch, seq) = ({batch}, {seqlen}), "
-                         f"got {tuple(key_padding_mask.shape)}")
-
-
 def biased_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_table: torch.Tensor | None, row_index: torch.Tensor | None,
@@ -809,206 +785,54 @@ _disentangled_fwd_op.register_autograd(_disentangled_backward, setup_context=_di
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points
+# Entry points of the triton tier (inputs checked by fastcse.biased_attention, the dispatch)
 # --------------------------------------------------------------------------------------------
 
 
-def biased_attention(
+def _draw_seed(q: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor | None:
+    """The Philox seed of one call: the caller's, a fresh one from torch's generator, or None
+    without dropout (so the ops' schemas see no tensor they would have to save)."""
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    return seed
+
+
+def biased_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     row_table: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
     col_table: torch.Tensor | None = None, col_index: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     sm_scale: float = 1.0, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention with a relative-position bias, fused (never materialises seq x seq).
+    """Differentiable fused biased attention (shapes as in :func:`biased_attention_forward`).
 
-    Args:
-        q, k, v: (batch, heads, seq, head_dim), fp32 / fp16 / bf16 (fp32 accumulation).
-        row_table, row_index: bias ``row_table[b, h, i, row_index[i - j + seq - 1]]``; table
-            (1 or batch, heads, 1 or seq, entries), index int (2 seq - 1,). Differentiable table.
-        col_table, col_index: bias ``col_table[b, h, j, col_index[i - j + seq - 1]]``; same shapes.
-        key_padding_mask: (batch, seq) bool, True = the key can be attended to.
-        sm_scale: multiplies ``q . k`` (T5: 1; DeBERTa: 1 / sqrt(head_dim * scale_factor)).
-        dropout_p: dropout on the probabilities (pass 0 in evaluation mode); the mask is Philox
-            noise of ``seed`` (int64 tensor of shape (1,), drawn from torch's generator if None),
-            regenerated in the backward, see :func:`dropout_keep_mask`.
-
-    Returns:
-        (batch, heads, seq, head_dim), laid out as (batch, seq, heads, head_dim) in memory.
-        A query row with no valid key returns zeros.
+    ``seed``: int64 (1,) Philox seed of the dropout mask, drawn from torch's generator when None
+    and ``dropout_p > 0``. Returns (batch, heads, seq, head_dim) stored as (batch, seq, heads,
+    head_dim). The arguments are not checked here: :func:`fastcse.biased_attention.biased_attention`
+    checks them before it calls this.
     """
-    _check_inputs(q, k, v, row_table, row_index, col_table, col_index, key_padding_mask)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"biased_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and seed is None:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     out, _ = _biased_attention_fwd_op(q, k, v, row_table, row_index, col_table, col_index,
-                                      key_padding_mask, seed if dropout_p > 0.0 else None,
+                                      key_padding_mask, _draw_seed(q, dropout_p, seed),
                                       float(sm_scale), float(dropout_p))
     return out
 
 
-def biased_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-    row_table: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
-    col_table: torch.Tensor | None = None, col_index: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    sm_scale: float = 1.0, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Eager twin of :func:`biased_attention`: the (batch, heads, seq, seq) scores materialised.
-
-    Computes in the dtype of its inputs (pass float64 tensors for a reference). ``dropout_mask``
-    is a (batch, heads, seq, seq) keep-mask, e.g. :func:`dropout_keep_mask` of the kernel's seed.
-    """
-    batch, heads, seqlen, _ = q.shape
-    pos = torch.arange(seqlen, device=q.device)
-    dist = pos[:, None] - pos[None, :] + seqlen - 1  # [i, j] -> i - j + seq - 1
-    scores = torch.matmul(q, k.transpose(-1, -2)) * sm_scale
-    if row_table is not None:
-        table = row_table.to(scores.dtype).expand(batch, heads, seqlen, row_table.size(-1))
-        index = row_index.long()[dist].expand(batch, heads, seqlen, seqlen)
-        scores = scores + torch.gather(table, -1, index)
-    if col_table is not None:
-        table = col_table.to(scores.dtype).expand(batch, heads, seqlen, col_table.size(-1))
-        index = col_index.long()[dist].t().expand(batch, heads, seqlen, seqlen)  # [j, i]
-        scores = scores + torch.gather(table, -1, index).transpose(-1, -2)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no valid key: zeros, as the kernel
-    if dropout_mask is not None and dropout_p > 0.0:
-        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
-    return torch.matmul(probs, v)
-
-
-def disentangled_attention(
+def disentangled_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None, scale: float = 1.0,
     dropout_p: float = 0.0, seed: torch.Tensor | None = None, chunk_rows: int = 0,
 ) -> torch.Tensor:
-    """DeBERTa's disentangled attention on the fused kernel, with HF's arithmetic::
-
-        s[i, j] = (q_i . k_j + q_i . pos_key[c2p_index[i - j + L - 1]]
-                   + k_j . pos_query[p2c_index[i - j + L - 1]]) / scale
-
-    The c2p / p2c tables (``Q_c K_r^T / scale``, ``K_c Q_r^T / scale``: seq x entries per
-    sequence and head) are built by matmuls a batch chunk at a time (``chunk_rows`` sequences, 0 =
-    sized to keep one chunk's table at ~8 M elements), consumed by the kernel, freed, and rebuilt
-    in the backward: no seq x seq or seq x entries tensor is kept for the backward.
-
-    Args:
-        q, k, v: (batch, heads, seq, head_dim).
-        pos_key, pos_query: (heads, entries, head_dim), HF's ``pos_key_layer`` / ``pos_query_layer``
-            (relative embeddings through the key / query projection); either may be None.
-        c2p_index, p2c_index: int (2 seq - 1,) table columns per distance ``i - j``.
-        key_padding_mask, dropout_p, seed: as :func:`biased_attention`.
-        scale: HF's ``sqrt(head_dim * scale_factor)`` (in the activation dtype).
+    """Differentiable fused DeBERTa attention: ``pos_key`` / ``pos_query`` (heads, entries,
+    head_dim) with int (2 seq - 1,) indices; the c2p / p2c tables are built ``chunk_rows``
+    sequences at a time (0: sized by ``_TABLE_CHUNK_ELEMENTS``) and rebuilt in the backward.
+    Unchecked, as :func:`biased_attention_triton`
+    (:func:`fastcse.biased_attention.disentangled_attention` checks).
     """
-    _check_inputs(q, k, v, None, None, None, None, key_padding_mask)
-    batch, heads, seqlen, head_dim = q.shape
-    for name, pos, index in (("pos_key", pos_key, c2p_index), ("pos_query", pos_query, p2c_index)):
-        if (pos is None) != (index is None):
-            raise ValueError(f"disentangled_attention: {name} and its index go together")
-        if pos is None:
-            continue
-        if pos.dim() != 3 or pos.size(0) != heads or pos.size(2) != head_dim or pos.dtype != q.dtype:
-            raise ValueError(f"disentangled_attention: {name} must be (heads, entries, head_dim) = "
-                             f"({heads}, n, {head_dim}) in {q.dtype}, got {tuple(pos.shape)} {pos.dtype}")
-        if index.shape != (2 * seqlen - 1,) or index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"disentangled_attention: the index of {name} must be an integer vector "
-                             f"of length 2 * seq - 1 = {2 * seqlen - 1}, got {tuple(index.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"disentangled_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and seed is None:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     out, _ = _disentangled_fwd_op(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
-                                  seed if dropout_p > 0.0 else None, float(scale), float(dropout_p),
+                                  _draw_seed(q, dropout_p, seed), float(scale), float(dropout_p),
                                   int(chunk_rows))
     return out
-
-
-def disentangled_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
-    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None, scale: float = 1.0,
-    dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Eager twin of :func:`disentangled_attention` (tables and scores materialised)."""
-    row_table = None if pos_key is None else torch.matmul(q, pos_key.transpose(-1, -2)) / scale
-    col_table = None if pos_query is None else torch.matmul(k, pos_query.transpose(-1, -2)) / scale
-    return biased_attention_reference(
-        q, k, v, row_table=row_table, row_index=c2p_index, col_table=col_table, col_index=p2c_index,
-        key_padding_mask=key_padding_mask, sm_scale=1.0 / scale, dropout_p=dropout_p,
-        dropout_mask=dropout_mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Chunked PyTorch tier (CPU without Triton's interpreter): the kernel's memory shape
-# --------------------------------------------------------------------------------------------
-
-
-def _chunk_attention(q_rows, k, v, rows, row_table, row_index, col_table, col_index, pos_key,
-                     pos_query, key_padding_mask, sm_scale, table_scale, dropout_p):
-    """Attention of the query positions ``rows`` (one chunk) against all keys, materialised."""
-    batch, heads, seqlen = k.shape[:3]
-    if pos_key is not None:  # DeBERTa: this chunk's c2p rows, built here so they are not saved
-        row_table = torch.matmul(q_rows, pos_key.transpose(-1, -2)) / table_scale
-    elif row_table is not None and row_table.size(2) != 1:
-        row_table = row_table[:, :, rows]
-    if pos_query is not None:  # ... and all p2c rows
-        col_table = torch.matmul(k, pos_query.transpose(-1, -2)) / table_scale
-    pos = torch.arange(seqlen, device=k.device)
-    dist = rows[:, None] - pos[None, :] + seqlen - 1  # [i, j] -> i - j + seq - 1
-    scores = torch.matmul(q_rows, k.transpose(-1, -2)) * sm_scale
-    if row_table is not None:
-        table = row_table.to(scores.dtype).expand(batch, heads, rows.numel(), row_table.size(-1))
-        scores = scores + torch.gather(table, -1, row_index.long()[dist].expand(batch, heads, -1, -1))
-    if col_table is not None:
-        table = col_table.to(scores.dtype).expand(batch, heads, seqlen, col_table.size(-1))
-        index = col_index.long()[dist].t().expand(batch, heads, -1, -1)  # [j, i]
-        scores = scores + torch.gather(table, -1, index).transpose(-1, -2)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
-    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # rows with no valid key: 0
-    if dropout_p > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v)
-
-
-def chunked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-    row_table: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
-    col_table: torch.Tensor | None = None, col_index: torch.Tensor | None = None,
-    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
-    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None, sm_scale: float = 1.0, scale: float = 1.0,
-    dropout_p: float = 0.0, chunk_size: int = 128,
-) -> torch.Tensor:
-    """Pure PyTorch twin of :func:`biased_attention` / :func:`disentangled_attention` with the
-    kernel's memory shape: query rows in chunks of ``chunk_size``, each chunk recomputed in the
-    backward (activation checkpointing), so only (batch, heads, chunk, seq) scores are ever alive.
-    The CPU path when Triton's interpreter is off. Takes either the generic tables
-    (``row_table`` ...) with ``sm_scale``, or DeBERTa's ``pos_key`` / ``pos_query`` with ``scale``
-    (content scores and tables divided by it, as :func:`disentangled_attention`).
-    Dropout: ``torch.nn.functional.dropout`` on the probabilities (torch's RNG, which the
-    checkpoint replays in the backward), not the kernels' Philox stream.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    if pos_key is not None or pos_query is not None:
-        row_index, col_index, sm_scale = c2p_index, p2c_index, 1.0 / scale
-    seqlen = q.size(-2)
-    outs = []
-    for start in range(0, seqlen, chunk_size):
-        rows = torch.arange(start, min(seqlen, start + chunk_size), device=q.device)
-        args = (q[:, :, start:start + chunk_size], k, v, rows, row_table, row_index, col_table, col_index,
-                pos_key, pos_query, key_padding_mask, sm_scale, scale, dropout_p)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (q, k, v, row_table, col_table, pos_key, pos_query)):
-            outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
-        else:
-            outs.append(_chunk_attention(*args))
-    return torch.cat(outs, dim=2)

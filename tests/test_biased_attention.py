@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcse.kernels.biased_attention import (
-    biased_attention,
-    biased_attention_reference,
-    dropout_keep_mask,
-)
+from fastcse.biased_attention import biased_attention, biased_attention_reference
+from fastcse.kernels.biased_attention import dropout_keep_mask
 from tests.helpers import assert_close, rel_error
 
 BATCH, HEADS = 2, 2
@@ -186,7 +183,7 @@ def test_torch_compile_one_graph_across_batch_sizes():
     counter = CompileCounterWithBackend("aot_eager")
     seqlen, head_dim = 12, 16
 
-    from fastcse.kernels.biased_attention import disentangled_attention, disentangled_attention_reference
+    from fastcse.biased_attention import disentangled_attention, disentangled_attention_reference
 
     def attend(q, k, v, row_table, row_index):
         out = biased_attention(q, k, v, row_table=row_table, row_index=row_index)
@@ -215,7 +212,7 @@ def test_disentangled_attention_matches_reference(dropout_p, chunk_rows):
     """DeBERTa's op: tables built per batch chunk from pos_key / pos_query and rebuilt in backward;
     output and gradients (pos_key / pos_query included) equal the float64 twin, and chunking keeps
     the dropout stream of every (batch, head)."""
-    from fastcse.kernels.biased_attention import (
+    from fastcse.biased_attention import (
         disentangled_attention,
         disentangled_attention_reference,
     )
@@ -252,7 +249,7 @@ def test_disentangled_attention_matches_reference(dropout_p, chunk_rows):
 def test_cuda_real_shapes_low_precision(kind, dtype):
     """Base-model shapes (12 heads of 64, seq 509 ragged, span 256) compiled on the GPU: the error
     of every output vs float64 is at most twice PyTorch's eager error in the same dtype."""
-    from fastcse.kernels.biased_attention import (
+    from fastcse.biased_attention import (
         disentangled_attention,
         disentangled_attention_reference,
     )
@@ -381,7 +378,7 @@ def test_kernels_compile_for_sm90_without_spills():
 
 
 def test_chunked_attention_matches_float64_reference():
-    from fastcse.kernels.biased_attention import (
+    from fastcse.biased_attention import (
         biased_attention_reference,
         chunked_attention,
         disentangled_attention_reference,

@@ -286,7 +286,7 @@ def test_gradient_checkpointing_replays_the_dropout_masks():
 def test_chunked_pytorch_path_matches_hf_eager(family, monkeypatch):
     """Where Triton cannot run (CPU without its interpreter) the patched modules use the chunked
     PyTorch twin: same outputs and gradients as HF eager; dropout on in training only."""
-    import fastcse.models.biased as biased
+    import fastcse.biased_attention as biased
 
     monkeypatch.setattr(biased, "triton_can_run", lambda tensor: False)
     torch.manual_seed(0)

@@ -11,8 +11,8 @@
 - DeBERTa-v2 / v3 ``DisentangledSelfAttention``: ``c2p = Q_c K_r^T`` and ``p2c = K_c Q_r^T``
   (seq x 2 span tables) are computed with ordinary matmuls, divided by HF's scale, and gathered
   inside the kernel at the (bucketed, clamped) relative position HF's ``relative_pos`` gives for
-  each distance (:func:`~fastcse.kernels.biased_attention.disentangled_attention`: the tables
-  exist one batch chunk at a time and are rebuilt in the backward, never saved). The content
+  each distance (:func:`~fastcse.biased_attention.disentangled_attention`: on the kernel the
+  tables exist one batch chunk at a time and are rebuilt in the backward, never saved). The content
   scores use ``1 / sqrt(head_dim * scale_factor)`` as HF does (the scale rounded to the
   activation dtype, as HF's ``scale.to(dtype)``).
 
@@ -22,9 +22,11 @@ generator per call, the same mask regenerated in the backward) with the module's
 training mode and none in eval mode; HF's hidden dropouts and DeBERTa's ``pos_dropout`` on the
 relative embeddings are the model's own ``nn.Dropout`` modules, untouched.
 
-Without a GPU and without Triton's interpreter (``TRITON_INTERPRET=1``) the patched modules run
-:func:`~fastcse.kernels.biased_attention.chunked_attention`, the pure PyTorch twin with the same
-memory shape (query chunks recomputed in the backward); its dropout is torch's own.
+The patched modules call the dispatch of :mod:`fastcse.biased_attention` with ``backend="auto"``:
+the kernel wherever Triton can run (CUDA, or CPU under ``TRITON_INTERPRET=1``), and otherwise
+:func:`~fastcse.biased_attention.chunked_attention`, the pure PyTorch twin with the same memory
+shape (query chunks recomputed in the backward; its dropout is torch's own). The Triton module is
+imported only when the kernel runs, so this module loads where Triton is not installed.
 
 Falls back to the HF forward for what the kernel does not cover: cross-attention, decoder
 caches, DeBERTa's ``query_states`` (enhanced mask decoder) and ``output_attentions=True`` (which
@@ -40,8 +42,7 @@ import types
 import torch
 from torch import nn
 
-from fastcse.kernels._triton_utils import triton_can_run
-from fastcse.kernels.biased_attention import biased_attention, chunked_attention, disentangled_attention
+from fastcse.biased_attention import biased_attention, disentangled_attention
 
 _T5_CLASSES = ("T5Attention", "MT5Attention")
 _UMT5_CLASSES = ("UMT5Attention",)
@@ -177,9 +178,8 @@ def _t5_forward(self, hidden_states, mask=None, key_value_states=None, position_
         position_bias = _t5_distance_bias(self, seqlen, q.device)
     bias = {} if position_bias is None else dict(
         row_table=position_bias, row_index=_t5_row_index(seqlen, q.device))
-    attend = biased_attention if triton_can_run(q) else chunked_attention
-    out = attend(q, k, v, **bias, key_padding_mask=_t5_key_padding_mask(mask, batch, seqlen),
-                 sm_scale=1.0, dropout_p=self.dropout if self.training else 0.0)
+    out = biased_attention(q, k, v, **bias, key_padding_mask=_t5_key_padding_mask(mask, batch, seqlen),
+                           sm_scale=1.0, dropout_p=self.dropout if self.training else 0.0)
     out = self.o(out.transpose(1, 2).reshape(batch, seqlen, heads * head_dim))
     # position_bias travels to the next layers as HF's does (a layer without a table gets None,
     # where HF passes zeros)
@@ -201,9 +201,9 @@ def _umt5_forward(self, hidden_states, encoder_hidden_states=None, attention_mas
     if self.has_relative_attention_bias:  # UMT5: every layer has its own table
         bias = dict(row_table=_t5_distance_bias(self, seqlen, q.device),
                     row_index=_t5_row_index(seqlen, q.device))
-    attend = biased_attention if triton_can_run(q) else chunked_attention
-    out = attend(q, k, v, **bias, key_padding_mask=_t5_key_padding_mask(attention_mask, batch, seqlen),
-                 sm_scale=1.0, dropout_p=self.dropout if self.training else 0.0)
+    out = biased_attention(q, k, v, **bias,
+                           key_padding_mask=_t5_key_padding_mask(attention_mask, batch, seqlen),
+                           sm_scale=1.0, dropout_p=self.dropout if self.training else 0.0)
     return self.o(out.transpose(1, 2).reshape(batch, seqlen, heads * head_dim)), None
 
 
@@ -278,9 +278,9 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
             rel["pos_query"] = pos_heads(proj(rel_embeddings))
             rel["p2c_index"] = window(-distance.flip(0) + span)
 
-    attend = disentangled_attention if triton_can_run(q) else chunked_attention
-    out = attend(q, k, v, **rel, key_padding_mask=_deberta_key_padding_mask(attention_mask, batch, seqlen),
-                 scale=scale, dropout_p=self.dropout.p if self.training else 0.0)
+    out = disentangled_attention(q, k, v, **rel,
+                                 key_padding_mask=_deberta_key_padding_mask(attention_mask, batch, seqlen),
+                                 scale=scale, dropout_p=self.dropout.p if self.training else 0.0)
     return out.transpose(1, 2).reshape(batch, seqlen, -1), None
 
 
