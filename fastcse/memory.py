@@ -88,6 +88,11 @@ def custom_op_body(func) -> Optional[Callable]:
     return None if opdef is None else opdef._init_fn
 
 
+def _has_composite_kernel(func) -> bool:
+    return isinstance(func, torch._ops.OpOverload) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), "CompositeImplicitAutograd")
+
+
 class StorageCounter(TorchDispatchMode):
     """Live and peak bytes of the tensor storage created while the mode is active.
 
@@ -95,8 +100,9 @@ class StorageCounter(TorchDispatchMode):
         round_to: count each storage rounded up to this many bytes (512 mimics CUDA's caching
             allocator; 1 counts exact bytes, as PyTorch's CPU allocator hands them out).
         inline_custom_ops: run custom ops' Python bodies under the counter (see module doc).
-        on_op: optional callback ``on_op(func, args, kwargs, out)`` for every op the mode sees
-            (custom ops after their body ran), e.g. to record a trace of launches.
+        on_op: optional callback ``on_op(func, args, kwargs, out)`` after every op that ran
+            its own kernel (not for custom ops or composites, whose parts are reported instead),
+            e.g. to record a trace of launches.
 
     Attributes: ``current`` and ``peak`` bytes, ``peak_op`` (the op at which the peak was
     reached). A storage first seen as an input (allocated before counting began, or by code
@@ -114,7 +120,14 @@ class StorageCounter(TorchDispatchMode):
         self.peak_op: Optional[str] = None
         self._counted: dict[int, int] = {}  # storage key -> bytes counted for it
         self._foreign: set[int] = set()  # storages that were there before (or came from outside)
-        self._lock = threading.RLock()  # re-entrant: gc can free a storage mid-update
+        self._lock = threading.RLock()
+        self._function_modes: list = []  # re-entrant: gc can free a storage mid-update
+
+    def __enter__(self):
+        from torch.overrides import _get_current_function_mode_stack
+
+        self._function_modes = list(_get_current_function_mode_stack())
+        return super().__enter__()
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -170,14 +183,25 @@ class StorageCounter(TorchDispatchMode):
         self._note_inputs(args, kwargs)
         body = custom_op_body(func) if self.inline_custom_ops else None
         if body is not None:
-            with self:  # the body's own ops come back through this mode
+            with contextlib.ExitStack() as stack:
+                # The body runs under the torch-function modes its caller had (meta_as_cuda's
+                # is_cuda answers among them), which are off while the op is dispatched, and
+                # under this mode, so its own ops come back here.
+                for mode in self._function_modes:
+                    stack.enter_context(mode)
+                stack.enter_context(self)
                 out = body(*args, **kwargs)
+        elif _has_composite_kernel(func):
+            # Below autograd (inside a custom op's body) composite ops such as matmul reach the
+            # mode whole; run their decomposition here so the ops that allocate are seen.
+            with self:
+                out = func.decompose(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
+            if self.on_op is not None:
+                self.on_op(func, args, kwargs, out)
         workspace = HIDDEN_WORKSPACE[func](args, kwargs) if func in HIDDEN_WORKSPACE else 0
         self._note_outputs(out, str(func), self._rounded(workspace))
-        if self.on_op is not None:
-            self.on_op(func, args, kwargs, out)
         return out
 
 

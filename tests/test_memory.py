@@ -166,3 +166,35 @@ def test_stub_kernel_launches_records_and_skips():
     assert [(l.name, l.grid) for l in launches] == [("_poison", (8, 1, 1)), ("_poison", (4, 1, 1))]
     assert launches[0].kwargs["BLOCK"] == 128 and launches[0].args[0] is x
     assert bool((x == 0).all())  # nothing ran
+
+
+@torch.library.custom_op("fastcse_test::tmp_if_cuda", mutates_args=())
+def _tmp_if_cuda(x: torch.Tensor) -> torch.Tensor:
+    # a CUDA-only temporary: the body must see meta_as_cuda's answers to take this branch
+    if x.is_cuda:
+        torch.empty(x.shape[0], 8 * x.shape[1], dtype=x.dtype, device=x.device).zero_()
+    return x + 1
+
+
+@_tmp_if_cuda.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_custom_op_body_takes_cuda_branches_under_meta_as_cuda():
+    x = torch.randn(16, 4, device="meta")
+    with meta_run(), StorageCounter() as plain:
+        _tmp_if_cuda(x)
+    with meta_as_cuda(), StorageCounter() as as_cuda:
+        _tmp_if_cuda(x)
+    assert plain.peak == 16 * 4 * F32
+    assert as_cuda.peak == (8 + 1) * 16 * 4 * F32
+
+
+def test_on_op_reports_leaf_ops_of_composites_and_custom_ops():
+    seen = []
+    x = torch.randn(8, 4, device="meta")
+    with StorageCounter(on_op=lambda func, args, kwargs, out: seen.append(func.name())):
+        _double_plus_tmp(x)
+    assert "fastcse_test::double_plus_tmp" not in seen
+    assert {"aten::empty.memory_format", "aten::zero_", "aten::mul.Tensor"} <= set(seen)
