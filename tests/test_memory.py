@@ -188,7 +188,7 @@ def test_custom_op_body_takes_cuda_branches_under_meta_as_cuda():
     with meta_as_cuda(), StorageCounter() as as_cuda:
         _tmp_if_cuda(x)
     assert plain.peak == 16 * 4 * F32
-    assert as_cuda.peak == (8 + 1) * 16 * 4 * F32
+    assert as_cuda.peak == 8 * 16 * 4 * F32  # the temporary dies before x + 1 is made
 
 
 def test_on_op_reports_leaf_ops_of_composites_and_custom_ops():
