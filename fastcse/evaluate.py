@@ -145,8 +145,9 @@ def run(args: argparse.Namespace, tasks: list[str] | None) -> dict:
 
     from fastcse import __version__
     from fastcse.evaluation.geometry import Geometry, evaluate_geometry, plot_alignment_uniformity
-    from fastcse.evaluation.loading import detect_model_kind, load_encoder
+    from fastcse.evaluation.loading import load_encoder
     from fastcse.evaluation.sts import EmbeddingCache, load_tasks, score_tasks
+    from fastcse.models.folders import detect_model_kind
 
     # read every data file and check every model folder before the (long) encoding starts
     datasets = load_tasks(tasks, split=args.split, senteval_dir=args.senteval_dir, sick_path=args.sick_path)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from fastcse.models.folders import model_max_length, write_encoder_meta
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("sentence-transformers", "huggingface")
@@ -53,9 +55,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _export_length(encoder, max_seq_length: int | None) -> int:
-    from fastcse.evaluation.sts import evaluation_length
-
-    return int(max_seq_length) if max_seq_length is not None else evaluation_length(encoder)
+    if max_seq_length is not None:
+        return int(max_seq_length)
+    return model_max_length(encoder.backbone.config, encoder.tokenizer)
 
 
 def _mlp_at_eval(encoder) -> bool:
@@ -80,7 +82,7 @@ def export_sentence_transformers(encoder, out_dir, *, normalize: bool = False, m
             Dense+Tanh module when the MLP runs at evaluation, ``mlp_only_train=False``).
         normalize: append a Normalize module (unit-length embeddings).
         max_seq_length: tokens the exported model reads. ``None``: the model's limit
-            (:func:`fastcse.evaluation.sts.evaluation_length`), not the training length: a short
+            (:func:`fastcse.models.folders.model_max_length`), not the training length: a short
             ``max_seq_length`` such as SimCSE's 32 is a training cost knob, and SimCSE evaluates and
             publishes its models without that truncation.
         overwrite: allow a non-empty ``out_dir`` (files of the same names are replaced).
@@ -139,20 +141,9 @@ def export_sentence_transformers(encoder, out_dir, *, normalize: bool = False, m
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
     })
-    _write_fastcse_marker(encoder, out, length)
+    # so that SentenceEncoder.from_pretrained restores the pooler exactly (MLP weights included)
+    write_encoder_meta(out, encoder, max_seq_length=length)
     return out
-
-
-def _write_fastcse_marker(encoder, out: Path, length: int) -> None:
-    from fastcse.models.encoder import CONFIG_NAME, POOLER_WEIGHTS
-
-    _write_json(out / CONFIG_NAME, {"pooling": encoder.pooling, "mlp_only_train": encoder.mlp_only_train,
-                                    "max_seq_length": length, "attn_backend": encoder.attn_backend})
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.pooler.state_dict().items()}
-    if state:
-        from safetensors.torch import save_file
-
-        save_file(state, str(out / POOLER_WEIGHTS))
 
 
 def export_huggingface(encoder, out_dir, *, overwrite: bool = False) -> Path:

@@ -4,9 +4,11 @@ and loading models from fastcse, sentence-transformers and Hugging Face folders.
 The command line is ``python -m fastcse.evaluate``; export lives in :mod:`fastcse.export`.
 """
 
+from fastcse.models.folders import MODEL_KINDS, ModelFolderError, detect_model_kind
+
 from .geometry import (Geometry, alignment, evaluate_geometry, isotropy, mean_cosine, plot_alignment_uniformity,
                        uniformity)
-from .loading import MODEL_KINDS, ModelFolderError, detect_model_kind, load_encoder
+from .loading import load_encoder
 from .sts import (TASKS, DataFormatError, EmbeddingCache, STSData, STSResults, TaskResult, evaluate_sts,
                   evaluate_stsb, evaluation_length, load_stsb, load_task, load_tasks, read_senteval_sts, read_sick, read_stsb,
                   spearman)

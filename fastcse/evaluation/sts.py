@@ -35,6 +35,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fastcse.models.folders import model_max_length
+
 logger = logging.getLogger(__name__)
 
 # the paper's column order
@@ -59,8 +61,6 @@ SEMEVAL_SUBSETS = {
 # scored pairs per year in SimCSE's "all" setting over SEMEVAL_SUBSETS
 SEMEVAL_PAIRS = {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186}
 SICK_FILES = {"test": "SICK_test_annotated.txt", "dev": "SICK_trial.txt", "train": "SICK_train.txt"}
-# the longest evaluation input when the model itself sets no limit (T5's relative positions)
-MAX_EVAL_LENGTH = 512
 
 
 class DataFormatError(ValueError):
@@ -370,23 +370,13 @@ def cosine_scores(emb1: torch.Tensor, emb2: torch.Tensor) -> np.ndarray:
 
 
 def evaluation_length(encoder) -> int:
-    """How many tokens evaluation reads: the backbone's position limit (RoBERTa's offset
-    subtracted), the tokenizer's ``model_max_length`` when smaller, at most 512.
+    """How many tokens evaluation reads: :func:`fastcse.models.folders.model_max_length` of the
+    encoder's backbone and tokenizer (the position limit, the tokenizer's limit, at most 512).
 
     SimCSE evaluates without truncation, so a model trained at ``max_seq_length`` 32 is still
     evaluated on whole sentences.
     """
-    config = encoder.backbone.config
-    limits = [MAX_EVAL_LENGTH]
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        offset = (config.pad_token_id or 0) + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
-        limits.append(int(positions) - offset)
-    tokenizer = getattr(encoder, "tokenizer", None)
-    model_max = getattr(tokenizer, "model_max_length", 0) if tokenizer is not None else 0
-    if 0 < model_max < 1_000_000:
-        limits.append(int(model_max))
-    return int(min(limits))
+    return model_max_length(encoder.backbone.config, getattr(encoder, "tokenizer", None))
 
 
 @contextlib.contextmanager

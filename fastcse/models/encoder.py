@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from . import attention as attn
+from .folders import (POOLER_WEIGHTS, check_sentence_transformers_modules, folder_kind, has_tokenizer_files,
+                      model_max_length, read_encoder_meta, write_encoder_meta)
 from .poolers import POOLINGS, build_pooler
 from .unpad import unpack
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "fastcse_encoder.json"
-POOLER_WEIGHTS = "pooler.safetensors"
 T5_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
 
 
@@ -170,10 +170,10 @@ class SentenceEncoder(nn.Module):
         """Load an encoder from a folder (or a HF hub name, which needs the network).
 
         Folder kinds:
-        - written by :meth:`save`: ``fastcse_encoder.json`` gives pooling, ``mlp_only_train`` and
-          ``max_seq_length``; the ``cls_mlp`` weights come from ``pooler.safetensors``. The saved
-          ``attn_backend`` is informational: ``attn_backend`` here (default ``auto``) decides, since
-          the right backend depends on the machine.
+        - written by :meth:`save`: the metadata file (:data:`~fastcse.models.folders.ENCODER_META_FILE`)
+          gives pooling, ``mlp_only_train`` and ``max_seq_length``; the ``cls_mlp`` weights come from
+          ``pooler.safetensors``. The saved ``attn_backend`` is informational: ``attn_backend`` here
+          (default ``auto``) decides, since the right backend depends on the machine.
         - sentence-transformers (``modules.json``): the Transformer module's folder is the
           backbone, ``1_Pooling/config.json`` the pooling (``cls`` or ``mean``; others are refused),
           ``sentence_bert_config.json`` the ``max_seq_length``. A Normalize module is not part of
@@ -191,10 +191,12 @@ class SentenceEncoder(nn.Module):
         saved: dict = {}
         backbone_path = str(name_or_path)
         folder_pooling = folder_max_len = None
-        if (path / CONFIG_NAME).is_file():
-            saved = json.loads((path / CONFIG_NAME).read_text())
+        # a Hugging Face folder or a hub name (kind None) goes to Hugging Face as it is
+        kind = folder_kind(path)
+        if kind == "fastcse":
+            saved = read_encoder_meta(path)
             folder_pooling, folder_max_len = saved.get("pooling"), saved.get("max_seq_length")
-        elif (path / "modules.json").is_file():
+        elif kind == "sentence-transformers":
             backbone_path, folder_pooling, folder_max_len = _read_sentence_transformers(path)
         config = AutoConfig.from_pretrained(backbone_path)
         if pooling is None:
@@ -206,7 +208,7 @@ class SentenceEncoder(nn.Module):
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = _load_tokenizer(str(tokenizer))
         if max_seq_length is None:
-            max_seq_length = folder_max_len or _default_max_len(config, tokenizer)
+            max_seq_length = folder_max_len or model_max_length(config, tokenizer)
         encoder = cls._build(config, weights_path=backbone_path, tokenizer=tokenizer, pooling=pooling,
                              attn_backend=attn_backend, dtype=dtype, max_seq_length=max_seq_length,
                              mlp_only_train=mlp_only_train)
@@ -231,22 +233,15 @@ class SentenceEncoder(nn.Module):
         """Write a folder that :meth:`from_pretrained` reads back.
 
         Contents: the HF backbone (``config.json``, ``model.safetensors``), the tokenizer files,
-        ``fastcse_encoder.json`` ({pooling, mlp_only_train, max_seq_length, attn_backend}) and
-        ``pooler.safetensors`` when the pooler has parameters (``cls_mlp``).
+        :data:`~fastcse.models.folders.ENCODER_META_FILE` ({pooling, mlp_only_train, max_seq_length,
+        attn_backend}) and ``pooler.safetensors`` when the pooler has parameters (``cls_mlp``).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(path))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(path))
-        meta = {"pooling": self.pooling, "mlp_only_train": self.mlp_only_train,
-                "max_seq_length": self.max_seq_length, "attn_backend": self.attn_backend}
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
-        if state:
-            from safetensors.torch import save_file
-
-            save_file(state, str(path / POOLER_WEIGHTS))
+        write_encoder_meta(path, self)
 
     # ------------------------------------------------------------------------------------------
     # the model
@@ -456,37 +451,29 @@ def _read_sentence_transformers(path: Path):
     Reads both layouts: sentence-transformers < 6 (``pooling_mode_*_tokens`` booleans,
     ``max_seq_length`` in ``sentence_bert_config.json``) and >= 6 (``pooling_mode``; the length is
     the tokenizer's ``model_max_length``). Modules other than Transformer, Pooling and Normalize
-    (Dense, ...) would change the embedding, so such folders are refused.
+    (Dense, ...) would change the embedding, so such folders are refused
+    (:func:`~fastcse.models.folders.check_sentence_transformers_modules`).
     """
-    modules = json.loads((path / "modules.json").read_text())
     backbone = pooling = max_len = None
-    for module in modules:
-        kind = module.get("type", "").rsplit(".", 1)[-1]
+    for module in check_sentence_transformers_modules(path):
         folder = path / module.get("path", "")
-        if kind == "Transformer":
+        if module["kind"] == "Transformer":
             backbone = folder
             cfg_file = folder / "sentence_bert_config.json"
             if cfg_file.is_file():
                 max_len = json.loads(cfg_file.read_text()).get("max_seq_length")
-        elif kind == "Pooling":
+        elif module["kind"] == "Pooling":
             pooling = _st_pooling(json.loads((folder / "config.json").read_text()), folder)
-        elif kind != "Normalize":
-            raise ValueError(f"{path}: sentence-transformers module {module.get('type')!r} is not supported by "
-                             f"SentenceEncoder (it reproduces Transformer + Pooling (cls / mean) + Normalize)")
     if backbone is None:
         raise ValueError(f"{path}/modules.json lists no Transformer module")
     return str(backbone), pooling, max_len
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "spm.model")
 
 
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not has_tokenizer_files(folder):
         # transformers 5 would build an empty tokenizer from the config alone: better none at all
         return None
     try:
@@ -494,15 +481,3 @@ def _load_tokenizer(path: str):
     except (OSError, ValueError, TypeError) as exc:
         logger.info("no tokenizer loaded from %s (%s)", path, exc)
         return None
-
-
-def _default_max_len(config, tokenizer) -> int:
-    limits = [512]
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        # RoBERTa's position table starts at padding_idx + 1
-        offset = (config.pad_token_id or 0) + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
-        limits.append(positions - offset)
-    if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
-        limits.append(tokenizer.model_max_length)
-    return int(min(limits))

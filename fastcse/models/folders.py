@@ -40,7 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 # encode(normalize=True) applies it)
 ST_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 
-# no model fastcse trains reads further, and attention cost grows with the square of the length
+# the longest input when the model itself sets no limit (T5's relative positions have none)
 MAX_LENGTH_CAP = 512
 # models whose position table starts at padding_idx + 1 (HF's create_position_ids_from_input_ids)
 _PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
