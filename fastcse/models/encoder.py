@@ -68,10 +68,11 @@ class SentenceEncoder(nn.Module):
 
     Attention backends (``attn_backend``; details and dropout in :mod:`fastcse.models.attention`):
     ``eager`` (HF's own, the reference), ``sdpa`` (HF's padded SDPA), ``varlen`` (BERT family and
-    ModernBERT on packed tokens; on CPU its attention runs through a padded SDPA twin), ``biased`` (T5 /
-    DeBERTa-v2 fused relative-bias attention), ``rotary`` (RoFormer / ModernBERT fused rotary),
-    ``auto`` (resolved when built: ``varlen`` for the BERT family; for the others the fused
-    backend on a CUDA machine, else sdpa or eager).
+    ModernBERT on packed tokens; on CPU its attention runs through a padded SDPA twin), ``biased``
+    (T5 / DeBERTa-v2 fused relative-bias attention; where Triton cannot run, e.g. on CPU without
+    its interpreter, the chunked PyTorch twin of :mod:`fastcse.biased_attention`), ``rotary``
+    (RoFormer / ModernBERT fused rotary), ``auto`` (resolved when built: ``varlen`` for the BERT
+    family; for the others the fused backend on a CUDA machine, else sdpa or eager).
     In training mode every backend applies the model's attention and hidden dropout, so two
     forwards of one batch differ (SimCSE's augmentation); evaluation mode is deterministic.
 
@@ -246,18 +247,6 @@ class SentenceEncoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     # the model
 
-    def _check_device(self, tensor: torch.Tensor) -> None:
-        # ``rotary`` needs no check: the patched modules run the model's own rotary code on CPU
-        if self.attn_backend == "biased" and not tensor.is_cuda:
-            from fastcse.kernels._triton_utils import triton_can_run
-
-            if not triton_can_run(tensor):
-                raise RuntimeError(
-                    f"attn_backend={self.attn_backend!r} runs Triton kernels, which need a CUDA device (or "
-                    f"Triton's CPU interpreter, TRITON_INTERPRET=1); this batch is on {tensor.device}. "
-                    f"Build the encoder with attn_backend='eager' or 'sdpa' for CPU."
-                )
-
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each encoder layer in backward (fastcse addition): HF's own checkpointing for
         the padded backends, ``torch.utils.checkpoint`` per layer on the varlen path. Dropout masks
@@ -295,7 +284,6 @@ class SentenceEncoder(nn.Module):
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids and attention_mask must both be (batch, seqlen); got "
                              f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-        self._check_device(input_ids)
         if not self._takes_token_type_ids:
             token_type_ids = None  # T5 / ModernBERT have no segment embeddings
         if self.attn_backend == "varlen":
@@ -312,7 +300,6 @@ class SentenceEncoder(nn.Module):
         ``token_type_ids`` is ignored by models without segment embeddings (T5, ModernBERT).
         """
         if self.attn_backend == "varlen":
-            self._check_device(input_ids)
             if not self._takes_token_type_ids:
                 token_type_ids = None
             packed_hidden, packed = self._varlen(input_ids, attention_mask, token_type_ids)
