@@ -318,6 +318,58 @@ def test_model_kinds_and_bad_folders(tmp_path, saved_tiny, minilm_dir, tiny_enco
         detect_model_kind(no_weights)
 
 
+def test_one_model_length_for_loading_evaluation_and_export(tmp_path):
+    """CamemBERT's position table starts at padding_idx + 1 like RoBERTa's: loading, evaluation and
+    export all read the same limit from fastcse.models.folders.model_max_length."""
+    from transformers import CamembertConfig, CamembertModel
+
+    from fastcse.export import _export_length
+    from fastcse.models import SentenceEncoder
+    from fastcse.models.folders import model_max_length
+
+    cfg = CamembertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+    assert model_max_length(cfg) == 40 - 2
+    CamembertModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "camembert")
+    enc = SentenceEncoder.from_pretrained(tmp_path / "camembert", attn_backend="eager")
+    assert enc.max_seq_length == sts.evaluation_length(enc) == _export_length(enc, None) == 38
+
+    class Tokenizer:  # only the limit matters here
+        model_max_length = 20
+
+    assert model_max_length(cfg, Tokenizer()) == 20
+    Tokenizer.model_max_length = int(1e30)  # HF's "no limit"
+    assert model_max_length(cfg, Tokenizer()) == 38
+    assert model_max_length(cfg.__class__(max_position_embeddings=4096)) == 512
+
+
+def test_encoder_meta_and_module_list_checks(tmp_path, saved_tiny):
+    from fastcse.models.folders import (ENCODER_META_FILE, check_sentence_transformers_modules, read_encoder_meta,
+                                        write_encoder_meta)
+
+    assert read_encoder_meta(saved_tiny) == {"pooling": "mean", "mlp_only_train": True, "max_seq_length": 16,
+                                             "attn_backend": "eager"}
+    assert read_encoder_meta(tmp_path) is None
+    fields = {"pooling": "cls", "mlp_only_train": False, "max_seq_length": 40, "attn_backend": "varlen"}
+    assert write_encoder_meta(tmp_path, fields, max_seq_length=24) == {**fields, "max_seq_length": 24}
+    assert read_encoder_meta(tmp_path) == {**fields, "max_seq_length": 24}
+    with pytest.raises(ValueError, match=r"unknown fastcse_encoder\.json fields \['pooler'\]"):
+        write_encoder_meta(tmp_path, {"pooler": "cls"})
+    (tmp_path / ENCODER_META_FILE).write_text("[1, 2]")
+    with pytest.raises(ModelFolderError, match="holds list, expected a JSON object"):
+        read_encoder_meta(tmp_path)
+
+    (tmp_path / "modules.json").write_text('{"idx": 0}')
+    with pytest.raises(ModelFolderError, match="is not a sentence-transformers module list"):
+        check_sentence_transformers_modules(tmp_path)
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}]))
+    with pytest.raises(ModelFolderError, match=r"modules \['LayerNorm'\] have no SentenceEncoder equivalent"):
+        check_sentence_transformers_modules(tmp_path)
+
+
 def test_cli_table_json_plot(tmp_path, saved_tiny, capsys):
     out, png = tmp_path / "r" / "results.json", tmp_path / "au.png"
     rc = evaluate_main(["--model", str(saved_tiny), str(saved_tiny), "--label", "one", "two", "--tasks", "stsb",
