@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = [
     "StorageCounter", "peak_bytes", "PeakMemory", "meta_run", "meta_as_cuda", "stub_kernel_launches", "Launch",
-    "custom_op_body", "HIDDEN_WORKSPACE", "CUDA_BLOCK_BYTES",
+    "TensorInfo", "custom_op_body", "HIDDEN_WORKSPACE", "CUDA_BLOCK_BYTES",
 ]
 
 CUDA_BLOCK_BYTES = 512  # c10::cuda::CUDACachingAllocator kMinBlockSize: every block is a multiple
@@ -302,15 +302,53 @@ def meta_as_cuda():
     return meta_run(as_cuda=True)
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a launch record keeps of a tensor argument: its metadata, never the tensor (a record
+    that held tensors would keep every buffer it saw alive, and the counter would see them)."""
+
+    shape: tuple
+    strides: tuple
+    dtype: torch.dtype
+    device: str
+    storage_key: int
+    storage_nbytes: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorInfo":
+        storage = t.untyped_storage()
+        return cls(tuple(t.shape), tuple(t.stride()), t.dtype, t.device.type, storage._cdata, storage.nbytes())
+
+    def stride(self) -> tuple:
+        return self.strides
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def untyped_storage(self):  # the few Tensor-like calls cost formulas make
+        return self
+
+    def nbytes(self) -> int:
+        return self.storage_nbytes
+
+
+def _info(x):
+    return TensorInfo.of(x) if isinstance(x, torch.Tensor) else x
+
+
 @dataclass
 class Launch:
-    """One stubbed Triton launch: the kernel's name, its grid and its arguments (tensors are the
-    caller's, e.g. meta tensors), constexprs and launch options included in ``kwargs``."""
+    """One stubbed Triton launch: the kernel's name, its grid and its arguments, tensors recorded
+    as :class:`TensorInfo` (constexprs and launch options are in ``kwargs``)."""
 
     name: str
     grid: tuple
     args: tuple
     kwargs: dict
+    arguments: dict  # every argument by the kernel's parameter name, constexprs and options too
 
 
 @contextlib.contextmanager
@@ -340,7 +378,9 @@ def stub_kernel_launches(on_launch: Optional[Callable[[Launch], None]] = None):
         meta.update(zip(self.arg_names, args))
         g = tuple(grid(meta) if callable(grid) else grid)
         g = g + (1,) * (3 - len(g))
-        launch = Launch(name=self.fn.__name__, grid=g, args=tuple(args), kwargs=kwargs)
+        launch = Launch(name=self.fn.__name__, grid=g, args=tuple(_info(a) for a in args),
+                        kwargs={k: _info(v) for k, v in kwargs.items()},
+                        arguments={k: _info(v) for k, v in meta.items()})
         launches.append(launch)
         if on_launch is not None:
             on_launch(launch)

@@ -164,7 +164,9 @@ def test_stub_kernel_launches_records_and_skips():
         _poison[(triton.cdiv(1000, 128),)](x, 1000, BLOCK=128)
         _poison[lambda meta: (triton.cdiv(1000, meta["BLOCK"]),)](x, 1000, BLOCK=256)
     assert [(l.name, l.grid) for l in launches] == [("_poison", (8, 1, 1)), ("_poison", (4, 1, 1))]
-    assert launches[0].kwargs["BLOCK"] == 128 and launches[0].args[0] is x
+    assert launches[0].kwargs["BLOCK"] == 128 and launches[0].arguments["n"] == 1000
+    ptr = launches[0].arguments["ptr"]  # tensors are kept as metadata, never alive
+    assert (ptr.shape, ptr.dtype, ptr.storage_key) == ((1000,), torch.float32, x.untyped_storage()._cdata)
     assert bool((x == 0).all())  # nothing ran
 
 
@@ -198,3 +200,19 @@ def test_on_op_reports_leaf_ops_of_composites_and_custom_ops():
         _double_plus_tmp(x)
     assert "fastcse_test::double_plus_tmp" not in seen
     assert {"aten::empty.memory_format", "aten::zero_", "aten::mul.Tensor"} <= set(seen)
+
+
+def test_stubbed_launch_records_keep_no_tensor_alive():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(ptr + offs, 1.0, mask=offs < n)
+
+    with stub_kernel_launches() as launches, StorageCounter() as c:
+        tmp = torch.empty(4096, device="meta")
+        _touch[(1,)](tmp, 4096, BLOCK=128)
+        del tmp
+    assert len(launches) == 1 and c.peak == 4096 * F32 and c.current == 0
