@@ -1,0 +1,809 @@
+"""Performance model: every GPU bar of issue #17 predicted on a CPU, from the code that runs on the GPU.
+
+    python -m bench.perf_model                    # H200 (the default card)
+    python -m bench.perf_model --card h100|a100|cpu|FILE [--json] [--no-csv]
+
+How a figure is made (one method for every op and provider):
+
+1. **Trace.** The benchmark's own code (``bench.bench_infonce``, ``bench.bench_rope``) runs on the
+   ``meta`` device, under ``fastcse.memory.meta_as_cuda`` for a GPU card (every ``is_cuda`` branch
+   takes its CUDA side: bf16 matmul operands, fp32 accumulators, GPU tile configs) or plain
+   ``meta_run`` for ``--card cpu`` (the CPU branches, fp32). A ``fastcse.memory.StorageCounter``
+   watches it: it runs custom ops' Python bodies under itself with Triton launches stubbed
+   (``stub_kernel_launches``), so it sees every allocation and every launch inside them.
+2. **Memory** is the counter's peak: exact bytes of live tensor storage above the inputs, each
+   block rounded to 512 bytes as CUDA's caching allocator does (exact bytes on CPU).
+3. **Time.** Each launch gets FLOPs and HBM bytes from one table (:data:`ATEN_RULES` for ATen ops,
+   :data:`KERNEL_COSTS` for fastcse's Triton kernels); its device time is
+   ``fixed + max(FLOPs / matmul ceiling, bytes / copy bandwidth)``; the host pays ``launch_us``
+   per op. Host and device run as two timelines (the host queues ahead, a ``.item()`` /
+   ``bool(tensor)`` waits for the device), so both the host-bound and the device-bound regime
+   come out. On the CPU card host and device are the same thread.
+
+The ceilings are measured figures (a card JSON file written by ``bench/gpu_check.sh`` on a real
+card: ``{"name", "matmul_tflops": {"bf16", "fp16", "fp32"}, "copy_gbps", "launch_us"}``), or the
+built-in defaults below (each says where it comes from), or, for ``--card cpu``, a quick
+measurement on this machine, cached.
+
+What the model does not know (so a bar that depends on it is a prediction to check on a card):
+cuBLAS efficiency at shapes other than 8192^3 beyond wave quantisation; how close a streaming
+Triton kernel gets to the copy bandwidth (assumed equal); overlap of a Triton tile kernel's
+exponentials with its dot products (folded into :data:`TRITON_TILE_EFFICIENCY`); L2 reuse
+(none assumed except where a kernel formula says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from fastcse.memory import CUDA_BLOCK_BYTES, Launch, StorageCounter, meta_run, stub_kernel_launches
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CSV_NAME = "perf_model.csv"
+CSV_COLUMNS = ["date", "commit", "card", "bar", "predicted", "target", "unit", "pass", "detail"]
+
+aten = torch.ops.aten
+
+
+class NotModelled(Exception):
+    """A bar whose code path the model cannot trace or cost yet (reported, never as a PASS)."""
+
+
+# --------------------------------------------------------------------------------------------
+# cards
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Card:
+    """The ceilings one card is judged by.
+
+    matmul_tflops: dense matmul rate per operand dtype ("bf16", "fp16", "fp32"), TFLOP/s.
+    copy_gbps: device-to-device copy, bytes read + written per second / 1e9.
+    launch_us: host time per dispatched op (Python + dispatcher + kernel launch); a loop of tiny
+        ops runs at this rate.
+    kernel_us: fixed device time per kernel (ramp-up and drain); 0 on CPU.
+    sm_count: programs resident at once, for matmul wave quantisation and tile-kernel re-reads.
+    gpu: True for a CUDA card (async launches, CUDA code paths, 512-byte blocks).
+    source: where the numbers come from.
+    """
+
+    name: str
+    matmul_tflops: dict
+    copy_gbps: float
+    launch_us: float
+    kernel_us: float = 2.0
+    sm_count: int = 132
+    gpu: bool = True
+    source: str = ""
+    memory_gb: Optional[float] = None
+
+    def matmul_flops(self, dtype: torch.dtype) -> float:
+        key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        return self.matmul_tflops[key] * 1e12
+
+    @property
+    def copy_bytes_per_s(self) -> float:
+        return self.copy_gbps * 1e9
+
+
+# Host per-op cost and fixed kernel time on the GPU cards: 5 us per op is the usual PyTorch eager
+# overhead on a fast host (a lead, not measured here); 2 us per kernel is a small grid's launch
+# latency (a lead). bench/gpu_check.sh measures launch_us on the card.
+CARDS = {
+    "h200": Card(
+        name="NVIDIA H200", matmul_tflops={"bf16": 788.0, "fp16": 788.0, "fp32": 50.0},
+        copy_gbps=4300.0, launch_us=5.0, sm_count=132, memory_gb=141.0,
+        source="bf16 788 TFLOP/s (8192^3 random data) and 4.3 TB/s copy measured on this workplace's "
+               "H200 (.library/device/KINDS.md, 2026-10-28 and 11-04); fp16 assumed = bf16; fp32 "
+               "(no TF32) 75% of the 67 TFLOP/s datasheet figure; launch 5 us a lead"),
+    "h100": Card(
+        name="NVIDIA H100 80GB", matmul_tflops={"bf16": 800.0, "fp16": 800.0, "fp32": 50.0},
+        copy_gbps=3000.0, launch_us=5.0, sm_count=132, memory_gb=80.0,
+        source="the brief's figures, not measured here: ~800 TFLOP/s bf16 (81% of the 989 dense "
+               "datasheet peak, typical of cuBLAS at large sizes), 3.0 TB/s copy (90% of 3.35 TB/s "
+               "HBM3); fp32 75% of 67 TFLOP/s"),
+    "a100": Card(
+        name="NVIDIA A100", matmul_tflops={"bf16": 235.0, "fp16": 235.0, "fp32": 14.6},
+        copy_gbps=1500.0, launch_us=5.0, sm_count=108, memory_gb=80.0,
+        source="datasheet peaks derated, not measured here: bf16 75% of 312 TFLOP/s dense, fp32 "
+               "75% of 19.5, copy ~1.5 TB/s (about 95% of the 40 GB part's 1.56 TB/s, 75% of the "
+               "80 GB part's 2.0)"),
+}
+
+_CPU_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastcse" / "perf_model_cpu.json"
+
+
+def _cpu_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def measure_cpu_card(*, refresh: bool = False) -> Card:
+    """This machine's fp32 ceilings: a 1024^3 matmul, a 128 MiB copy and a tiny op's cost.
+
+    Cached per CPU name, thread count and torch version (a second run costs nothing); each figure
+    is the best of a few repetitions, as the GPU figures are.
+    """
+    key = f"{_cpu_name()} torch={torch.__version__}"
+    if not refresh and _CPU_CACHE.exists():
+        try:
+            cached = json.loads(_CPU_CACHE.read_text())
+            if cached.get("key") == key:
+                return Card(**cached["card"])
+        except (ValueError, TypeError, KeyError):
+            pass
+
+    def best(fn, reps):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    matmul = 2 * 1024 ** 3 / best(lambda: a @ b, 5) / 1e12
+    src = torch.empty(1 << 25)  # 128 MiB of fp32
+    src.normal_()
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / best(lambda: dst.copy_(src), 5) / 1e9
+    x = torch.randn(16)
+    launch = best(lambda: [x.add(1) for _ in range(1000)], 3) / 1000 * 1e6
+    card = Card(name=_cpu_name(), matmul_tflops={"bf16": matmul, "fp16": matmul, "fp32": matmul},
+                copy_gbps=copy, launch_us=launch, kernel_us=0.0, sm_count=1, gpu=False,
+                source=f"measured on this machine ({time.strftime('%Y-%m-%d')}): fp32 1024^3 matmul, "
+                       "128 MiB copy_, 1000 tiny adds; cached in " + str(_CPU_CACHE))
+    try:
+        _CPU_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        _CPU_CACHE.write_text(json.dumps({"key": key, "card": asdict(card)}, indent=1))
+    except OSError:
+        pass
+    return card
+
+
+def load_card(spec: str) -> Card:
+    """``h200`` / ``h100`` / ``a100`` (built in), ``cpu`` (measured here) or a JSON file path."""
+    if spec.lower() in CARDS:
+        return CARDS[spec.lower()]
+    if spec.lower() == "cpu":
+        return measure_cpu_card()
+    path = Path(spec)
+    if not path.exists():
+        raise SystemExit(f"--card: {spec!r} is neither one of {sorted(CARDS) + ['cpu']} nor a file")
+    data = json.loads(path.read_text())
+    missing = {"name", "matmul_tflops", "copy_gbps", "launch_us"} - set(data)
+    if missing:
+        raise SystemExit(f"{path}: missing {sorted(missing)} (format: bench/perf_model.py docstring)")
+    base = next((c for k, c in CARDS.items() if k in data["name"].lower()), CARDS["h200"])
+    tflops = {k: float(v) for k, v in data["matmul_tflops"].items()}
+    for k in ("bf16", "fp16", "fp32"):
+        tflops.setdefault(k, tflops.get("bf16", base.matmul_tflops[k]))
+    return Card(name=data["name"], matmul_tflops=tflops, copy_gbps=float(data["copy_gbps"]),
+                launch_us=float(data["launch_us"]), kernel_us=float(data.get("kernel_us", base.kernel_us)),
+                sm_count=int(data.get("sm_count", base.sm_count)), gpu=bool(data.get("gpu", True)),
+                memory_gb=data.get("memory_gb", base.memory_gb), source=f"measured: {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# per-launch costs: one table for ATen ops, one for fastcse's Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cost:
+    """One op as the model sees it. kind: "matmul" / "memory" (a device kernel), "host" (a view
+    or an allocation: host time only), "sync" (the host waits for the device)."""
+
+    name: str
+    kind: str
+    flops: float = 0.0
+    bytes: float = 0.0
+    dtype: Optional[torch.dtype] = None
+    efficiency: float = 1.0  # fraction of the matmul ceiling this launch can reach
+    launches: int = 1  # device kernels behind this one op (composites the trace cannot split)
+
+
+def _tensors(tree) -> list:
+    """The tensors in ``tree``, each once (an op given the same tensor twice reads it once)."""
+    seen, out = set(), []
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def touched_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel reads of ``t``: broadcast (stride-0) dimensions count once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return min(n * t.element_size(), t.untyped_storage().nbytes()) if t.numel() else 0
+
+
+def _written_bytes(out) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(out))
+
+
+def _matmul_dims(func, args) -> tuple[int, int, int, int]:
+    """(batch, m, n, k) of a matmul-family op."""
+    if func in (aten.bmm.default, aten.baddbmm.default, aten.bmm.dtype):
+        a, b = (args[0], args[1]) if func is not aten.baddbmm.default else (args[1], args[2])
+        return a.shape[0], a.shape[1], b.shape[2], a.shape[2]
+    if func in (aten.addmm.default, aten.addmm_.default, aten.addmm.dtype):
+        a, b = args[1], args[2]
+    else:
+        a, b = args[0], args[1]
+    return 1, a.shape[0], b.shape[1], a.shape[1]
+
+
+_MATMULS = {aten.mm.default, aten.addmm.default, aten.addmm_.default, aten.bmm.default,
+            aten.baddbmm.default}
+for _name in ("mm", "addmm", "bmm"):
+    if hasattr(getattr(aten, _name), "dtype"):  # out_dtype overloads (fp32 out of bf16 operands)
+        _MATMULS.add(getattr(aten, _name).dtype)
+_ALLOCS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+           aten.new_empty.default, aten.new_empty_strided.default}
+# in-place ops that change metadata only
+_METADATA_INPLACE = {aten.squeeze_.dim, aten.squeeze_.default, aten.unsqueeze_.default,
+                     aten.t_.default, aten.transpose_.default, aten.as_strided_.default,
+                     aten.resize_.default}
+# ops that write their output without reading their tensor inputs' values (shapes only), or
+# read only one source
+_WRITE_ONLY = {aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten.zeros_like.default,
+               aten.ones_like.default, aten.full_like.default, aten.zeros.default, aten.ones.default,
+               aten.full.default, aten.scalar_tensor.default, aten.normal_.default,
+               aten.uniform_.default, aten.bernoulli_.float, aten.arange.default,
+               aten.arange.start, aten.arange.start_step}
+
+
+def _logsumexp_cost(func, args, kwargs, out, card) -> Cost:
+    # at::native::logsumexp_out_impl (the same composite on CPU and CUDA): amax(x), x - max,
+    # exp_ in place, sum, log_, add_: five passes over x-sized data in six launches.
+    x = args[0]
+    return Cost(str(func), "memory", bytes=5 * touched_bytes(x) + 2 * _written_bytes(out), launches=6)
+
+
+def _nll_forward_cost(func, args, kwargs, out, card) -> Cost:
+    # reads one log-probability per row (the target's) and the targets
+    target = args[1]
+    return Cost(str(func), "memory", bytes=2 * touched_bytes(target) + _written_bytes(out))
+
+
+def _nll_backward_cost(func, args, kwargs, out, card) -> Cost:
+    # grad_input = zeros, then one scatter per row: a full write of (N, M)
+    return Cost(str(func), "memory", bytes=_written_bytes(out) + 2 * touched_bytes(args[2]))
+
+
+def _copy_cost(func, args, kwargs, out, card) -> Cost:
+    dst, src = args[0], args[1]
+    return Cost(str(func), "memory", bytes=touched_bytes(src) + dst.numel() * dst.element_size())
+
+
+def _index_put_cost(func, args, kwargs, out, card) -> Cost:
+    values = args[2]
+    indices = [t for t in args[1] if t is not None]
+    n = max([t.numel() for t in indices] + [values.numel()])
+    return Cost(str(func), "memory", bytes=2 * n * out.element_size() + sum(touched_bytes(t) for t in indices))
+
+
+def _index_cost(func, args, kwargs, out, card) -> Cost:
+    indices = [t for t in args[1] if t is not None]
+    return Cost(str(func), "memory", bytes=2 * _written_bytes(out) + sum(touched_bytes(t) for t in indices))
+
+
+# ATen ops whose bytes are not "every tensor input read once, every output written once"
+ATEN_RULES: dict = {
+    aten.logsumexp.default: _logsumexp_cost,
+    aten.nll_loss_forward.default: _nll_forward_cost,
+    aten.nll_loss_backward.default: _nll_backward_cost,
+    aten.copy_.default: _copy_cost,
+    aten.index_put_.default: _index_put_cost,
+    aten.index_put.default: _index_put_cost,
+    aten.index.Tensor: _index_cost,
+}
+
+
+def aten_cost(func, args, kwargs, out, card: Card) -> Cost:
+    """FLOPs and HBM bytes of one ATen op from its inputs' and outputs' shapes."""
+    name = str(func)
+    if func is aten._local_scalar_dense.default:
+        return Cost(name, "sync")
+    if func in _ALLOCS or func in _METADATA_INPLACE:
+        return Cost(name, "host")
+    inputs = _tensors((args, kwargs))
+    outputs = _tensors(out)
+    mutable = func._schema.is_mutable
+    in_storages = {t.untyped_storage()._cdata for t in inputs}
+    if not mutable and outputs and all(t.untyped_storage()._cdata in in_storages for t in outputs):
+        return Cost(name, "host")  # a view (or an op that returned its input)
+    if func in ATEN_RULES:
+        return ATEN_RULES[func](func, args, kwargs, out, card)
+    if func in _WRITE_ONLY:
+        return Cost(name, "memory", bytes=_written_bytes(out))
+    read = sum(touched_bytes(t) for t in inputs)
+    if func in _MATMULS:
+        batch, m, n, k = _matmul_dims(func, args)
+        operand = args[1] if func in (aten.addmm.default, aten.addmm_.default, aten.baddbmm.default) else args[0]
+        return Cost(name, "matmul", flops=2.0 * batch * m * n * k, bytes=read + _written_bytes(out),
+                    dtype=operand.dtype, efficiency=_wave_efficiency(batch, m, n, k, card))
+    return Cost(name, "memory", bytes=read + _written_bytes(out))
+
+
+def _wave_efficiency(batch: int, m: int, n: int, k: int, card: Card) -> float:
+    """Fraction of the matmul ceiling left by wave quantisation: cuBLAS-like 128 x 256 output
+    tiles over ``sm_count`` multiprocessors (the last wave runs part-empty). A product with fewer
+    tiles than multiprocessors and a long K is split along K (cuBLAS split-K / stream-K), in
+    pieces of at least 1024."""
+    if not card.gpu:
+        return 1.0
+    tiles = batch * math.ceil(m / 128) * math.ceil(n / 256)
+    if tiles < card.sm_count:
+        tiles *= max(1, min(card.sm_count // tiles, k // 1024))
+    waves = math.ceil(tiles / card.sm_count)
+    return tiles / (waves * card.sm_count)
+
+
+# Triton tile kernels that do their own dot products (fastcse's InfoNCE forward): fraction of the
+# cuBLAS ceiling they reach, exponentials and online-softmax bookkeeping included. A lead (Triton
+# flash-style kernels without warp specialisation typically run at 50-70% of cuBLAS on Hopper),
+# to be replaced by bench/gpu_check.sh's measurement of the kernel.
+TRITON_TILE_EFFICIENCY = 0.6
+
+
+def _arg(launch: Launch, name: str):
+    return launch.arguments[name]
+
+
+def _lse_fwd_cost(launch: Launch, card: Card) -> Cost:
+    # programs: one per BLOCK_M rows; each streams all M candidate rows (D wide). Programs
+    # resident at once share candidate tiles through L2, so candidates come from HBM once per
+    # wave of ``sm_count`` programs.
+    a, c = _arg(launch, "a_ptr"), _arg(launch, "c_ptr")
+    n_rows, n_cols, dim = _arg(launch, "n_rows"), _arg(launch, "n_cols"), _arg(launch, "dim")
+    waves = math.ceil(launch.grid[0] / max(1, card.sm_count))
+    return Cost(launch.name, "matmul", flops=2.0 * n_rows * n_cols * dim,
+                bytes=n_rows * dim * a.element_size() + waves * n_cols * dim * c.element_size() + 4 * n_rows,
+                dtype=a.dtype, efficiency=TRITON_TILE_EFFICIENCY)
+
+
+def _rows_softmax_cost(launch: Launch, card: Card) -> Cost:
+    # one program per row: COMPUTE_LSE reads the row's fp32 dot products twice (online max/sum,
+    # then the write pass: a row of 64K fp32 is 256 KB, and the rows in flight exceed L2), else once;
+    # writes the weights in the output dtype.
+    dots, out = _arg(launch, "dots_ptr"), _arg(launch, "out_ptr")
+    rows, n_cols = launch.grid[0], _arg(launch, "n_cols")
+    passes = 2 if _arg(launch, "COMPUTE_LSE") else 1
+    return Cost(launch.name, "memory",
+                bytes=rows * n_cols * (passes * dots.element_size() + out.element_size()) + 8 * rows)
+
+
+def _rotary_cost(launch: Launch, card: Card) -> Cost:
+    # every element of q and k read once and written once; cos / sin rows read once (L2 serves
+    # the re-reads across head blocks)
+    q, k = launch.args[0], launch.args[1]
+    n_k_blocks = launch.grid[2] - _arg(launch, "n_q_head_blocks")
+    moved = q.numel() * q.element_size() * 2
+    if n_k_blocks > 0 and k.storage_key != q.storage_key:
+        moved += k.numel() * k.element_size() * 2
+    cos, sin = launch.args[4], launch.args[5]
+    return Cost(launch.name, "memory", bytes=moved + touched_bytes(cos) + touched_bytes(sin))
+
+
+# fastcse's Triton kernels, by kernel name: what one launch reads, writes and computes
+# (read off kernels/*.py; update with the kernel).
+KERNEL_COSTS: dict = {
+    "_lse_fwd_kernel": _lse_fwd_cost,
+    "_rows_softmax_kernel": _rows_softmax_cost,
+    "_rotary_kernel": _rotary_cost,
+}
+
+
+def kernel_cost(launch: Launch, card: Card) -> Cost:
+    if launch.name not in KERNEL_COSTS:
+        raise NotModelled(f"no cost formula for Triton kernel {launch.name} (add it to KERNEL_COSTS)")
+    return KERNEL_COSTS[launch.name](launch, card)
+
+
+# --------------------------------------------------------------------------------------------
+# trace and timeline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    peak_bytes: int  # above the inputs
+    end_bytes: int
+    peak_op: Optional[str]
+    costs: list = field(default_factory=list)
+
+    def seconds(self, card: Card) -> float:
+        return simulate(self.costs, card)
+
+
+def trace(setup: Callable[[], Callable[[], object]], card: Card) -> Trace:
+    """Run ``setup()`` (makes the inputs, returns the step) then the step, on meta tensors with
+    the card's code paths; memory from the step alone."""
+    costs: list[Cost] = []
+    with meta_run(as_cuda=card.gpu) as mode:
+        step = setup()
+        reads = [mode.scalar_reads]
+
+        def note_syncs():
+            while reads[0] < mode.scalar_reads:  # a host read of a device value happened here
+                costs.append(Cost("host read of a device value", "sync"))
+                reads[0] += 1
+
+        def on_op(func, args, kwargs, out):
+            note_syncs()
+            costs.append(aten_cost(func, args, kwargs, out, card))
+
+        def on_launch(launch):
+            note_syncs()
+            costs.append(kernel_cost(launch, card))
+
+        counter = StorageCounter(round_to=CUDA_BLOCK_BYTES if card.gpu else 1, on_op=on_op)
+        with stub_kernel_launches(on_launch), counter:
+            out = step()
+            del out
+        note_syncs()
+    return Trace(peak_bytes=counter.peak, end_bytes=counter.current, peak_op=counter.peak_op, costs=costs)
+
+
+def device_seconds(cost: Cost, card: Card) -> float:
+    if cost.kind not in ("matmul", "memory"):
+        return 0.0
+    compute = cost.flops / (card.matmul_flops(cost.dtype) * cost.efficiency) if cost.kind == "matmul" else 0.0
+    return cost.launches * card.kernel_us * 1e-6 + max(compute, cost.bytes / card.copy_bytes_per_s)
+
+
+# Views and allocations skip the kernel launch, most of an op's host cost (a lead).
+HOST_ONLY_FRACTION = 0.25
+
+
+def simulate(costs: list, card: Card) -> float:
+    """Seconds for the trace: the host issues ops in order (``launch_us`` each); on a GPU the
+    device runs each kernel when both it is free and the kernel has been issued, and a sync
+    makes the host wait for the device; on the CPU everything is one thread."""
+    host = device = 0.0
+    for cost in costs:
+        if cost.kind == "sync":
+            host = device = max(host, device)
+            continue
+        host += card.launch_us * 1e-6 * (HOST_ONLY_FRACTION if cost.kind == "host" else cost.launches)
+        run = device_seconds(cost, card)
+        if card.gpu:
+            device = max(device, host) + run
+        else:
+            host += run
+            device = host
+    return max(host, device)
+
+
+# --------------------------------------------------------------------------------------------
+# the workloads (the benchmarks' own code)
+# --------------------------------------------------------------------------------------------
+
+LOSS_D = 768
+
+
+def _device(card: Card) -> str:
+    return "cuda" if card.gpu else "meta"
+
+
+def loss_provider(card: Card) -> tuple[str, torch.dtype]:
+    """The fused tier and dtype the card runs: triton / bf16 on a GPU, chunked / fp32 on CPU."""
+    return ("triton", torch.bfloat16) if card.gpu else ("chunked", torch.float32)
+
+
+_TRACES: dict = {}
+
+
+def loss_trace(card: Card, provider: str, n: int, *, mode: str = "full", d: int = LOSS_D) -> Trace:
+    """bench_infonce's step (supervised SimCSE shape: N anchors, M = 2N candidates) on meta."""
+    from bench.bench_infonce import _clear_grads, _loss_fn, _make_inputs
+
+    key = (card.name, card.gpu, provider, n, d, mode)
+    if key in _TRACES:
+        return _TRACES[key]
+    dtype = loss_provider(card)[1]
+
+    def setup():
+        inputs = _make_inputs(n, d, dtype, _device(card))
+        loss_fn = _loss_fn(provider, inputs)
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return loss_fn()
+        else:
+            def step():
+                _clear_grads(inputs)
+                loss_fn().backward()
+        return step
+
+    _TRACES[key] = trace(setup, card)
+    return _TRACES[key]
+
+
+ROPE_SHAPE = dict(batch=8, seqlen=4096, heads=32, head_dim=128)
+
+
+def rope_trace(card: Card, provider: str) -> tuple[Trace, int]:
+    """bench_rope's ``full`` step (forward, then the gradients of q and k) at the issue's shape;
+    also returns the bytes bench_rope credits to it."""
+    from bench.bench_rope import bytes_moved, make_inputs, provider_fn
+
+    holder = {}
+
+    def setup():
+        q, k, cos_half, sin_half = make_inputs(**ROPE_SHAPE, dtype=torch.bfloat16, device=_device(card))
+        forward = provider_fn(provider, q, k, cos_half, sin_half)
+        grads = (torch.randn_like(q), torch.randn_like(k))
+        holder["bytes"] = bytes_moved("full", q, k, cos_half)
+        return lambda: torch.autograd.grad(forward(), (q, k), grads)
+
+    return trace(setup, card), holder["bytes"]
+
+
+# --------------------------------------------------------------------------------------------
+# the bars
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bar:
+    bar: str
+    predicted: Optional[float]
+    target: Optional[float]
+    unit: str
+    passed: Optional[bool]  # None: not modelled
+    cmp: str = "<="
+    moonshot: Optional[float] = None
+    detail: str = ""
+
+    def as_json(self) -> dict:
+        return {"bar": self.bar, "predicted": self.predicted, "target": self.target, "unit": self.unit,
+                "pass": self.passed, "cmp": self.cmp, "moonshot": self.moonshot, "detail": self.detail}
+
+
+def _judge(value: float, target: float, cmp: str) -> bool:
+    return {"<=": value <= target, ">=": value >= target, "<": value < target}[cmp]
+
+
+def _bar(name, value, target, unit, cmp, *, moonshot=None, detail="") -> Bar:
+    return Bar(name, value, target, unit, _judge(value, target, cmp), cmp, moonshot, detail)
+
+
+MIB = 2 ** 20
+TIME_NS = (4096, 8192, 16384, 32768, 65536)
+MEMORY_NS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+def loss_bars(card: Card) -> list:
+    fused, dtype = loss_provider(card)
+    dt = str(dtype).replace("torch.", "")
+    specs = []
+
+    def time_ratio(n, mode):
+        what = "fwd+bwd" if mode == "full" else "no-grad forward"
+        name = f"loss {fused}/eager time, {what}, {dt}, N={n}"
+
+        def compute():
+            f, e = loss_trace(card, fused, n, mode=mode), loss_trace(card, "eager", n, mode=mode)
+            tf, te = f.seconds(card), e.seconds(card)
+            return _bar(name, tf / te, 1.0, "x", "<=", moonshot=0.8 if mode == "full" else None,
+                        detail=f"{fused} {tf * 1e3:.2f} ms, eager {te * 1e3:.2f} ms")
+        return name, compute
+
+    for n in TIME_NS:
+        specs.append(time_ratio(n, "full"))
+
+    def memory_ratio(n=32768):
+        name = f"loss memory eager/{fused}, fwd+bwd, {dt}, N={n}"
+
+        def compute():
+            f, e = loss_trace(card, fused, n), loss_trace(card, "eager", n)
+            grads = 3 * n * LOSS_D * dtype.itemsize
+            return _bar(name, e.peak_bytes / f.peak_bytes, 25.0, "x", ">=", moonshot=50.0,
+                        detail=f"eager {e.peak_bytes / MIB:.0f} MiB, {fused} {f.peak_bytes / MIB:.0f} MiB; "
+                               f"bench_infonce's convention (previous .grad in its baseline): "
+                               f"{(e.peak_bytes - grads) / MIB:.0f} / {(f.peak_bytes - grads) / MIB:.0f} MiB = "
+                               f"{(e.peak_bytes - grads) / (f.peak_bytes - grads):.1f}x")
+        return name, compute
+
+    specs.append(memory_ratio())
+
+    def memory_below(n):
+        name = f"loss {fused} memory above inputs, fwd+bwd, {dt}, N={n}"
+
+        def compute():
+            f, e = loss_trace(card, fused, n), loss_trace(card, "eager", n)
+            return _bar(name, f.peak_bytes / MIB, e.peak_bytes / MIB, "MiB", "<",
+                        detail=f"M={2 * n}, D={LOSS_D}; target: eager's peak; {fused} peak at {f.peak_op}")
+        return name, compute
+
+    for n in MEMORY_NS:
+        specs.append(memory_below(n))
+
+    def fits(n=262144):
+        name = f"loss {fused} N={n} fwd+bwd fits in 80 GB"
+
+        def compute():
+            f = loss_trace(card, fused, n)
+            inputs = 3 * n * LOSS_D * dtype.itemsize
+            total = (inputs + f.peak_bytes) / 1e9
+            return _bar(name, total, 80.0, "GB", "<=",
+                        detail=f"inputs {inputs / 1e9:.2f} GB + peak above them (gradients included) "
+                               f"{f.peak_bytes / 1e9:.2f} GB")
+        return name, compute
+
+    if card.gpu:  # a GPU memory bar; on CPU tracing it would walk 65536 chunks of 4 rows
+        specs.append(fits())
+    for n in TIME_NS:
+        specs.append(time_ratio(n, "fwd"))
+    return specs
+
+
+def rope_bars(card: Card) -> list:
+    shape = "(8, 4096, 32, 128)"
+    if not card.gpu:
+        name = f"rotary bf16 {shape} q+k fwd+bwd: not on CPU (Triton needs CUDA)"
+        return [(name, lambda: Bar(name, None, None, "", None, detail="not applicable"))]
+    cache = {}
+
+    def traces():
+        if not cache:
+            (t, moved), (e, _) = rope_trace(card, "triton"), rope_trace(card, "eager")
+            cache.update(triton=t.seconds(card), eager=e.seconds(card), moved=moved)
+        return cache
+
+    speed_name = f"rotary eager/fused time, bf16 {shape} q+k fwd+bwd"
+    bw_name = f"rotary fused bandwidth / copy bandwidth, bf16 {shape} q+k fwd+bwd"
+
+    def speedup():
+        c = traces()
+        return _bar(speed_name, c["eager"] / c["triton"], 5.0, "x", ">=",
+                    detail=f"fused {c['triton'] * 1e3:.3f} ms, eager {c['eager'] * 1e3:.3f} ms")
+
+    def bandwidth():
+        c = traces()
+        frac = c["moved"] / c["triton"] / card.copy_bytes_per_s
+        return _bar(bw_name, frac, 0.75, "", ">=",
+                    detail=f"{c['moved'] / c['triton'] / 1e9:.0f} GB/s of {card.copy_gbps:.0f}; the model runs "
+                           "streaming kernels at copy speed, so this checks bytes and launches only")
+
+    return [(speed_name, speedup), (bw_name, bandwidth)]
+
+
+ENCODER_BARS = [
+    ("BERT-base 64 sentences <= 32 tokens: varlen vs padded SDPA time", 1.5),
+    ("BERT-base 64 sentences <= 32 tokens: varlen vs HF eager time", 2.0),
+    ("DeBERTa-v3-base L=512 batch 8: biased vs HF eager time", 1.5),
+    ("DeBERTa-v3-base L=512 batch 8: attention memory HF eager / biased", 3.0),
+    ("T5-base encoder L=512: biased vs eager time", 1.3),
+]
+
+
+def encoder_bars(card: Card) -> list:
+    return [(name, lambda name=name, target=target: Bar(name, None, target, "x", None, ">=",
+                                                        detail="not modelled yet"))
+            for name, target in ENCODER_BARS]
+
+
+def bar_specs(card: Card) -> list:
+    """(name, compute) for every bar of ``card``; nothing is traced until ``compute()``."""
+    return loss_bars(card) + rope_bars(card) + encoder_bars(card)
+
+
+def evaluate(card: Card, select: Optional[Callable[[str], bool]] = None) -> list[Bar]:
+    """Every bar for ``card`` whose name ``select`` accepts (all by default)."""
+    bars = []
+    for name, compute in bar_specs(card):
+        if select is not None and not select(name):
+            continue
+        try:
+            bars.append(compute())
+        except NotModelled as e:
+            bars.append(Bar(name, None, None, "", None, detail=f"not modelled yet: {e}"))
+    return bars
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def format_table(card: Card, bars: list[Bar]) -> str:
+    lines = [f"card: {card.name}: matmul {card.matmul_tflops} TFLOP/s, copy {card.copy_gbps:.0f} GB/s, "
+             f"launch {card.launch_us:.1f} us", f"      ({card.source})"]
+    width = max(len(b.bar) for b in bars)
+    lines.append(f"{'bar':<{width}}  {'predicted':>10}  {'target':>12}  {'unit':<4}  result")
+    for b in bars:
+        result = "not modelled yet" if b.passed is None else ("PASS" if b.passed else "FAIL")
+        target = "-" if b.target is None else f"{b.cmp} {_fmt(b.target)}"
+        if b.moonshot is not None:
+            result += f" (moonshot {b.cmp} {_fmt(b.moonshot)}: {'yes' if _judge(b.predicted, b.moonshot, b.cmp) else 'no'})" \
+                if b.predicted is not None else ""
+        lines.append(f"{b.bar:<{width}}  {_fmt(b.predicted):>10}  {target:>12}  {b.unit:<4}  {result}"
+                     + (f"   [{b.detail}]" if b.detail else ""))
+    return "\n".join(lines)
+
+
+def append_csv(card: Card, bars: list[Bar], csv_name: str = CSV_NAME) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / csv_name
+    new = not path.exists()
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    commit = _git_commit()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        for b in bars:
+            writer.writerow({"date": date, "commit": commit, "card": card.name, "bar": b.bar,
+                             "predicted": "" if b.predicted is None else b.predicted,
+                             "target": "" if b.target is None else f"{b.cmp} {b.target}", "unit": b.unit,
+                             "pass": "not modelled" if b.passed is None else b.passed, "detail": b.detail})
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--card", default="h200", help="h200, h100, a100, cpu, or a card JSON file")
+    parser.add_argument("--json", action="store_true", help="print the bars as a JSON list")
+    parser.add_argument("--no-csv", action="store_true", help=f"do not append to bench/results/{CSV_NAME}")
+    args = parser.parse_args(argv)
+    card = load_card(args.card)
+    bars = evaluate(card)
+    if args.json:
+        print(json.dumps([b.as_json() for b in bars], indent=1))
+    else:
+        print(format_table(card, bars))
+    if not args.no_csv:
+        path = append_csv(card, bars)
+        if not args.json:
+            print(f"appended {len(bars)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
