@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from fastcse.train import minilm_path
+    from fastcse.data import minilm_path
 
     folder = args.tokenizer or minilm_path()
     if folder is None:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", action="store_true", help="also write quality.png (needs matplotlib)")
     args = ap.parse_args(argv)
 
-    from fastcse.train import minilm_path
+    from fastcse.data import minilm_path
 
     tokenizer = minilm_path()
     if tokenizer is None:

@@ -17,7 +17,6 @@ any moment leaves the previous checkpoints untouched and loadable.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,22 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from fastcse.distributed import barrier, world_info
+from fastcse.files import atomic_replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
 DS_TAG = "ds"
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        dist.barrier()
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -82,25 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: str | Path, step: int, *, trainer_state: dict, model=None, optimizer=None,
                     scheduler=None, scaler=None, engine=None, keep: int | None = None) -> Path:
     """Write checkpoint ``step`` atomically; every rank calls it. Returns the final folder.
@@ -110,7 +81,7 @@ def save_checkpoint(root: str | Path, step: int, *, trainer_state: dict, model=N
     ``keep``: complete checkpoints to keep afterwards (oldest removed first).
     """
     root = Path(root)
-    rank, world = _dist()
+    rank, world = world_info()
     final = root / f"step-{step:08d}"
     tmp = root / f"{TMP_PREFIX}{step:08d}-{world}"
     if rank == 0:
@@ -118,7 +89,7 @@ def save_checkpoint(root: str | Path, step: int, *, trainer_state: dict, model=N
         for stale in root.glob(TMP_PREFIX + "*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
     if engine is not None:
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
@@ -130,23 +101,17 @@ def save_checkpoint(root: str | Path, step: int, *, trainer_state: dict, model=N
             state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
             state["scaler"] = scaler.state_dict() if scaler is not None else None
         torch.save(state, tmp / "trainer.pt")
-    _barrier()
+    barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world,
                                                    "deepspeed": engine is not None}) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (after a resume): replace as atomically as we can
-            trash = root / f"{TMP_PREFIX}{step:08d}-old"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        # a step saved again (after a resume) replaces the old folder; the old one is parked under
+        # the temporary prefix, so a save killed mid-replacement is cleaned up by the next one
+        atomic_replace_dir(tmp, final)
         if keep:
             for old in list_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -157,7 +122,7 @@ def load_checkpoint(path: str | Path, *, model=None, optimizer=None, scheduler=N
     Restores this rank's RNG streams too (the checkpoint must come from the same world size).
     """
     path = Path(path)
-    rank, world = _dist()
+    rank, world = world_info()
     meta = json.loads((path / "meta.json").read_text())
     if meta["world_size"] != world:
         raise RuntimeError(f"{path} was written by {meta['world_size']} ranks; this run has {world} "

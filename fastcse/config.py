@@ -245,15 +245,34 @@ def apply_mapping(cfg: TrainConfig, data: dict, *, source: str) -> None:
         setattr(getattr(cfg, section), f.name, _coerce(value, _hints(section)[f.name], f"{source}: {key}"))
 
 
+def _read_text(path: Path, what: str) -> str:
+    """The text of the file ``path``; a missing or unreadable one is one ConfigError naming ``what``."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from e
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object from ``path`` (a model config, a DeepSpeed config); a missing, unreadable or
+    non-object file is one :class:`ConfigError` that names ``what`` and the path."""
+    path = Path(path)
+    text = _read_text(path, what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object")
+    return data
+
+
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a mapping; any problem is one :class:`ConfigError`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    text = _read_text(path, "config file")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

