@@ -90,6 +90,7 @@ class Card:
     gpu: bool = True
     source: str = ""
     memory_gb: Optional[float] = None
+    exp_per_s: float = 132 * 16 * 1.98e9  # exp2 per second: SMs x 16 MUFU results per clock x clock
 
     def matmul_flops(self, dtype: torch.dtype) -> float:
         key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
@@ -118,7 +119,7 @@ CARDS = {
                "HBM3); fp32 75% of 67 TFLOP/s"),
     "a100": Card(
         name="NVIDIA A100", matmul_tflops={"bf16": 235.0, "fp16": 235.0, "fp32": 14.6},
-        copy_gbps=1500.0, launch_us=5.0, sm_count=108, memory_gb=80.0,
+        copy_gbps=1500.0, launch_us=5.0, sm_count=108, memory_gb=80.0, exp_per_s=108 * 16 * 1.41e9,
         source="datasheet peaks derated, not measured here: bf16 75% of 312 TFLOP/s dense, fp32 "
                "75% of 19.5, copy ~1.5 TB/s (about 95% of the 40 GB part's 1.56 TB/s, 75% of the "
                "80 GB part's 2.0)"),
@@ -203,6 +204,7 @@ def load_card(spec: str) -> Card:
     return Card(name=data["name"], matmul_tflops=tflops, copy_gbps=float(data["copy_gbps"]),
                 launch_us=float(data["launch_us"]), kernel_us=float(data.get("kernel_us", base.kernel_us)),
                 sm_count=int(data.get("sm_count", base.sm_count)), gpu=bool(data.get("gpu", True)),
+                exp_per_s=float(data.get("exp_per_s", base.exp_per_s)),
                 memory_gb=data.get("memory_gb", base.memory_gb), source=f"measured: {path}")
 
 
@@ -222,6 +224,7 @@ class Cost:
     bytes: float = 0.0
     dtype: Optional[torch.dtype] = None
     efficiency: float = 1.0  # fraction of the matmul ceiling this launch can reach
+    exps: float = 0.0  # exponentials a tile kernel computes (special-function units, not hidden)
     launches: int = 1  # device kernels behind this one op (composites the trace cannot split)
 
 
@@ -367,11 +370,12 @@ def _wave_efficiency(batch: int, m: int, n: int, k: int, card: Card) -> float:
     return tiles / (waves * card.sm_count)
 
 
-# Triton tile kernels that do their own dot products (fastcse's InfoNCE forward): fraction of the
-# cuBLAS ceiling they reach, exponentials and online-softmax bookkeeping included. A lead (Triton
-# flash-style kernels without warp specialisation typically run at 50-70% of cuBLAS on Hopper),
-# to be replaced by bench/gpu_check.sh's measurement of the kernel.
-TRITON_TILE_EFFICIENCY = 0.6
+# Triton tile kernels that do their own dot products (InfoNCE forward, biased attention): fraction
+# of the cuBLAS ceiling their dots reach; their exponentials are costed separately (Cost.exps, at
+# the card's special-function rate, not overlapped with the dots). A lead (Triton flash-style
+# kernels without warp specialisation run at 50-70% of cuBLAS on Hopper), to be replaced by
+# bench/gpu_check.sh's measurement of the kernels.
+TRITON_TILE_EFFICIENCY = 0.7
 
 
 def _arg(launch: Launch, name: str):
@@ -387,7 +391,7 @@ def _lse_fwd_cost(launch: Launch, card: Card) -> Cost:
     waves = math.ceil(launch.grid[0] / max(1, card.sm_count))
     return Cost(launch.name, "matmul", flops=2.0 * n_rows * n_cols * dim,
                 bytes=n_rows * dim * a.element_size() + waves * n_cols * dim * c.element_size() + 4 * n_rows,
-                dtype=a.dtype, efficiency=TRITON_TILE_EFFICIENCY)
+                dtype=a.dtype, efficiency=TRITON_TILE_EFFICIENCY, exps=float(n_rows) * n_cols)
 
 
 def _rows_softmax_cost(launch: Launch, card: Card) -> Cost:
@@ -413,18 +417,73 @@ def _rotary_cost(launch: Launch, card: Card) -> Cost:
     return Cost(launch.name, "memory", bytes=moved + touched_bytes(cos) + touched_bytes(sin))
 
 
+def _attention_dims(launch: Launch) -> tuple[int, int, int]:
+    q = launch.args[0]
+    batch_heads = launch.grid[1]
+    return batch_heads, q.shape[2], q.shape[3]  # q: (batch, heads, seq, head_dim)
+
+
+def _table_bytes(launch: Launch) -> int:
+    # bias tables (DeBERTa's c2p / p2c: (batch, heads, seq, entries)) read once from HBM; their
+    # per-score gathers are served by L2
+    total = 0
+    for flag, name in (("HAS_ROW", "ROW_T"), ("HAS_COL", "COL_T")):
+        if launch.arguments.get(flag):
+            total += touched_bytes(launch.arguments[name])
+    return total
+
+
+def _biased_fwd_cost(launch: Launch, card: Card) -> Cost:
+    # flash-style: S = Q K^T and O = P V per (batch, head): 4 L^2 D FLOPs, L^2 exponentials;
+    # q, k, v, out once (one head's K and V fit in L2 across its query tiles), lse, tables
+    bh, seq, dim = _attention_dims(launch)
+    q, k, v, out = launch.args[:4]
+    moved = sum(touched_bytes(t) for t in (q, k, v, out)) + 4 * bh * seq + _table_bytes(launch)
+    return Cost(launch.name, "matmul", flops=4.0 * bh * seq * seq * dim, bytes=moved, dtype=q.dtype,
+                efficiency=TRITON_TILE_EFFICIENCY, exps=float(bh) * seq * seq)
+
+
+def _biased_bwd_delta_cost(launch: Launch, card: Card) -> Cost:
+    out, grad_out = launch.args[0], launch.args[1]
+    bh, seq = launch.grid[1], out.shape[2]
+    return Cost(launch.name, "memory", bytes=touched_bytes(out) + touched_bytes(grad_out) + 4 * bh * seq)
+
+
+def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
+    # both passes recompute S and P (2 L^2 D, L^2 exp); the column pass (KV_PASS) adds dV = P^T dO,
+    # dP = dO V^T, dK = dS^T Q (6 L^2 D), the row pass dP and dQ = dS K (4 L^2 D). Reads q, k, v,
+    # dO, lse, delta, tables; writes its gradients; the fp32 table-gradient buffer (atomics into
+    # DROW / DCOL) is read and written once from HBM (atomic throughput itself not modelled).
+    bh, seq, dim = _attention_dims(launch)
+    q, k, v, grad_out = launch.args[:4]
+    kv_pass = bool(launch.arguments["KV_PASS"])
+    flops = (8.0 if kv_pass else 6.0) * bh * seq * seq * dim
+    written = 2 * touched_bytes(k) if kv_pass else touched_bytes(q)
+    grad_table = launch.arguments["DCOL" if kv_pass else "DROW"]
+    has_table = launch.arguments.get("HAS_COL" if kv_pass else "HAS_ROW")
+    moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + written + _table_bytes(launch)
+             + (2 * touched_bytes(grad_table) if has_table else 0))
+    return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=q.dtype,
+                efficiency=TRITON_TILE_EFFICIENCY, exps=float(bh) * seq * seq)
+
+
 # fastcse's Triton kernels, by kernel name: what one launch reads, writes and computes
 # (read off kernels/*.py; update with the kernel).
 KERNEL_COSTS: dict = {
     "_lse_fwd_kernel": _lse_fwd_cost,
     "_rows_softmax_kernel": _rows_softmax_cost,
     "_rotary_kernel": _rotary_cost,
+    "_biased_attn_fwd_kernel": _biased_fwd_cost,
+    "_biased_attn_bwd_delta_kernel": _biased_bwd_delta_cost,
+    "_biased_attn_bwd_kernel": _biased_bwd_cost,
 }
 
 
 def kernel_cost(launch: Launch, card: Card) -> Cost:
+    """The launch's cost; kind "unknown" when the table has no formula for it (its trace then
+    still gives memory, and asking it for time raises :class:`NotModelled`)."""
     if launch.name not in KERNEL_COSTS:
-        raise NotModelled(f"no cost formula for Triton kernel {launch.name} (add it to KERNEL_COSTS)")
+        return Cost(launch.name, "unknown")
     return KERNEL_COSTS[launch.name](launch, card)
 
 
@@ -441,6 +500,9 @@ class Trace:
     costs: list = field(default_factory=list)
 
     def seconds(self, card: Card) -> float:
+        unknown = sorted({c.name for c in self.costs if c.kind == "unknown"})
+        if unknown:
+            raise NotModelled(f"no cost formula for Triton kernel(s) {', '.join(unknown)} (KERNEL_COSTS)")
         return simulate(self.costs, card)
 
 
@@ -477,6 +539,7 @@ def device_seconds(cost: Cost, card: Card) -> float:
     if cost.kind not in ("matmul", "memory"):
         return 0.0
     compute = cost.flops / (card.matmul_flops(cost.dtype) * cost.efficiency) if cost.kind == "matmul" else 0.0
+    compute += cost.exps / card.exp_per_s  # a tile kernel's exponentials, not overlapped with its dots
     return cost.launches * card.kernel_us * 1e-6 + max(compute, cost.bytes / card.copy_bytes_per_s)
 
 
@@ -698,24 +761,103 @@ def rope_bars(card: Card) -> list:
     return [(speed_name, speedup), (bw_name, bandwidth)]
 
 
+ATTENTION_SHAPE = dict(batch=8, seq=512, dropout=0.1)  # bench_biased_attention's defaults
+
+
+def attention_trace(card: Card, model: str, provider: str) -> Trace:
+    """bench_biased_attention's ``full`` step (one layer's HF self-attention of DeBERTa-v3-base or
+    T5-base, forward + backward into the input and every parameter) in bf16 on meta."""
+    key = (card.name, "attention", model, provider)
+    if key in _TRACES:
+        return _TRACES[key]
+    import copy
+
+    from bench.bench_biased_attention import build_module, make_call
+    from fastcse.models.biased import patch_biased_attention
+
+    batch, seq = ATTENTION_SHAPE["batch"], ATTENTION_SHAPE["seq"]
+
+    def setup():
+        encoder, attn = build_module(model, False, ATTENTION_SHAPE["dropout"])
+        if provider == "biased":
+            if encoder is not None:
+                encoder = copy.deepcopy(encoder)
+                patch_biased_attention(encoder)
+                attn = encoder.layer[0].attention.self
+            else:
+                attn = copy.deepcopy(attn)
+                patch_biased_attention(attn)
+        owner = encoder if encoder is not None else attn
+        owner.to(device=_device(card), dtype=torch.bfloat16).train()
+        hidden = attn.all_head_size if model == "deberta" else attn.d_model
+        x = torch.randn(batch, seq, hidden, dtype=torch.bfloat16, device=_device(card), requires_grad=True)
+        grad = torch.randn(batch, seq, hidden, dtype=torch.bfloat16, device=_device(card))
+        call = make_call(model, owner, attn, x)
+        params = list(owner.parameters())
+
+        def step():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            call().backward(grad)
+        return step
+
+    _TRACES[key] = trace(setup, card)
+    return _TRACES[key]
+
+
+ATTENTION_NAMES = {"deberta": "DeBERTa-v3-base", "t5": "T5-base encoder"}
+
+
+def attention_bars(card: Card) -> list:
+    where = f"L={ATTENTION_SHAPE['seq']} batch {ATTENTION_SHAPE['batch']}, bf16, dropout {ATTENTION_SHAPE['dropout']}"
+    specs = []
+    if not card.gpu:
+        name = "biased attention bars: not on CPU (the biased kernels need CUDA)"
+        return [(name, lambda: Bar(name, None, None, "", None, detail="not applicable"))]
+
+    mem_name = f"DeBERTa-v3-base attention memory HF eager / biased, fwd+bwd, {where}"
+
+    def memory():
+        e, b = attention_trace(card, "deberta", "eager"), attention_trace(card, "deberta", "biased")
+        return _bar(mem_name, e.peak_bytes / b.peak_bytes, 3.0, "x", ">=",
+                    detail=f"one layer's self-attention (bench_biased_attention): eager {e.peak_bytes / MIB:.0f} MiB, "
+                           f"biased {b.peak_bytes / MIB:.0f} MiB above the inputs (peak at {b.peak_op})")
+
+    specs.append((mem_name, memory))
+    for model, target in (("deberta", 1.5), ("t5", 1.3)):
+        name = f"{ATTENTION_NAMES[model]} attention module HF eager / biased time, fwd+bwd, {where}"
+
+        def speed(model=model, target=target, name=name):
+            e, b = attention_trace(card, model, "eager"), attention_trace(card, model, "biased")
+            te, tb = e.seconds(card), b.seconds(card)
+            return _bar(name, te / tb, target, "x", ">=",
+                        detail=f"eager {te * 1e3:.3f} ms, biased {tb * 1e3:.3f} ms; the issue's bar is the whole "
+                               "encoder, whose speed-up this module's bounds from above (dropout's Philox draws "
+                               "inside the kernels are not costed)")
+        specs.append((name, speed))
+    return specs
+
+
 ENCODER_BARS = [
     ("BERT-base 64 sentences <= 32 tokens: varlen vs padded SDPA time", 1.5),
     ("BERT-base 64 sentences <= 32 tokens: varlen vs HF eager time", 2.0),
-    ("DeBERTa-v3-base L=512 batch 8: biased vs HF eager time", 1.5),
-    ("DeBERTa-v3-base L=512 batch 8: attention memory HF eager / biased", 3.0),
-    ("T5-base encoder L=512: biased vs eager time", 1.3),
+    ("DeBERTa-v3-base L=512 batch 8 (whole encoder): biased vs HF eager time", 1.5),
+    ("T5-base encoder L=512 (whole encoder): biased vs eager time", 1.3),
 ]
 
 
 def encoder_bars(card: Card) -> list:
-    return [(name, lambda name=name, target=target: Bar(name, None, target, "x", None, ">=",
-                                                        detail="not modelled yet"))
+    detail = ("not modelled yet: needs the whole encoder traced on meta (bench_encoder), SDPA costed as the "
+              "flash kernel CUDA would pick, and the varlen path's data-dependent unpadding and nested-tensor "
+              "per-op host cost")
+    return [(name, lambda name=name, target=target: Bar(name, None, target, "x", None, ">=", detail=detail))
             for name, target in ENCODER_BARS]
 
 
 def bar_specs(card: Card) -> list:
     """(name, compute) for every bar of ``card``; nothing is traced until ``compute()``."""
-    return loss_bars(card) + rope_bars(card) + encoder_bars(card)
+    return loss_bars(card) + rope_bars(card) + attention_bars(card) + encoder_bars(card)
 
 
 def evaluate(card: Card, select: Optional[Callable[[str], bool]] = None) -> list[Bar]:

@@ -166,3 +166,17 @@ def test_cli_json_and_csv(tmp_path, monkeypatch, capsys):
     with (tmp_path / pm.CSV_NAME).open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(bars) and {r["card"] for r in rows} == {"NVIDIA H200"} and rows[0]["commit"]
+
+
+def test_biased_attention_trace_counts_the_kernels_flops():
+    # forward 4 B H L^2 D; backward recomputes S in both passes: 8 (column pass) + 6 (row pass)
+    tr = pm.attention_trace(pm.CARDS["h200"], "t5", "biased")
+    batch, seq, heads, head_dim = 8, 512, 12, 64
+    kernel_flops = {}
+    for c in tr.costs:
+        if c.name.startswith("_biased_attn"):
+            kernel_flops[c.name] = kernel_flops.get(c.name, 0) + c.flops
+    unit = batch * heads * seq * seq * head_dim
+    assert kernel_flops == {"_biased_attn_fwd_kernel": 4 * unit, "_biased_attn_bwd_delta_kernel": 0,
+                            "_biased_attn_bwd_kernel": 14 * unit}
+    assert all(c.kind != "unknown" for c in tr.costs)
