@@ -12,7 +12,8 @@ and ``full`` (forward + backward into the input and every parameter, relative em
 included). Metrics: time (median, p20, p80), peak memory above the inputs (the attention's own
 activations and temporaries), and TFLOP/s of the nominal attention FLOPs (4 B H L^2 D forward, x3.5
 for forward + backward; the c2p / p2c and projection matmuls are not counted). Rows land in
-``bench/results/biased_attention.csv``.
+``bench/results/biased_attention.csv`` (or the ``--csv`` path), appended as each point is
+measured; ``--timing`` picks bench/_common.py's timing methods (default ``sync``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 
 import torch
 
-from bench._common import append_rows, make_row, peak_memory_bytes, time_fn
+from bench._common import append_rows, csv_path, make_row, peak_memory_bytes, time_fn, timing_methods, timings_for
 
 CSV = "biased_attention.csv"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,11 +78,14 @@ def make_call(model, encoder, attn, x):
 
 
 def run(args) -> list[dict]:
+    """Every (model, seq, provider, mode, timing) point; each point's rows are appended to
+    ``args.csv`` as soon as it is measured. Returns all rows."""
     # imported here: on CPU, main() selects Triton's interpreter before the kernels are defined
     from fastcse.models.biased import patch_biased_attention
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    timings = timings_for(args.timing, device)
     rows = []
     for model in args.models:
         encoder, attn = build_module(model, args.quick, args.dropout)
@@ -121,23 +125,30 @@ def run(args) -> list[dict]:
                                 p.grad = None
                             call().backward(grad)
                     try:
-                        timing = time_fn(fn, device, warmup=1 if args.quick else 3, reps=args.reps)
+                        timed = [time_fn(fn, device, warmup=1 if args.quick else 3, reps=args.reps, method=m)
+                                 for m in timings]
                         peak = peak_memory_bytes(fn, device)
                     except torch.OutOfMemoryError:
-                        print(f"{model} {provider} {mode} seq={seq}: out of memory")
+                        print(f"{model} {provider} {mode} seq={seq}: out of memory", flush=True)
                         torch.cuda.empty_cache()
                         continue
                     flops = 4 * args.batch * heads * seq * seq * head_dim * (1.0 if mode == "fwd" else 3.5)
                     common = dict(kernel=f"biased_attention_{model}", provider=provider, mode=mode,
-                                  x_name="seq", x_value=seq, extra_config=extra, device=device)
-                    rows.append(make_row(metric="time", unit="ms", p50=timing.p50, p20=timing.p20,
-                                         p80=timing.p80, **common))
-                    rows.append(make_row(metric="peak_memory", unit="MiB", p50=peak / 2**20, **common))
-                    rows.append(make_row(metric="throughput", unit="TFLOP/s",
-                                         p50=flops / (timing.p50 * 1e-3) / 1e12, **common))
-                    print(f"{model:8s} seq={seq:5d} {provider:7s} {mode:5s} {timing.p50:9.3f} ms "
-                          f"(p20 {timing.p20:.3f}, p80 {timing.p80:.3f})  peak {peak / 2**20:9.1f} MiB  "
-                          f"{flops / (timing.p50 * 1e-3) / 1e12:6.2f} TFLOP/s")
+                                  x_name="seq", x_value=seq, device=device)
+                    new = []
+                    for timing in timed:
+                        config = dict(extra, timing=timing.method, **({"timing_note": timing.note} if timing.note else {}))
+                        new.append(make_row(metric="time", unit="ms", p50=timing.p50, p20=timing.p20,
+                                            p80=timing.p80, extra_config=config, **common))
+                        new.append(make_row(metric="throughput", unit="TFLOP/s",
+                                            p50=flops / (timing.p50 * 1e-3) / 1e12, extra_config=config, **common))
+                        print(f"{model:8s} seq={seq:5d} {provider:7s} {mode:5s} {timing.method:6s} {timing.p50:9.3f} ms "
+                              f"(p20 {timing.p20:.3f}, p80 {timing.p80:.3f})  peak {peak / 2**20:9.1f} MiB  "
+                              f"{flops / (timing.p50 * 1e-3) / 1e12:6.2f} TFLOP/s", flush=True)
+                    new.append(make_row(metric="peak_memory", unit="MiB", p50=peak / 2**20, extra_config=extra,
+                                        **common))
+                    append_rows(args.csv, new)
+                    rows += new
                 x.grad = None
                 outputs[provider] = call().detach().float()
             if "eager" in outputs and "biased" in outputs and args.dropout == 0.0:
@@ -158,6 +169,7 @@ def tune(args) -> list[dict]:
     from fastcse.kernels.biased_attention import biased_attention_backward, biased_attention_forward
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    method = timings_for(args.timing, device)[0]
     heads, head_dim, entries = (2, 16, 32) if args.quick else (12, 64, 512)
     rows = []
     for seq in args.seqs:
@@ -173,19 +185,22 @@ def tune(args) -> list[dict]:
             tiles = dict(block_m=block_m, block_n=block_n, num_warps=warps)
             try:
                 out, lse = biased_attention_forward(q, k, v, *common, **tiles)
-                fwd = time_fn(lambda: biased_attention_forward(q, k, v, *common, **tiles), device, reps=args.reps)
+                fwd = time_fn(lambda: biased_attention_forward(q, k, v, *common, **tiles), device, reps=args.reps,
+                              method=method)
                 bwd = time_fn(lambda: biased_attention_backward(grad, q, k, v, out, lse, *common, **tiles),
-                              device, reps=args.reps)
+                              device, reps=args.reps, method=method)
             except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
                 print(f"seq={seq} tiles {block_m}x{block_n} w{warps}: {type(err).__name__}: {err}")
                 continue
             name = f"triton_{block_m}x{block_n}_w{warps}"
             extra = dict(model="deberta", batch=batch, heads=heads, head_dim=head_dim, dtype=args.dtype,
                          dropout=args.dropout, block_m=block_m, block_n=block_n, num_warps=warps)
-            for mode, timing in (("fwd", fwd), ("bwd", bwd)):
-                rows.append(make_row(kernel="biased_attention_tiles", provider=name, mode=mode, metric="time",
-                                     unit="ms", x_name="seq", x_value=seq, p50=timing.p50, p20=timing.p20,
-                                     p80=timing.p80, extra_config=extra, device=device))
+            new = [make_row(kernel="biased_attention_tiles", provider=name, mode=mode, metric="time",
+                            unit="ms", x_name="seq", x_value=seq, p50=timing.p50, p20=timing.p20,
+                            p80=timing.p80, extra_config=dict(extra, timing=timing.method), device=device)
+                   for mode, timing in (("fwd", fwd), ("bwd", bwd))]
+            append_rows(args.csv, new)
+            rows += new
             print(f"seq={seq:5d} tiles {block_m:3d}x{block_n:<3d} warps {warps}: fwd {fwd.p50:8.3f} ms  "
                   f"bwd {bwd.p50:8.3f} ms")
     return rows
@@ -203,7 +218,10 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--dropout", type=float, default=0.1,
                    help="attention-probability dropout, training mode (SimCSE keeps it on); 0 compares outputs")
-    p.add_argument("--csv", default=CSV)
+    p.add_argument("--csv", default=CSV,
+                   help="a file name under bench/results/, or a path; rows are appended as measured")
+    p.add_argument("--timing", type=timing_methods, default=None,
+                   help="comma-separated of sync,device,graph (default sync; wall clock on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (hidden 64), for a CPU smoke run")
     p.add_argument("--tune", action="store_true", help="sweep the kernel tiles instead (launchers only)")
     args = p.parse_args(argv)
@@ -223,8 +241,7 @@ def main(argv=None) -> int:
         # the kernels run in Triton's interpreter on CPU; it must be chosen before they are defined
         os.environ.setdefault("TRITON_INTERPRET", "1")
     rows = tune(args) if args.tune else run(args)
-    path = append_rows(args.csv, rows)
-    print(f"{len(rows)} rows -> {path}")
+    print(f"{len(rows)} rows appended to {csv_path(args.csv)}")
     return 0
 
 

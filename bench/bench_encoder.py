@@ -11,7 +11,9 @@ CPU runs) use tiny versions of the same architectures. Workloads:
 Each measurement is a training step's model part: train mode (dropout on, as SimCSE), forward,
 pooled output, a scalar loss, backward. Rows (``bench/results/encoder.csv``):
 ``metric=throughput`` (real tokens/s, p50/p20/p80 from the timing quantiles),
-``metric=latency`` (ms), ``metric=peak_memory`` (bytes above what was live before the step).
+``metric=latency`` (ms), ``metric=peak_memory`` (bytes above what was live before the step),
+appended to the CSV (``--csv``: a file name under ``bench/results/`` or a path) as each workload is
+measured. ``--timing`` picks bench/_common.py's timing methods (default ``sync``).
 
 Usage::
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench._common import append_rows, make_row, peak_memory_bytes, time_fn
+from bench._common import append_rows, csv_path, make_row, peak_memory_bytes, time_fn, timing_methods, timings_for
 from fastcse.models import SentenceEncoder
 from fastcse.models import attention as attn
 
@@ -116,7 +118,7 @@ def backend_runs(model: str, backend: str, device: torch.device) -> str | None:
 
 def bench_one(enc: SentenceEncoder, model: str, backend: str, workload: str, *, device, tiny: bool, batch: int,
               long_batch: int, long_len: int, reps: int, max_seconds: float, lengths_pool: list[int],
-              length_source: str) -> list[dict]:
+              length_source: str, method: str = "sync") -> list[dict]:
     """One workload on a built encoder: the time and peak memory of a training step's model part."""
     config = enc.backbone.config
     dtype = next(enc.parameters()).dtype
@@ -135,11 +137,12 @@ def bench_one(enc: SentenceEncoder, model: str, backend: str, workload: str, *, 
         loss = enc(ids, mask).float().pow(2).mean()
         loss.backward()
 
-    timing = time_fn(step, device, warmup=1 if tiny else 3, reps=reps, max_seconds=max_seconds)
+    timing = time_fn(step, device, warmup=1 if tiny else 3, reps=reps, max_seconds=max_seconds, method=method)
     peak = peak_memory_bytes(step, device)
     extra = {"model": model, "shape": "tiny" if tiny else "base", "dtype": str(dtype).replace("torch.", ""),
              "batch": len(lengths), "real_tokens": real_tokens, "padded_tokens": int(mask.numel()),
-             "reps": len(timing.samples), "lengths": length_source if workload == "wiki32" else "fixed"}
+             "reps": len(timing.samples), "lengths": length_source if workload == "wiki32" else "fixed",
+             "timing": timing.method, **({"timing_note": timing.note} if timing.note else {})}
     common = dict(kernel=f"encoder_{model}", provider=backend, mode="full", x_name="workload", x_value=workload,
                   extra_config=extra, device=device)
     tok_s = lambda ms: real_tokens / (ms / 1e3)  # noqa: E731
@@ -164,7 +167,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--long-batch", type=int, default=None, help="sequences per long batch (16 GPU, 4 CPU)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per measurement")
-    parser.add_argument("--csv", default=CSV_NAME, help="file name under bench/results/")
+    parser.add_argument("--csv", default=CSV_NAME,
+                        help="a file name under bench/results/, or a path; rows are appended as measured")
+    parser.add_argument("--timing", type=timing_methods, default=None,
+                        help="comma-separated of sync,device,graph (default sync; wall clock on CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU only: torch threads (default 1: on the shared 2-core machines two OpenMP threads "
                              "spinning against other processes made a tiny BERT step 70x slower, 2.8 s vs 0.04 s)")
@@ -200,25 +206,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 enc.load_state_dict(weights)
             enc.to(device).train()
-            backend_rows: list[dict] = []
             for workload in args.workloads:
-                new = bench_one(enc, model, backend, workload, device=device, tiny=tiny, batch=args.batch,
-                                long_batch=long_batch, long_len=long_len, reps=reps,
-                                max_seconds=args.max_seconds, lengths_pool=lengths_pool,
-                                length_source=length_source)
-                thr, lat, mem = (r["p50"] for r in new)
-                print(f"{model:<11} {backend:<7} {workload:<8} {thr:>12,.0f} tok/s {lat:>9.2f} ms "
-                      f"{mem / 2**20:>9.1f} MiB peak", flush=True)
-                backend_rows += new
-            # written per backend: a run stopped by a timeout keeps what it measured
-            if backend_rows and not args.no_write:
-                path = append_rows(args.csv, backend_rows)
-            rows += backend_rows
+                for method in timings_for(args.timing, device):
+                    new = bench_one(enc, model, backend, workload, device=device, tiny=tiny, batch=args.batch,
+                                    long_batch=long_batch, long_len=long_len, reps=reps,
+                                    max_seconds=args.max_seconds, lengths_pool=lengths_pool,
+                                    length_source=length_source, method=method)
+                    thr, lat, mem = (r["p50"] for r in new)
+                    print(f"{model:<11} {backend:<7} {workload:<8} {thr:>12,.0f} tok/s {lat:>9.2f} ms "
+                          f"{mem / 2**20:>9.1f} MiB peak", flush=True)
+                    # written per workload: a run stopped by a timeout keeps what it measured
+                    if not args.no_write:
+                        append_rows(args.csv, new)
+                    rows += new
             del enc
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if rows and not args.no_write:
-        print(f"wrote {len(rows)} rows to {path}")
+        print(f"wrote {len(rows)} rows to {csv_path(args.csv)}")
     return rows
 
 

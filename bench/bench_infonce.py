@@ -7,7 +7,14 @@
 Shapes follow supervised SimCSE: N anchors, M = 2N candidates (positives + hard negatives), D
 the embedding width. FLOPs counted as the model's matmuls: forward 2NMD, backward 4NMD, full
 6NMD (recomputation inside the fused kernels is not credited). Every row lands in
-``bench/results/infonce.csv`` with device, date, versions and commit.
+``bench/results/infonce.csv`` (or the ``--csv`` path) with device, date, versions and commit,
+appended as each point is measured, so a run cut by a timeout keeps what it finished.
+
+Timing: ``--timing sync`` by default (one call between CUDA events, host work included: the
+loss checks its inputs for non-finite values, which reads them on the host, so the queued
+``device`` / ``graph`` methods of bench/_common.py cannot hide its host time anyway). Peak memory:
+bytes allocated above the inputs during one call, the new gradients included (the previous
+call's ``.grad`` is dropped before the measurement, as on CPU).
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
-from bench._common import (append_rows, device_name, make_row, peak_memory_bytes, read_rows,
-                           synchronize, time_fn, RESULTS_DIR)
+from bench._common import (Timing, append_rows, csv_path, device_name, make_row, measure_card,
+                           peak_memory_bytes, read_rows, synchronize, time_fn, timing_methods, timings_for)
 from fastcse.infonce import info_nce
 
 CSV = "infonce.csv"
@@ -41,18 +48,20 @@ def _clear_grads(inputs):
         x.grad = None
 
 
-def _bench_mode(provider, mode, inputs, device, reps):
+def _bench_mode(provider, mode, inputs, device, reps, method="sync"):
     loss_fn = _loss_fn(provider, inputs)
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 loss_fn()
-        return time_fn(run, device, reps=reps), peak_memory_bytes(run, device)
+        return time_fn(run, device, reps=reps, method=method), peak_memory_bytes(run, device)
     if mode == "full":
         def run():
             _clear_grads(inputs)
             loss_fn().backward()
-        return time_fn(run, device, reps=reps), peak_memory_bytes(run, device)
+        timing = time_fn(run, device, reps=reps, method=method)
+        _clear_grads(inputs)  # the baseline holds the inputs only: the new gradients count
+        return timing, peak_memory_bytes(run, device)
     # bwd: time backward alone; each repetition runs its own (untimed) forward first
     samples = []
     for i in range(reps + 1):
@@ -63,79 +72,83 @@ def _bench_mode(provider, mode, inputs, device, reps):
         if i:  # the first one warms up
             samples.append(t.p50)
     samples.sort()
-    q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]
-    from bench._common import Timing
-
-    return Timing(p50=q(0.5), p20=q(0.2), p80=q(0.8), samples=samples), None
+    q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
+    return Timing(p50=q(0.5), p20=q(0.2), p80=q(0.8), samples=samples, method=t.method), None
 
 
 def measure_ceilings(device: torch.device, dtype) -> list[dict]:
-    """The two limits the loss is judged against: dense matmul TFLOP/s and copy GB/s."""
-    rows = []
-    size = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    t = time_fn(lambda: a @ b, device, reps=10)
-    tflops = 2 * size ** 3 / (t.p50 * 1e-3) / 1e12
-    rows.append(make_row(kernel="ceiling", provider="torch.matmul", mode="fwd", metric="throughput",
-                         unit="TFLOP/s", x_name="size", x_value=size, p50=tflops,
-                         extra_config={"dtype": str(dtype)}, device=device))
-    n_bytes = (1 << 30) if device.type == "cuda" else (1 << 27)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, reps=10)
-    gbs = 2 * n_bytes / (t.p50 * 1e-3) / 1e9  # read + write
-    rows.append(make_row(kernel="ceiling", provider="copy_", mode="fwd", metric="bandwidth",
-                         unit="GB/s", x_name="bytes", x_value=n_bytes, p50=gbs, device=device))
+    """The two limits the loss is judged against, as CSV rows: dense matmul TFLOP/s in ``dtype``
+    and copy GB/s (measured by bench/_common.py's :func:`measure_card`)."""
+    card = measure_card(device)
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    tflops, gbs = card["matmul_tflops"][key], card["copy_gbps"]
+    rows = [make_row(kernel="ceiling", provider="torch.matmul", mode="fwd", metric="throughput",
+                     unit="TFLOP/s", x_name="size", x_value=card["matmul_size"], p50=tflops,
+                     extra_config={"dtype": str(dtype)}, device=device),
+            make_row(kernel="ceiling", provider="copy_", mode="fwd", metric="bandwidth", unit="GB/s",
+                     x_name="bytes", x_value=card["copy_bytes"] // 2, p50=gbs, device=device)]
     print(f"ceilings on {device_name(device)}: matmul {tflops:.1f} TFLOP/s ({dtype}), copy {gbs:.0f} GB/s")
     return rows
 
 
-def run(ns, dims, providers, modes, dtype, device, reps, matmul_ceiling: Optional[float] = None):
+def run(ns, dims, providers, modes, dtype, device, reps, matmul_ceiling: Optional[float] = None,
+        *, timings=("sync",), sink: Optional[Callable[[list], object]] = None):
+    """Measure every (D, N, provider, mode, timing); ``sink(rows)`` gets each point's rows as soon
+    as they are measured (``append_rows`` into the CSV in :func:`main`). Returns all rows."""
     rows = []
+
+    def emit(new):
+        rows.extend(new)
+        if sink is not None:
+            sink(new)
+
     for d in dims:
         for n in ns:
             m = 2 * n
             times = {}
             for provider in providers:
                 for mode in modes:
-                    inputs = _make_inputs(n, d, dtype, device)
-                    extra = {"N": n, "M": m, "D": d, "dtype": str(dtype).replace("torch.", "")}
-                    try:
-                        timing, peak = _bench_mode(provider, mode, inputs, device, reps)
-                    except torch.cuda.OutOfMemoryError:
-                        print(f"  D={d} N={n} {provider:8s} {mode:4s}: out of memory")
-                        rows.append(make_row(kernel="infonce", provider=provider, mode=mode,
-                                             metric="time", unit="ms", x_name="N", x_value=n,
-                                             p50=math.nan, extra_config={**extra, "oom": True},
-                                             device=device))
+                    for method in timings:
+                        inputs = _make_inputs(n, d, dtype, device)
+                        extra = {"N": n, "M": m, "D": d, "dtype": str(dtype).replace("torch.", "")}
+                        try:
+                            timing, peak = _bench_mode(provider, mode, inputs, device, reps, method)
+                        except torch.cuda.OutOfMemoryError:
+                            print(f"  D={d} N={n} {provider:8s} {mode:4s}: out of memory", flush=True)
+                            del inputs
+                            torch.cuda.empty_cache()
+                            emit([make_row(kernel="infonce", provider=provider, mode=mode, metric="time",
+                                           unit="ms", x_name="N", x_value=n, p50=math.nan,
+                                           extra_config={**extra, "oom": True, "timing": method}, device=device)])
+                            continue
+                        extra["timing"] = timing.method
+                        if timing.note:
+                            extra["timing_note"] = timing.note
+                        flops = MODE_FLOPS[mode] * n * m * d
+                        tflops = flops / (timing.p50 * 1e-3) / 1e12
+                        times[(provider, mode, timing.method)] = timing.p50
+                        if matmul_ceiling:
+                            extra["fraction_of_matmul_ceiling"] = round(tflops / matmul_ceiling, 4)
+                        new = [make_row(kernel="infonce", provider=provider, mode=mode, metric="time",
+                                        unit="ms", x_name="N", x_value=n, p50=timing.p50, p20=timing.p20,
+                                        p80=timing.p80, extra_config=extra, device=device),
+                               make_row(kernel="infonce", provider=provider, mode=mode, metric="throughput",
+                                        unit="TFLOP/s", x_name="N", x_value=n, p50=tflops,
+                                        extra_config=extra, device=device)]
+                        if peak is not None:
+                            new.append(make_row(kernel="infonce", provider=provider, mode=mode,
+                                                metric="peak_memory", unit="MiB", x_name="N", x_value=n,
+                                                p50=peak / 2**20, extra_config=extra, device=device))
+                        emit(new)
+                        mem = f", peak {peak / 2**20:8.1f} MiB" if peak is not None else ""
+                        print(f"  D={d} N={n:6d} {provider:8s} {mode:4s} {timing.method:6s}: {timing.p50:9.3f} ms "
+                              f"(p20 {timing.p20:.3f}, p80 {timing.p80:.3f}), {tflops:7.3f} TFLOP/s{mem}",
+                              flush=True)
                         del inputs
-                        torch.cuda.empty_cache()
-                        continue
-                    flops = MODE_FLOPS[mode] * n * m * d
-                    tflops = flops / (timing.p50 * 1e-3) / 1e12
-                    times[(provider, mode)] = timing.p50
-                    if matmul_ceiling:
-                        extra["fraction_of_matmul_ceiling"] = round(tflops / matmul_ceiling, 4)
-                    rows.append(make_row(kernel="infonce", provider=provider, mode=mode, metric="time",
-                                         unit="ms", x_name="N", x_value=n, p50=timing.p50,
-                                         p20=timing.p20, p80=timing.p80, extra_config=extra, device=device))
-                    rows.append(make_row(kernel="infonce", provider=provider, mode=mode,
-                                         metric="throughput", unit="TFLOP/s", x_name="N", x_value=n,
-                                         p50=tflops, extra_config=extra, device=device))
-                    if peak is not None:
-                        rows.append(make_row(kernel="infonce", provider=provider, mode=mode,
-                                             metric="peak_memory", unit="MiB", x_name="N", x_value=n,
-                                             p50=peak / 2**20, extra_config=extra, device=device))
-                    mem = f", peak {peak / 2**20:8.1f} MiB" if peak is not None else ""
-                    print(f"  D={d} N={n:6d} {provider:8s} {mode:4s}: {timing.p50:9.3f} ms "
-                          f"(p20 {timing.p20:.3f}, p80 {timing.p80:.3f}), {tflops:7.3f} TFLOP/s{mem}")
-                    del inputs
-            for provider in providers:
-                for mode in modes:
-                    if provider != "eager" and ("eager", mode) in times and (provider, mode) in times:
-                        print(f"  D={d} N={n:6d} eager/{provider} {mode}: "
-                              f"{times[('eager', mode)] / times[(provider, mode)]:.2f}x")
+            for (provider, mode, method), t in times.items():
+                if provider != "eager" and ("eager", mode, method) in times:
+                    print(f"  D={d} N={n:6d} eager/{provider} {mode} {method}: "
+                          f"{times[('eager', mode, method)] / t:.2f}x")
     return rows
 
 
@@ -174,7 +187,7 @@ def plot(csv_name: str = CSV) -> list:
         fig.suptitle(f"InfoNCE, {dtype}, D={d}\n{dev}", fontsize=9)
         fig.tight_layout()
         safe = "".join(ch if ch.isalnum() else "_" for ch in f"{dev}_{dtype}_D{d}")[:80]
-        path = (RESULTS_DIR / csv_name).parent / f"infonce_{safe}.png"
+        path = csv_path(csv_name).parent / f"infonce_{safe}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -199,7 +212,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a small sweep (smoke test / CI-sized)")
     parser.add_argument("--ceilings", action="store_true", help="also measure matmul and copy ceilings")
     parser.add_argument("--plot", action="store_true", help="only draw PNGs from the CSV")
-    parser.add_argument("--csv", default=CSV)
+    parser.add_argument("--csv", default=CSV,
+                        help="a file name under bench/results/, or a path; rows are appended as measured")
+    parser.add_argument("--timing", type=timing_methods, default=None,
+                        help="comma-separated of sync,device,graph (default sync; wall clock on CPU)")
     args = parser.parse_args(argv)
     if args.plot:
         plot(args.csv)
@@ -216,16 +232,17 @@ def main(argv=None) -> None:
     providers = (args.providers.split(",") if args.providers
                  else (["eager", "chunked", "triton"] if cuda else ["eager", "chunked"]))
     reps = args.reps or (20 if cuda else 3)
-    rows = []
     ceiling = None
+    n_rows = 0
     if args.ceilings:
         ceil_rows = measure_ceilings(device, dtype)
-        rows += ceil_rows
+        append_rows(args.csv, ceil_rows)
+        n_rows += len(ceil_rows)
         ceiling = ceil_rows[0]["p50"]
-    print(f"InfoNCE on {device_name(device)}, {dtype}, M = 2N")
-    rows += run(ns, dims, providers, args.modes.split(","), dtype, device, reps, ceiling)
-    path = append_rows(args.csv, rows)
-    print(f"appended {len(rows)} rows to {path}")
+    print(f"InfoNCE on {device_name(device)}, {dtype}, M = 2N", flush=True)
+    rows = run(ns, dims, providers, args.modes.split(","), dtype, device, reps, ceiling,
+               timings=timings_for(args.timing, device), sink=lambda new: append_rows(args.csv, new))
+    print(f"appended {n_rows + len(rows)} rows to {csv_path(args.csv)}")
 
 
 if __name__ == "__main__":
