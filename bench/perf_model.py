@@ -647,6 +647,12 @@ class Bar:
     moonshot: Optional[float] = None
     detail: str = ""
 
+    @property
+    def status(self) -> str:
+        if self.passed is None:
+            return "n/a" if self.detail == "not applicable" else "not modelled yet"
+        return "PASS" if self.passed else "FAIL"
+
     def as_json(self) -> dict:
         return {"bar": self.bar, "predicted": self.predicted, "target": self.target, "unit": self.unit,
                 "pass": self.passed, "cmp": self.cmp, "moonshot": self.moonshot, "detail": self.detail}
@@ -901,11 +907,11 @@ def format_table(card: Card, bars: list[Bar]) -> str:
     width = max(len(b.bar) for b in bars)
     lines.append(f"{'bar':<{width}}  {'predicted':>10}  {'target':>12}  {'unit':<4}  result")
     for b in bars:
-        result = "not modelled yet" if b.passed is None else ("PASS" if b.passed else "FAIL")
+        result = b.status
         target = "-" if b.target is None else f"{b.cmp} {_fmt(b.target)}"
-        if b.moonshot is not None:
-            result += f" (moonshot {b.cmp} {_fmt(b.moonshot)}: {'yes' if _judge(b.predicted, b.moonshot, b.cmp) else 'no'})" \
-                if b.predicted is not None else ""
+        if b.moonshot is not None and b.predicted is not None:
+            reached = "yes" if _judge(b.predicted, b.moonshot, b.cmp) else "no"
+            result += f" (moonshot {b.cmp} {_fmt(b.moonshot)}: {reached})"
         lines.append(f"{b.bar:<{width}}  {_fmt(b.predicted):>10}  {target:>12}  {b.unit:<4}  {result}"
                      + (f"   [{b.detail}]" if b.detail else ""))
     return "\n".join(lines)
@@ -925,7 +931,7 @@ def append_csv(card: Card, bars: list[Bar], csv_name: str = CSV_NAME) -> Path:
             writer.writerow({"date": date, "commit": commit, "card": card.name, "bar": b.bar,
                              "predicted": "" if b.predicted is None else b.predicted,
                              "target": "" if b.target is None else f"{b.cmp} {b.target}", "unit": b.unit,
-                             "pass": "not modelled" if b.passed is None else b.passed, "detail": b.detail})
+                             "pass": b.status, "detail": b.detail})
     return path
 
 
