@@ -1,4 +1,4 @@
-"""SentenceEncoder: a Hugging Face backbone + a pooler + an attention backend."""
+"""SentenceEncoder: a Hugging Face backbone + a pooler (+ Dense layers, Normalize) + an attention backend."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from . import attention as attn
-from .folders import (POOLER_WEIGHTS, check_sentence_transformers_modules, folder_kind, has_tokenizer_files,
-                      model_max_length, read_encoder_meta, write_encoder_meta)
-from .poolers import POOLINGS, build_pooler
+from .folders import (DENSE_WEIGHTS, MODEL_CARD_FILE, POOLER_WEIGHTS, SIMILARITY_FNS, ST_MODULES_FILE,
+                      check_sentence_transformers_modules, folder_kind, has_tokenizer_files, model_max_length,
+                      read_dense_weights, read_encoder_meta, read_sentence_transformers_folder, write_encoder_meta)
+from .poolers import POOLINGS, Dense, build_pooler
 from .unpad import unpack
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,39 @@ def _backbone_class(config):
         raise ValueError(f"no Hugging Face encoder class for model type {config.model_type!r}") from exc
 
 
-def _backbone_kwargs(cls) -> dict:
-    # BERT-family classes build a tanh pooler on CLS that fastcse never uses: leave it out
-    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+def _has_pooling_layer(cls) -> bool:
+    """Whether the HF class builds a tanh pooler on CLS (BERT family: ``add_pooling_layer``)."""
+    return "add_pooling_layer" in inspect.signature(cls.__init__).parameters
+
+
+def _checkpoint_keys(path) -> set[str] | None:
+    """The parameter names of a local checkpoint folder (read from the file headers), or None."""
+    folder = Path(str(path))
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return set(f.keys())
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return set(json.loads((folder / index).read_text()).get("weight_map", {}))
+    if (folder / "pytorch_model.bin").is_file():
+        return set(torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True, mmap=True))
+    return None
+
+
+def _fresh_pooling_layer(model_cls, config) -> nn.Module:
+    """The HF class's own CLS pooler, initialised as HF does (normal(0, initializer_range), zero bias)."""
+    with torch.device("meta"):
+        full = model_cls(copy.deepcopy(config), add_pooling_layer=True)
+    module = full.pooler.to_empty(device="cpu")
+    std = getattr(config, "initializer_range", 0.02)
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+    return module.float()
 
 
 def _resolve_dtype(dtype):
@@ -80,6 +111,18 @@ class SentenceEncoder(nn.Module):
     ``mlp_only_train=True`` only in training mode), ``mean`` (masked mean), ``first`` (T5's first
     token, same as ``cls``).
 
+    The pipeline after the pooler is a sentence-transformers model's: ``dense`` (a list of
+    :class:`~fastcse.models.poolers.Dense`, trainable) and ``normalize`` (unit-length output), both
+    applied in :meth:`forward`; ``similarity_fn_name`` is what :meth:`similarity` computes.
+    :meth:`from_pretrained` of a sentence-transformers folder reads them in, and an export writes
+    them back, with the folder's prompts, model card and ``max_seq_length``
+    (``export_max_seq_length``).
+
+    BERT-family backbones run without their tanh pooler on CLS (fastcse never uses it), but the
+    encoder keeps its weights (the checkpoint's, or HF's initialisation) outside the module tree:
+    no parameter without a gradient in training, and :meth:`save` / an export write the complete
+    checkpoint, so Hugging Face reports nothing missing when it loads the folder.
+
     Example::
 
         >>> from transformers import BertConfig
@@ -92,22 +135,46 @@ class SentenceEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, tokenizer=None, pooling: str = "cls", attn_backend: str = "auto",
-                 max_seq_length: int = 32, mlp_only_train: bool = True):
+                 max_seq_length: int = 32, mlp_only_train: bool = True, dense: Sequence[Dense] = (),
+                 normalize: bool = False, similarity_fn_name: str | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+        similarity_fn_name = similarity_fn_name or "cosine"
+        if similarity_fn_name not in SIMILARITY_FNS:
+            raise ValueError(f"unknown similarity_fn_name {similarity_fn_name!r}; valid: {', '.join(SIMILARITY_FNS)}")
         config = backbone.config
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.mlp_only_train = mlp_only_train
         self.max_seq_length = int(max_seq_length)
-        self.embedding_dim = int(config.hidden_size)
-        self.pooler = build_pooler(pooling, self.embedding_dim, mlp_only_train=mlp_only_train,
+        self.hidden_size = int(config.hidden_size)
+        self.pooler = build_pooler(pooling, self.hidden_size, mlp_only_train=mlp_only_train,
                                    initializer_range=getattr(config, "initializer_range", 0.02))
+        width = self.hidden_size
+        for i, layer in enumerate(dense):
+            if layer.in_features != width:
+                raise ValueError(f"Dense layer {i} takes {layer.in_features} features, but its input has {width}")
+            width = layer.out_features
+        self.dense = nn.ModuleList(dense)
+        self.embedding_dim = width
+        """Width of the sentence embedding (the last Dense layer's, else the backbone's hidden size)."""
+        self.normalize_output = bool(normalize)
+        self.similarity_fn_name = similarity_fn_name
+        # what the source folder said beyond the model, written back by an export
+        self.prompts: dict[str, str] = {}
+        self.default_prompt_name: str | None = None
+        self.model_card_text: str | None = None
+        self.export_max_seq_length: int | None = None
+        self.source_name_or_path: str | None = None
+        # backbone modules fastcse does not run (BERT's CLS pooler), kept to be saved: a plain dict,
+        # so they are neither parameters nor part of state_dict()
+        self.unused_backbone_modules: dict[str, nn.Module] = {}
         param = next(backbone.parameters(), None)
         if param is not None:
             self.pooler.to(device=param.device, dtype=param.dtype)
+            self.dense.to(device=param.device, dtype=param.dtype)
         if attn_backend == "auto":
             # a backbone handed in directly: varlen where it applies, else the HF attention it was built with
             supports_sdpa = getattr(config, "_attn_implementation", "eager") == "sdpa"
@@ -128,7 +195,8 @@ class SentenceEncoder(nn.Module):
 
     @classmethod
     def _build(cls, config, *, weights_path=None, tokenizer=None, pooling="cls", attn_backend="auto",
-               dtype=None, max_seq_length=32, mlp_only_train=True) -> "SentenceEncoder":
+               dtype=None, max_seq_length=32, mlp_only_train=True, dense=(), normalize=False,
+               similarity_fn_name=None) -> "SentenceEncoder":
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
         dtype = _resolve_dtype(dtype)
@@ -140,29 +208,50 @@ class SentenceEncoder(nn.Module):
         if backend in ("biased", "rotary") and not attn.patch_available(backend):
             # fail here, before loading weights, with the reason
             attn.apply_patch(None, backend)
-        kwargs = dict(_backbone_kwargs(model_cls), attn_implementation=attn.hf_attn_implementation(backend, supports_sdpa))
+        kwargs = dict(attn_implementation=attn.hf_attn_implementation(backend, supports_sdpa))
+        pooling_layer = _has_pooling_layer(model_cls)
+        # BERT's CLS pooler: loaded with the backbone when the checkpoint holds it (no UNEXPECTED
+        # report), else made fresh; either way taken out of the module tree below
+        load_pooler = False
+        if pooling_layer:
+            keys = _checkpoint_keys(weights_path) if weights_path is not None else set()
+            prefix = f"{getattr(model_cls, 'base_model_prefix', '')}.pooler."
+            load_pooler = weights_path is None or any(k.startswith(("pooler.", prefix)) for k in keys or ())
+            kwargs["add_pooling_layer"] = load_pooler
         if dtype is not None:
             kwargs["dtype"] = dtype
         if weights_path is None:
             backbone = model_cls._from_config(copy.deepcopy(config), **kwargs)
         else:
             backbone = model_cls.from_pretrained(weights_path, config=config, **kwargs)
+        unused = {}
+        if pooling_layer:
+            if load_pooler:
+                unused["pooler"] = backbone.pooler.cpu()
+                backbone.pooler = None
+            else:
+                unused["pooler"] = _fresh_pooling_layer(model_cls, config)
         if backend in ("biased", "rotary"):
             count = attn.apply_patch(backbone, backend)
             logger.info("attn_backend=%s: patched %d modules of %s", backend, count, type(backbone).__name__)
         encoder = cls(backbone, tokenizer=tokenizer, pooling=pooling, attn_backend=backend,
-                      max_seq_length=max_seq_length, mlp_only_train=mlp_only_train)
+                      max_seq_length=max_seq_length, mlp_only_train=mlp_only_train, dense=dense, normalize=normalize,
+                      similarity_fn_name=similarity_fn_name)
+        encoder.unused_backbone_modules = unused
         return encoder
 
     @classmethod
     def from_config(cls, config, *, tokenizer=None, pooling: str = "cls", attn_backend: str = "auto", dtype=None,
-                    max_seq_length: int = 32, mlp_only_train: bool = True) -> "SentenceEncoder":
+                    max_seq_length: int = 32, mlp_only_train: bool = True, normalize: bool = False,
+                    similarity_fn_name: str | None = None) -> "SentenceEncoder":
         """A randomly initialised encoder for a HF ``PretrainedConfig`` (the config is copied).
 
-        ``mlp_only_train`` (fastcse addition) applies to ``pooling="cls_mlp"`` only.
+        ``mlp_only_train`` (fastcse addition) applies to ``pooling="cls_mlp"`` only; ``normalize``
+        gives unit-length embeddings (a Normalize module in an export).
         """
         return cls._build(config, tokenizer=tokenizer, pooling=pooling, attn_backend=attn_backend, dtype=dtype,
-                          max_seq_length=max_seq_length, mlp_only_train=mlp_only_train)
+                          max_seq_length=max_seq_length, mlp_only_train=mlp_only_train, normalize=normalize,
+                          similarity_fn_name=similarity_fn_name)
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, pooling: str | None = None, attn_backend: str = "auto", dtype=None,
@@ -171,19 +260,23 @@ class SentenceEncoder(nn.Module):
         """Load an encoder from a folder (or a HF hub name, which needs the network).
 
         Folder kinds:
-        - written by :meth:`save`: the metadata file (:data:`~fastcse.models.folders.ENCODER_META_FILE`)
-          gives pooling, ``mlp_only_train`` and ``max_seq_length``; the ``cls_mlp`` weights come from
-          ``pooler.safetensors``. The saved ``attn_backend`` is informational: ``attn_backend`` here
-          (default ``auto``) decides, since the right backend depends on the machine.
+        - written by :meth:`save` (or an export): the metadata file
+          (:data:`~fastcse.models.folders.ENCODER_META_FILE`) gives pooling, ``mlp_only_train``,
+          ``max_seq_length``, Dense layers, Normalize, similarity function and prompts; the
+          ``cls_mlp`` and Dense weights come from ``pooler.safetensors`` / ``dense.safetensors``.
+          The saved ``attn_backend`` is informational: ``attn_backend`` here (default ``auto``)
+          decides, since the right backend depends on the machine.
         - sentence-transformers (``modules.json``): the Transformer module's folder is the
-          backbone, ``1_Pooling/config.json`` the pooling (``cls`` or ``mean``; others are refused),
-          ``sentence_bert_config.json`` the ``max_seq_length``. A Normalize module is not part of
-          the encoder: call ``encode(..., normalize=True)``.
+          backbone, the Pooling module the pooling (``cls`` or ``mean``; others are refused), then
+          the Dense modules (trainable) and Normalize, as :func:`~fastcse.models.folders.read_sentence_transformers_folder`
+          reads them; ``max_seq_length`` from ``sentence_bert_config.json`` or the tokenizer.
         - a plain Hugging Face model: pooling ``cls`` (``mean`` for T5, as Sentence-T5) unless given;
           ``max_seq_length`` from the tokenizer / position embeddings, at most 512.
 
-        Explicit arguments override what the folder says. ``tokenizer`` defaults to the folder's
-        (None when it has no tokenizer files); a path or name loads that tokenizer instead.
+        Explicit arguments override what the folder says (``max_seq_length`` changes the length
+        the encoder reads, e.g. SimCSE's 32 in training, not the length its export will read,
+        ``export_max_seq_length``). ``tokenizer`` defaults to the folder's (None when it has no
+        tokenizer files); a path or name loads that tokenizer instead.
         ``dtype``: a ``torch.dtype``, its name, or ``"auto"`` (the checkpoint's dtype); None: float32.
         """
         from transformers import AutoConfig
@@ -192,13 +285,44 @@ class SentenceEncoder(nn.Module):
         saved: dict = {}
         backbone_path = str(name_or_path)
         folder_pooling = folder_max_len = None
+        dense_configs: list[dict] = []
+        dense_states: list[dict] = []
+        normalize, similarity, prompts, default_prompt, card = False, None, {}, None, None
         # a Hugging Face folder or a hub name (kind None) goes to Hugging Face as it is
         kind = folder_kind(path)
         if kind == "fastcse":
             saved = read_encoder_meta(path)
             folder_pooling, folder_max_len = saved.get("pooling"), saved.get("max_seq_length")
+            dense_configs = list(saved.get("dense") or [])
+            if dense_configs:
+                dense_states = [{} for _ in dense_configs]
+                if (path / DENSE_WEIGHTS).is_file():
+                    from safetensors.torch import load_file
+
+                    for key, value in load_file(str(path / DENSE_WEIGHTS), device="cpu").items():
+                        index, _, name = key.partition(".")
+                        dense_states[int(index)][name] = value
+            normalize = saved.get("normalize")
+            if normalize is None:  # written before the field: an export's modules.json says
+                normalize = (path / ST_MODULES_FILE).is_file() and any(
+                    m["kind"] == "Normalize" for m in check_sentence_transformers_modules(path))
+            similarity = saved.get("similarity_fn_name")
+            prompts, default_prompt = dict(saved.get("prompts") or {}), saved.get("default_prompt_name")
+            export_len = saved.get("export_max_seq_length")
+            if export_len is None and (path / ST_MODULES_FILE).is_file():
+                export_len = folder_max_len  # an export records the length it reads
         elif kind == "sentence-transformers":
-            backbone_path, folder_pooling, folder_max_len = _read_sentence_transformers(path)
+            st = read_sentence_transformers_folder(path)
+            backbone_path, folder_pooling, folder_max_len = str(st.backbone), st.pooling, st.max_seq_length
+            dense_configs = [config for config, _ in st.dense]
+            dense_states = [read_dense_weights(folder) for _, folder in st.dense]
+            normalize, similarity = st.normalize, st.similarity_fn_name
+            prompts, default_prompt = st.prompts, st.default_prompt_name
+            export_len = folder_max_len
+        else:
+            export_len = None
+        if kind in ("fastcse", "sentence-transformers") and (path / MODEL_CARD_FILE).is_file():
+            card = (path / MODEL_CARD_FILE).read_text(encoding="utf-8")
         config = AutoConfig.from_pretrained(backbone_path)
         if pooling is None:
             pooling = folder_pooling or ("mean" if config.model_type in T5_MODEL_TYPES else "cls")
@@ -208,11 +332,25 @@ class SentenceEncoder(nn.Module):
             tokenizer = _load_tokenizer(backbone_path)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = _load_tokenizer(str(tokenizer))
+        if kind is not None and export_len is None:
+            export_len = model_max_length(config, tokenizer)
         if max_seq_length is None:
             max_seq_length = folder_max_len or model_max_length(config, tokenizer)
+        dense = []
+        for i, (layer_config, state) in enumerate(zip(dense_configs, dense_states)):
+            layer = Dense(**layer_config)
+            try:
+                layer.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ValueError(f"{name_or_path}: weights of Dense layer {i} do not fit its config ({exc})") from None
+            dense.append(layer)
         encoder = cls._build(config, weights_path=backbone_path, tokenizer=tokenizer, pooling=pooling,
                              attn_backend=attn_backend, dtype=dtype, max_seq_length=max_seq_length,
-                             mlp_only_train=mlp_only_train)
+                             mlp_only_train=mlp_only_train, dense=dense, normalize=bool(normalize),
+                             similarity_fn_name=similarity)
+        encoder.prompts, encoder.default_prompt_name = dict(prompts), default_prompt
+        encoder.model_card_text, encoder.export_max_seq_length = card, export_len
+        encoder.source_name_or_path = str(name_or_path)
         pooler_file = path / POOLER_WEIGHTS
         if any(True for _ in encoder.pooler.parameters()):
             if pooler_file.is_file() and saved.get("pooling") == pooling:
@@ -231,18 +369,48 @@ class SentenceEncoder(nn.Module):
     # saving
 
     def save(self, path) -> None:
-        """Write a folder that :meth:`from_pretrained` reads back.
+        """Write a fastcse folder that :meth:`from_pretrained` reads back exactly.
 
-        Contents: the HF backbone (``config.json``, ``model.safetensors``), the tokenizer files,
-        :data:`~fastcse.models.folders.ENCODER_META_FILE` ({pooling, mlp_only_train, max_seq_length,
-        attn_backend}) and ``pooler.safetensors`` when the pooler has parameters (``cls_mlp``).
+        Contents: the HF backbone (``config.json``, ``model.safetensors``; BERT's CLS pooler
+        included), the tokenizer files, :data:`~fastcse.models.folders.ENCODER_META_FILE`,
+        ``pooler.safetensors`` when the pooler has parameters (``cls_mlp``), ``dense.safetensors``
+        when there are Dense layers, and the source's model card (``README.md``) when it had one.
+        :meth:`save_pretrained` writes a sentence-transformers folder instead.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(str(path))
+        self.save_backbone(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(path))
         write_encoder_meta(path, self)
+        if self.model_card_text is not None:
+            (path / MODEL_CARD_FILE).write_text(self.model_card_text, encoding="utf-8")
+
+    def save_pretrained(self, path, *, card=None, **export_kwargs) -> Path:
+        """Write a sentence-transformers folder (as ``SentenceTransformer.save_pretrained``): what
+        :func:`fastcse.export.export_sentence_transformers` writes, into ``path`` even when it is
+        not empty. ``card``: the model card's training details (see there)."""
+        # the export module owns the sentence-transformers format; imported here, not at the top, since
+        # it sits above the models package (it also loads evaluation helpers)
+        from fastcse.export import export_sentence_transformers
+
+        return export_sentence_transformers(self, path, card=card, overwrite=True, **export_kwargs)
+
+    def save_backbone(self, path) -> None:
+        """``backbone.save_pretrained(path)`` with the modules fastcse does not run put back in
+        (BERT's CLS pooler), so the folder is the complete checkpoint of the HF class."""
+        param = next(self.backbone.parameters())
+        attached = []
+        try:
+            for name, module in self.unused_backbone_modules.items():
+                if getattr(self.backbone, name, None) is None:
+                    setattr(self.backbone, name, module.to(device=param.device, dtype=param.dtype))
+                    attached.append(name)
+            self.backbone.save_pretrained(str(path))
+        finally:
+            for name in attached:
+                self.unused_backbone_modules[name] = getattr(self.backbone, name).cpu()
+                setattr(self.backbone, name, None)
 
     # ------------------------------------------------------------------------------------------
     # the model
@@ -275,11 +443,11 @@ class SentenceEncoder(nn.Module):
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden states and pooled embeddings (fastcse addition, for tests and analysis).
+        """Last hidden states and sentence embeddings (fastcse addition, for tests and analysis).
 
         Returns ``(hidden, pooled)``: ``hidden`` ``(batch, seqlen, hidden)`` (the varlen backend
         gives zeros at padded positions, the padded backends whatever HF computes there) and
-        ``pooled`` ``(batch, embedding_dim)``.
+        ``pooled`` ``(batch, embedding_dim)``, what :meth:`forward` returns.
         """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids and attention_mask must both be (batch, seqlen); got "
@@ -288,14 +456,23 @@ class SentenceEncoder(nn.Module):
             token_type_ids = None  # T5 / ModernBERT have no segment embeddings
         if self.attn_backend == "varlen":
             packed_hidden, packed = self._varlen(input_ids, attention_mask, token_type_ids)
-            return unpack(packed_hidden, packed), self.pooler.forward_packed(packed_hidden, packed)
+            return unpack(packed_hidden, packed), self._head(self.pooler.forward_packed(packed_hidden, packed))
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        return hidden, self.pooler(hidden, attention_mask)
+        return hidden, self._head(self.pooler(hidden, attention_mask))
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pipeline after the pooler: Dense layers, then Normalize."""
+        for layer in self.dense:
+            pooled = layer(pooled)
+        if self.normalize_output:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled embeddings ``(batch, embedding_dim)`` of a padded ``(batch, seqlen)`` batch.
+        """Sentence embeddings ``(batch, embedding_dim)`` of a padded ``(batch, seqlen)`` batch:
+        pooled, through the Dense layers, unit length when ``normalize_output``.
 
         ``token_type_ids`` is ignored by models without segment embeddings (T5, ModernBERT).
         """
@@ -303,7 +480,7 @@ class SentenceEncoder(nn.Module):
             if not self._takes_token_type_ids:
                 token_type_ids = None
             packed_hidden, packed = self._varlen(input_ids, attention_mask, token_type_ids)
-            return self.pooler.forward_packed(packed_hidden, packed)
+            return self._head(self.pooler.forward_packed(packed_hidden, packed))
         return self.encode_tokens(input_ids, attention_mask, token_type_ids)[1]
 
     # ------------------------------------------------------------------------------------------
@@ -360,38 +537,81 @@ class SentenceEncoder(nn.Module):
         return batch
 
     @torch.no_grad()
-    def encode(self, sentences: Sequence[str], *, batch_size: int = 64, normalize: bool = False, progress: bool = True,
-               device=None) -> torch.Tensor:
-        """Embed sentences for inference: ``(n, embedding_dim)`` float32 on CPU, in input order.
+    def encode(self, sentences: str | Sequence[str], batch_size: int = 32, *, prompt_name: str | None = None,
+               prompt: str | None = None, show_progress_bar: bool | None = None,
+               output_value: str | None = "sentence_embedding", precision: str = "float32",
+               convert_to_numpy: bool | None = None, convert_to_tensor: bool | None = None, device=None,
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, pool=None,
+               chunk_size: int | None = None, normalize: bool | None = None, progress: bool | None = None):
+        """Embed sentences for inference, in input order; sentence-transformers' ``encode``.
+
+        Takes ``SentenceTransformer.encode``'s arguments (``batch_size`` also second positionally,
+        as in sentence-transformers 2). Differences, all fastcse's long-standing behaviour:
+
+        - the default result is a float32 CPU tensor ``(n, embedding_dim)`` (sentence-transformers:
+          a numpy array). ``convert_to_numpy=True`` gives the array, ``convert_to_tensor=True`` the
+          tensor (on CPU), both ``False`` a list of 1-D tensors. One string in gives one vector.
+        - ``normalize`` and ``progress`` are kept as aliases of ``normalize_embeddings`` and
+          ``show_progress_bar`` (default: shown when logging is at INFO, as sentence-transformers).
+        - ``pool`` (multi-process encoding) and a list of devices are not supported.
+
+        ``prompt`` (or ``prompt_name``, a key of the source folder's ``prompts``; by default its
+        ``default_prompt_name``) is prepended to every sentence. ``output_value="token_embeddings"``
+        gives one ``(tokens, hidden)`` tensor per sentence (real tokens only). ``truncate_dim`` keeps
+        the first dimensions (before normalising); ``precision`` other than ``float32`` goes through
+        ``sentence_transformers.quantize_embeddings``.
 
         Evaluation mode and ``no_grad`` (the previous mode is restored); batches are formed from
         sentences sorted by length so that little padding is computed. ``device`` moves the encoder
-        there first (default: where it is). ``normalize`` L2-normalises each row. An empty list
-        gives a ``(0, embedding_dim)`` tensor; one string is treated as a list of one. Sentences
-        over ``max_seq_length`` tokens are truncated and counted in one :class:`TruncationWarning`.
+        there first (default: where it is). An empty list gives a ``(0, embedding_dim)`` tensor.
+        Sentences over ``max_seq_length`` tokens are truncated and counted in one
+        :class:`TruncationWarning`.
         """
-        if isinstance(sentences, str):
+        if normalize is not None:
+            normalize_embeddings = normalize_embeddings or normalize
+        if progress is not None and show_progress_bar is None:
+            show_progress_bar = progress
+        if show_progress_bar is None:
+            show_progress_bar = logging.getLogger("fastcse").getEffectiveLevel() <= logging.INFO
+        if pool is not None or isinstance(device, (list, tuple)):
+            raise ValueError("SentenceEncoder.encode runs in this process on one device: pool= and a list of "
+                             "devices (multi-process encoding) are not supported")
+        if output_value not in ("sentence_embedding", "token_embeddings"):
+            raise ValueError(f"output_value={output_value!r} is not supported; use 'sentence_embedding' or "
+                             f"'token_embeddings'")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        single = isinstance(sentences, str)
+        if single:
             sentences = [sentences]
         sentences = list(sentences)
         bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
         if bad:
             raise TypeError(f"sentences must be str; item {bad[0]} is {type(sentences[bad[0]]).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not sentences:
-            return torch.empty(0, self.embedding_dim, dtype=torch.float32)
+        if prompt is None:
+            prompt_name = prompt_name if prompt_name is not None else self.default_prompt_name
+            if prompt_name is not None:
+                if prompt_name not in self.prompts:
+                    raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts "
+                                     f"({', '.join(self.prompts) or 'none'})")
+                prompt = self.prompts[prompt_name]
+        if prompt:
+            sentences = [prompt + s for s in sentences]
+        tokens = output_value == "token_embeddings"
         if device is not None:
             self.to(device)
         param = next(self.parameters())
         device = param.device
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
-        out = torch.empty(len(sentences), self.embedding_dim, dtype=torch.float32)
+        dim = self.embedding_dim if truncate_dim is None else min(int(truncate_dim), self.embedding_dim)
+        out = torch.empty(len(sentences), dim, dtype=torch.float32)
+        per_sentence: list = [None] * len(sentences)
         was_training = self.training
         self.eval()
         n_cut = 0
         try:
             starts = range(0, len(order), batch_size)
-            if progress:
+            if show_progress_bar and sentences:
                 from tqdm.auto import tqdm
 
                 starts = tqdm(starts, desc="encode", unit="batch")
@@ -400,8 +620,13 @@ class SentenceEncoder(nn.Module):
                 batch, cut = self._tokenize([sentences[i] for i in idx], None)
                 n_cut += cut
                 batch = {k: v.to(device) for k, v in batch.items()}
-                emb = self(**batch).float()
-                if normalize:
+                if tokens:
+                    hidden, _ = self.encode_tokens(**batch)
+                    for row, i in enumerate(idx):
+                        per_sentence[i] = hidden[row][batch["attention_mask"][row].bool()].float().cpu()
+                    continue
+                emb = self(**batch).float()[:, :dim]
+                if normalize_embeddings:
                     emb = torch.nn.functional.normalize(emb, dim=-1)
                 out[torch.tensor(idx)] = emb.cpu()
         finally:
@@ -409,51 +634,65 @@ class SentenceEncoder(nn.Module):
         if n_cut:
             warnings.warn(f"{n_cut} of {len(sentences)} sentences were longer than {self.max_seq_length} tokens "
                           f"and were truncated", TruncationWarning, stacklevel=2)
-        return out
+        if tokens:
+            if convert_to_numpy:
+                per_sentence = [t.numpy() for t in per_sentence]
+            return per_sentence[0] if single else per_sentence
+        if precision != "float32":
+            try:
+                from sentence_transformers import quantize_embeddings
+            except ImportError:
+                raise ValueError(f"precision={precision!r} needs sentence-transformers (quantize_embeddings)") from None
+            quantized = quantize_embeddings(out.numpy(), precision=precision)
+            out = quantized if convert_to_numpy or not convert_to_tensor else torch.from_numpy(quantized)
+            return out[0] if single else out
+        if convert_to_tensor or (convert_to_tensor is None and convert_to_numpy is None):
+            return out[0] if single else out
+        if convert_to_numpy:
+            return out[0].numpy() if single else out.numpy()
+        rows = list(out)
+        return rows[0] if single else rows
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """``(n, m)`` similarities of two sets of embeddings by ``similarity_fn_name`` (sentence-
+        transformers' functions: ``cosine``, ``dot``, ``euclidean`` and ``manhattan``, the last two
+        as negative distances). Takes tensors, arrays or lists of vectors; one vector is one row."""
+        a, b = _as_matrix(embeddings1), _as_matrix(embeddings2)
+        name = self.similarity_fn_name
+        if name == "cosine":
+            return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+        if name == "dot":
+            return a @ b.T
+        return -torch.cdist(a, b, p=2.0 if name == "euclidean" else 1.0)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """``(n,)`` similarities of row ``i`` with row ``i`` (same functions as :meth:`similarity`)."""
+        a, b = _as_matrix(embeddings1), _as_matrix(embeddings2)
+        if a.shape != b.shape:
+            raise ValueError(f"similarity_pairwise needs two sets of the same shape, got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}")
+        name = self.similarity_fn_name
+        if name == "cosine":
+            return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        if name == "dot":
+            return (a * b).sum(-1)
+        return -(a - b).norm(p=2.0 if name == "euclidean" else 1.0, dim=-1)
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """``embedding_dim`` (sentence-transformers' name)."""
+        return self.embedding_dim
 
     def extra_repr(self) -> str:
         return (f"pooling={self.pooling!r}, attn_backend={self.attn_backend!r}, "
-                f"max_seq_length={self.max_seq_length}, embedding_dim={self.embedding_dim}")
+                f"max_seq_length={self.max_seq_length}, embedding_dim={self.embedding_dim}, "
+                f"normalize={self.normalize_output}, similarity_fn_name={self.similarity_fn_name!r}")
 
 
-# sentence-transformers < 6 wrote one boolean per pooling mode; >= 6 writes {"pooling_mode": ...}
-_ST_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                      "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-
-
-def _st_pooling(cfg: dict, folder: Path) -> str:
-    modes = cfg.get("pooling_mode")
-    if modes is None:
-        modes = [mode for key, mode in _ST_LEGACY_POOLING.items() if cfg.get(key)]
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    if modes == ["mean"] or modes == ["cls"]:
-        return modes[0]
-    raise ValueError(f"{folder}: pooling {modes} is not supported; fastcse supports cls or mean")
-
-
-def _read_sentence_transformers(path: Path):
-    """(backbone folder, pooling, max_seq_length or None) of a sentence-transformers folder.
-
-    Reads both layouts: sentence-transformers < 6 (``pooling_mode_*_tokens`` booleans,
-    ``max_seq_length`` in ``sentence_bert_config.json``) and >= 6 (``pooling_mode``; the length is
-    the tokenizer's ``model_max_length``). Modules other than Transformer, Pooling and Normalize
-    (Dense, ...) would change the embedding, so such folders are refused
-    (:func:`~fastcse.models.folders.check_sentence_transformers_modules`).
-    """
-    backbone = pooling = max_len = None
-    for module in check_sentence_transformers_modules(path):
-        folder = path / module.get("path", "")
-        if module["kind"] == "Transformer":
-            backbone = folder
-            cfg_file = folder / "sentence_bert_config.json"
-            if cfg_file.is_file():
-                max_len = json.loads(cfg_file.read_text()).get("max_seq_length")
-        elif module["kind"] == "Pooling":
-            pooling = _st_pooling(json.loads((folder / "config.json").read_text()), folder)
-    if backbone is None:
-        raise ValueError(f"{path}/modules.json lists no Transformer module")
-    return str(backbone), pooling, max_len
+def _as_matrix(embeddings) -> torch.Tensor:
+    if isinstance(embeddings, (list, tuple)):
+        embeddings = torch.stack([torch.as_tensor(e) for e in embeddings]) if embeddings else torch.empty(0, 0)
+    x = torch.as_tensor(embeddings)
+    return (x.unsqueeze(0) if x.dim() == 1 else x).float()
 
 
 def _load_tokenizer(path: str):

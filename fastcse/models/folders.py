@@ -12,6 +12,11 @@ kind                       recognised by
 Checked in that order (an exported folder is all three at once; the fastcse metadata carries the
 most: the SimCSE MLP pooler and its ``mlp_only_train`` flag).
 
+A sentence-transformers folder is read by :func:`read_sentence_transformers_folder`: the
+Transformer (the backbone), Pooling (``cls`` or ``mean``), any Dense layers after it and a final
+Normalize, with the similarity function, prompts and model card of the folder. Together they are
+the *pipeline* a ``SentenceEncoder`` reproduces and an export writes back.
+
 This module is the one home of that knowledge: training, evaluation, export and
 ``SentenceEncoder`` all ask it rather than spelling file names out.
 """
@@ -20,15 +25,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL_KINDS = ("fastcse", "sentence-transformers", "huggingface")
 
 ENCODER_META_FILE = "fastcse_encoder.json"
-"""fastcse's metadata beside the backbone: {pooling, mlp_only_train, max_seq_length, attn_backend}."""
+"""fastcse's metadata beside the backbone (:data:`ENCODER_META_FIELDS`)."""
 POOLER_WEIGHTS = "pooler.safetensors"
 """The pooler's parameters (SimCSE's ``cls_mlp`` dense layer), when it has any."""
-ENCODER_META_FIELDS = ("pooling", "mlp_only_train", "max_seq_length", "attn_backend")
+DENSE_WEIGHTS = "dense.safetensors"
+"""The parameters of the Dense layers after the pooler (``0.linear.weight``, ...), when there are any."""
+ENCODER_META_FIELDS = ("pooling", "mlp_only_train", "max_seq_length", "attn_backend", "dense", "normalize",
+                       "similarity_fn_name", "prompts", "default_prompt_name", "export_max_seq_length")
+"""``dense``: the Dense layers' configs; ``normalize``: unit-length output; ``export_max_seq_length``: the
+length the source pipeline reads (an export's default). Fields after ``attn_backend`` are optional:
+folders written before them read as no Dense, no Normalize, cosine similarity, no prompts."""
+MODEL_CARD_FILE = "README.md"
+SIMILARITY_FNS = ("cosine", "dot", "euclidean", "manhattan")
 
 ST_MODULES_FILE = "modules.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -36,9 +50,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "spm.model")
 
-# sentence-transformers modules a SentenceEncoder reproduces (Normalize does not change cosines;
-# encode(normalize=True) applies it)
-ST_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+# sentence-transformers modules a SentenceEncoder reproduces, in this order: Transformer, Pooling,
+# any number of Dense, at most one Normalize (last)
+ST_SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+ST_CONFIG_FILE = "config_sentence_transformers.json"
 
 # the longest input when the model itself sets no limit (T5's relative positions have none)
 MAX_LENGTH_CAP = 512
@@ -118,8 +133,8 @@ def check_sentence_transformers_modules(folder) -> list[dict]:
     (``"Transformer"``, ``"Pooling"``, ...).
 
     Raises :class:`ModelFolderError` for a file that is not a module list, and for modules a
-    SentenceEncoder would silently drop (Dense, LayerNorm, ...): its embeddings would not be the
-    model's.
+    SentenceEncoder would silently drop (LayerNorm, WeightedLayerPooling, ...): its embeddings would
+    not be the model's.
     """
     folder = Path(folder)
     try:
@@ -137,36 +152,161 @@ def check_sentence_transformers_modules(folder) -> list[dict]:
     return modules
 
 
+# sentence-transformers < 6 wrote one boolean per pooling mode; >= 6 writes {"pooling_mode": ...}
+_ST_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                      "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclass
+class SentenceTransformersFolder:
+    """What a sentence-transformers folder says (:func:`read_sentence_transformers_folder`)."""
+
+    backbone: Path
+    """The Transformer module's folder (the Hugging Face backbone and tokenizer)."""
+    pooling: str
+    """``cls`` or ``mean``."""
+    max_seq_length: int | None
+    """From ``sentence_bert_config.json`` (sentence-transformers < 6); None: the tokenizer's limit."""
+    dense: list[tuple[dict, Path]] = field(default_factory=list)
+    """(config, folder) of each Dense module after the pooling, in order."""
+    normalize: bool = False
+    similarity_fn_name: str | None = None
+    prompts: dict = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    card: str | None = None
+    """The folder's model card (README.md), when it has one."""
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path} not found ({what})") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{path} is not readable JSON ({what}: {exc})") from None
+
+
+def st_pooling_mode(cfg: dict, folder) -> str:
+    """``cls`` or ``mean`` from a Pooling ``config.json`` of either layout; ModelFolderError otherwise."""
+    modes = cfg.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _ST_LEGACY_POOLING.items() if cfg.get(key)]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if modes not in (["mean"], ["cls"]):
+        raise ModelFolderError(f"{folder}: pooling {modes} is not supported; fastcse supports cls or mean")
+    if cfg.get("include_prompt") is False:
+        raise ModelFolderError(f"{folder}: include_prompt=false (prompt tokens left out of the pooling) is not "
+                               f"supported; fastcse pools every token")
+    return modes[0]
+
+
+def read_sentence_transformers_folder(path) -> SentenceTransformersFolder:
+    """The pipeline of a sentence-transformers folder: backbone, pooling, Dense layers, Normalize,
+    similarity function, prompts and card.
+
+    Reads both layouts: sentence-transformers < 6 (``sentence_transformers.models.*`` class paths,
+    ``pooling_mode_*_tokens`` booleans, ``max_seq_length`` in ``sentence_bert_config.json``) and
+    >= 6 (``sentence_transformers.base.modules.*`` paths, ``pooling_mode``; the length is the
+    tokenizer's ``model_max_length``). Raises :class:`ModelFolderError` for modules a
+    SentenceEncoder cannot reproduce, for a pooling other than cls / mean, for Dense layers that do
+    not act on the sentence embedding, and for modules out of the order Transformer, Pooling,
+    Dense..., Normalize.
+    """
+    path = Path(path)
+    modules = check_sentence_transformers_modules(path)
+    kinds = [m["kind"] for m in modules]
+    order = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
+    ranks = [order[k] for k in kinds]
+    if (kinds[:2] != ["Transformer", "Pooling"] or ranks != sorted(ranks) or kinds.count("Normalize") > 1
+            or kinds.count("Pooling") != 1 or kinds.count("Transformer") != 1):
+        raise ModelFolderError(f"{path}/{ST_MODULES_FILE}: modules {kinds} are not in the order fastcse reproduces "
+                               f"(Transformer, Pooling, any Dense, an optional final Normalize)")
+    backbone = max_len = pooling = None
+    dense: list[tuple[dict, Path]] = []
+    for module in modules:
+        folder = path / module.get("path", "")
+        if module["kind"] == "Transformer":
+            backbone = folder
+            cfg_file = folder / "sentence_bert_config.json"
+            if cfg_file.is_file():
+                max_len = _read_json(cfg_file, "Transformer config").get("max_seq_length")
+        elif module["kind"] == "Pooling":
+            pooling = st_pooling_mode(_read_json(folder / "config.json", "Pooling config"), folder)
+        elif module["kind"] == "Dense":
+            cfg = _read_json(folder / "config.json", "Dense config")
+            for key in ("module_input_name", "module_output_name"):
+                if cfg.get(key, "sentence_embedding") != "sentence_embedding":
+                    raise ModelFolderError(f"{folder}: a Dense module on {cfg[key]!r} is not supported; fastcse "
+                                           f"applies Dense to the sentence embedding only")
+            dense.append(({"in_features": int(cfg["in_features"]), "out_features": int(cfg["out_features"]),
+                           "bias": bool(cfg.get("bias", True)),
+                           "activation_function": cfg.get("activation_function", "torch.nn.modules.activation.Tanh"),
+                           "use_residual": bool(cfg.get("use_residual", False))}, folder))
+    st_cfg = _read_json(path / ST_CONFIG_FILE, "sentence-transformers config") if (path / ST_CONFIG_FILE).is_file() \
+        else {}
+    card = path / MODEL_CARD_FILE
+    return SentenceTransformersFolder(
+        backbone=backbone, pooling=pooling, max_seq_length=max_len, dense=dense, normalize="Normalize" in kinds,
+        similarity_fn_name=st_cfg.get("similarity_fn_name"), prompts=dict(st_cfg.get("prompts") or {}),
+        default_prompt_name=st_cfg.get("default_prompt_name"),
+        card=card.read_text(encoding="utf-8") if card.is_file() else None)
+
+
+def read_dense_weights(folder) -> dict:
+    """The state dict of a sentence-transformers Dense module's folder (``linear.weight``, ...)."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "model.safetensors"), device="cpu")
+    if (folder / "pytorch_model.bin").is_file():
+        import torch
+
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ModelFolderError(f"{folder}: Dense module without weights (model.safetensors or pytorch_model.bin)")
+
+
 # ------------------------------------------------------------------------------------------------
 # fastcse's metadata
 # ------------------------------------------------------------------------------------------------
 
-def write_encoder_meta(folder, encoder_or_fields, *, max_seq_length: int | None = None) -> dict:
+def write_encoder_meta(folder, encoder_or_fields, *, max_seq_length: int | None = None, **overrides) -> dict:
     """Write :data:`ENCODER_META_FILE` into ``folder`` (which must exist); returns what was written.
 
     ``encoder_or_fields``: a ``SentenceEncoder`` (its :data:`ENCODER_META_FIELDS`, plus
-    :data:`POOLER_WEIGHTS` when its pooler has parameters), or a mapping of those fields (no
-    weights). ``max_seq_length`` overrides the length recorded (export records the length the
-    exported model reads, not the training length).
+    :data:`POOLER_WEIGHTS` when its pooler has parameters and :data:`DENSE_WEIGHTS` when it has
+    Dense layers), or a mapping of those fields (no weights). ``max_seq_length`` overrides the
+    length recorded (export records the length the exported model reads, not the training length);
+    ``overrides`` any other field (an export's ``normalize`` when it adds or drops the module).
     """
     folder = Path(folder)
-    pooler = None
+    modules = {}
     if isinstance(encoder_or_fields, Mapping):
         meta = dict(encoder_or_fields)
         unknown = sorted(set(meta) - set(ENCODER_META_FIELDS))
         if unknown:
             raise ValueError(f"unknown {ENCODER_META_FILE} fields {unknown}; known: {', '.join(ENCODER_META_FIELDS)}")
     else:
-        meta = {name: getattr(encoder_or_fields, name) for name in ENCODER_META_FIELDS}
-        pooler = encoder_or_fields.pooler
+        enc = encoder_or_fields
+        meta = {name: getattr(enc, name) for name in ENCODER_META_FIELDS[:4]}
+        meta.update(dense=[layer.config() for layer in enc.dense], normalize=bool(enc.normalize_output),
+                    similarity_fn_name=enc.similarity_fn_name, prompts=dict(enc.prompts),
+                    default_prompt_name=enc.default_prompt_name, export_max_seq_length=enc.export_max_seq_length)
+        modules = {POOLER_WEIGHTS: enc.pooler, DENSE_WEIGHTS: enc.dense}
+    unknown = sorted(set(overrides) - set(ENCODER_META_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown {ENCODER_META_FILE} fields {unknown}; known: {', '.join(ENCODER_META_FIELDS)}")
+    meta.update(overrides)
     if max_seq_length is not None:
         meta["max_seq_length"] = int(max_seq_length)
     (folder / ENCODER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in pooler.state_dict().items()} if pooler is not None else {}
-    if state:
-        from safetensors.torch import save_file
+    for name, module in modules.items():
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        if state:
+            from safetensors.torch import save_file
 
-        save_file(state, str(folder / POOLER_WEIGHTS))
+            save_file(state, str(folder / name))
     return meta
 
 
@@ -213,8 +353,9 @@ def model_max_length(config, tokenizer=None) -> int:
 
 
 __all__ = [
-    "ENCODER_META_FIELDS", "ENCODER_META_FILE", "MAX_LENGTH_CAP", "MODEL_KINDS", "POOLER_WEIGHTS", "ST_MODULES_FILE",
-    "ST_SUPPORTED_MODULES", "TOKENIZER_FILES", "WEIGHT_FILES", "ModelFolderError", "check_sentence_transformers_modules",
-    "detect_model_kind", "folder_kind", "has_tokenizer_files", "model_max_length", "read_encoder_meta",
-    "write_encoder_meta",
+    "DENSE_WEIGHTS", "ENCODER_META_FIELDS", "ENCODER_META_FILE", "MAX_LENGTH_CAP", "MODEL_CARD_FILE", "MODEL_KINDS",
+    "POOLER_WEIGHTS", "SIMILARITY_FNS", "ST_CONFIG_FILE", "ST_MODULES_FILE", "ST_SUPPORTED_MODULES", "TOKENIZER_FILES",
+    "WEIGHT_FILES", "ModelFolderError", "SentenceTransformersFolder", "check_sentence_transformers_modules",
+    "detect_model_kind", "folder_kind", "has_tokenizer_files", "model_max_length", "read_dense_weights",
+    "read_encoder_meta", "read_sentence_transformers_folder", "st_pooling_mode", "write_encoder_meta",
 ]

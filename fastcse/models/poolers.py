@@ -5,6 +5,9 @@ attention mask (:meth:`Pooler.forward`) or packed states ``(total_tokens, hidden
 :class:`~fastcse.models.unpad.PackedBatch` (:meth:`Pooler.forward_packed`); both return
 ``(batch, hidden)``. Padded batches must be right-padded for ``cls`` / ``first`` (position 0 is the
 first token), which is what every tokenizer here produces.
+
+:class:`Dense` is the layer that may follow a pooler (sentence-transformers' ``Dense`` module):
+``(batch, in_features)`` to ``(batch, out_features)``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from torch import nn
 from .unpad import PackedBatch
 
 POOLINGS = ("cls", "cls_mlp", "mean", "first")
+# activations a Dense layer may carry: torch.nn classes that take no arguments, by their full path
+# (sentence-transformers records ``fullname(activation)``; it also only trusts ``torch.`` paths)
+DENSE_ACTIVATION_PREFIX = "torch."
 
 
 class Pooler(nn.Module):
@@ -100,3 +106,59 @@ def build_pooler(pooling: str, hidden_size: int, *, mlp_only_train: bool = True,
     if pooling == "mean":
         return MeanPooler()
     raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+
+
+class Dense(nn.Module):
+    """``activation(W x + b)`` (+ ``x`` or ``R x`` with ``use_residual``): sentence-transformers'
+    ``Dense`` module on the pooled embedding, trainable like the rest of the encoder.
+
+    Args:
+        in_features / out_features / bias: the linear layer (weights ``linear.weight`` /
+            ``linear.bias``, the names sentence-transformers saves).
+        activation_function: the full path of a ``torch.nn`` module class without arguments
+            (``"torch.nn.modules.activation.Tanh"``, ``"torch.nn.modules.linear.Identity"``).
+        use_residual: add the input (projected by ``residual``, a bias-free linear layer, when the
+            widths differ), as sentence-transformers >= 5.7.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 activation_function: str = "torch.nn.modules.activation.Tanh", use_residual: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bias = bool(bias)
+        self.activation_function = activation_function
+        self.use_residual = bool(use_residual)
+        self.linear = nn.Linear(self.in_features, self.out_features, bias=self.bias)
+        self.activation = _activation(activation_function)
+        if self.use_residual and self.in_features != self.out_features:
+            self.residual = nn.Linear(self.in_features, self.out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.activation(self.linear(x))
+        if self.use_residual:
+            out = out + (x if self.in_features == self.out_features else self.residual(x))
+        return out
+
+    def config(self) -> dict:
+        """The constructor's arguments (what sentence-transformers writes to ``config.json``)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias,
+                "activation_function": self.activation_function, "use_residual": self.use_residual}
+
+    def extra_repr(self) -> str:
+        return f"activation_function={self.activation_function!r}, use_residual={self.use_residual}"
+
+
+def _activation(path: str) -> nn.Module:
+    import importlib
+
+    module_name, _, class_name = str(path).rpartition(".")
+    if not str(path).startswith(DENSE_ACTIVATION_PREFIX) or not module_name:
+        raise ValueError(f"Dense activation {path!r} is not a torch.nn module path (e.g. "
+                         f"'torch.nn.modules.activation.Tanh'); other activations are not loaded")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"Dense activation {path!r} does not exist in this torch") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"Dense activation {path!r} is not a torch.nn.Module class")
+    return cls()
