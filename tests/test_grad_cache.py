@@ -1,0 +1,269 @@
+"""Gradient caching (fastcse.grad_cache) against the computations it stands for.
+
+- dropout on: the cached step's gradients equal those of the uncached computation over the same
+  chunks (the chunks run with a graph one after the other from the same RNG state, one backward),
+  for every method and several chunk sizes, one of which does not divide the batch; with one
+  chunk they equal the plain uncached step, masks included;
+- dropout 0: the cached step equals the plain uncached step for every chunk size;
+- the dropout inside fastcse's biased attention (T5, DeBERTa: the Triton kernel under the
+  interpreter, whose Philox seed comes from torch's generator, and the chunked PyTorch twin) is
+  replayed;
+- the hooks a DeepSpeed step plugs in (backward, boundary, poison) and a learnable temperature;
+- a memory cap that the uncached step exceeds and the cached one keeps;
+- two gloo ranks with distributed negatives equal one process over the global batch;
+- the sentence-transformers drop-in FusedCachedMultipleNegativesRankingLoss equals
+  CachedMultipleNegativesRankingLoss and MultipleNegativesRankingLoss, inside MatryoshkaLoss too.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import BertConfig, DebertaV2Config, T5Config
+
+from fastcse.config import MethodConfig
+from fastcse.grad_cache import (
+    CachedStep,
+    NoGradChunks,
+    cached_method_step,
+    chunk_ranges,
+    embed_no_grad,
+    grad_cache,
+    slice_features,
+)
+from fastcse.losses import InfoNCELoss, info_nce
+from fastcse.memory import StorageCounter
+from fastcse.methods import ESimCSE, SimCSESup, SimCSEUnsup
+from fastcse.models import SentenceEncoder
+from tests.helpers import describe_mismatch, rel_error
+
+VOCAB, SEQ = 100, 12
+METHODS = {"simcse-unsup": SimCSEUnsup, "simcse-sup": SimCSESup, "esimcse": ESimCSE}
+ROWS_PER_SENTENCE = {"simcse-unsup": 2, "simcse-sup": 3, "esimcse": 2}  # rows the method forwards per anchor
+
+
+# --------------------------------------------------------------------------------------------
+# models, batches, methods
+# --------------------------------------------------------------------------------------------
+
+
+def bert_encoder(dropout: float, *, hidden=32, layers=2, pooling="mean") -> SentenceEncoder:
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=64,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return SentenceEncoder.from_config(cfg, pooling=pooling, attn_backend="auto").train()
+
+
+def tokens(rows: int, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    """Right-padded random ids with ragged lengths; row 0 is full length (the batch's width)."""
+    lengths = torch.randint(3, seq + 1, (rows,))
+    lengths[0] = seq
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(5, VOCAB, (rows, seq)) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def make_method(name: str, encoder, *, momentum_dropout=True):
+    def no_tokenizer(sentences):
+        raise AssertionError("the tests hand the methods collated batches")
+
+    cfg = MethodConfig(name=name, hard_negative_weight=0.3 if name == "simcse-sup" else 0.0, queue_size=16)
+    method = METHODS[name](cfg, tokenizer_fn=no_tokenizer, pad_id=0, special_ids={0, 1, 2},
+                           max_seq_length=SEQ, seed=0)
+    if name == "esimcse":
+        method.setup(encoder, "cpu")
+        method.queue = torch.randn(5, encoder.embedding_dim)  # the queue's rows join the candidates
+    return method
+
+
+def loss_fn_for(method):
+    cfg = method.cfg
+
+    def loss_fn(x):
+        return info_nce(x.anchors, x.positives, x.hard_negatives, queue=x.queue, temperature=0.05,
+                        hard_negative_weight=cfg.hard_negative_weight, backend="chunked")
+
+    return loss_fn
+
+
+def grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, want: dict, *, rel: float, what: str):
+    """Every parameter's gradient within ``rel`` norm-wise relative error. A gradient that is zero
+    in exact arithmetic (attention key biases: softmax ignores a per-row shift) is rounding noise,
+    about 1e-12 here, whose relative error means nothing: norms below 1e-6 of the whole gradient's
+    are measured against that floor instead."""
+    assert got.keys() == want.keys(), f"{what}: gradients of {sorted(set(got) ^ set(want))} missing on one side"
+    total = torch.cat([g.double().flatten() for g in want.values()]).norm()
+    assert total > 0, f"{what}: the reference gradient is zero"
+    for name in want:
+        a, b = got[name].double(), want[name].double()
+        err = float((a - b).norm() / torch.clamp(b.norm(), min=1e-6 * total))
+        assert err <= rel, f"{what}: {name} relative error {err:.3e} > {rel}: {describe_mismatch(a, b)}"
+
+
+class ChunksWithGraph:
+    """The uncached computation over the same chunks: every chunk runs with a graph, in order,
+    and the loss is backpropagated once. Written here independently of fastcse.grad_cache."""
+
+    def __init__(self, encoder, chunk_size: int):
+        self.encoder, self.chunk_size = encoder, chunk_size
+
+    @property
+    def training(self):
+        return self.encoder.training
+
+    def __call__(self, **features):
+        rows = features["input_ids"].shape[0]
+        return torch.cat([self.encoder(**slice_features(features, a, b))
+                          for a, b in chunk_ranges(rows, self.chunk_size)])
+
+
+class MomentumChunks:
+    def __init__(self, module, chunk_size):
+        self.module, self.chunk_size = module, chunk_size
+
+    def train(self, mode=True):
+        self.module.train(mode)
+        return self
+
+    def __call__(self, **features):
+        rows = features["input_ids"].shape[0]
+        with torch.no_grad():
+            return torch.cat([self.module(**slice_features(features, a, b))
+                              for a, b in chunk_ranges(rows, self.chunk_size)])
+
+
+def reference_step(encoder, method, batch, loss_fn, chunk_size):
+    momentum = getattr(method, "momentum_encoder", None)
+    if momentum is not None:
+        method.momentum_encoder = MomentumChunks(momentum, chunk_size)
+    try:
+        inputs = method.loss_inputs(ChunksWithGraph(encoder, chunk_size), batch)
+    finally:
+        if momentum is not None:
+            method.momentum_encoder = momentum
+    loss = loss_fn(inputs)
+    loss.backward()
+    return loss.detach()
+
+
+def plain_step(encoder, method, batch, loss_fn):
+    loss = loss_fn(method.loss_inputs(encoder, batch))
+    loss.backward()
+    return loss.detach()
+
+
+def cached(encoder, method, batch, loss_fn, chunk_size, **backward_kwargs):
+    step = cached_method_step(encoder, method, batch, loss_fn, chunk_size=chunk_size)
+    step.backward(**backward_kwargs)
+    return step.loss
+
+
+def run_pair(name, dropout, chunk_size, reference, *, n=6, seed=11):
+    """(cached loss, grads, pending, rng after) and the same for ``reference`` from one start."""
+    torch.manual_seed(seed)
+    enc = bert_encoder(dropout)
+    twin = copy.deepcopy(enc)
+    method, twin_method = make_method(name, enc), None
+    twin_method = copy.deepcopy(method)
+    batch = tokens(ROWS_PER_SENTENCE[name] * n)
+    out = []
+    for e, m, fn in ((enc, method, lambda: cached(enc, method, batch, loss_fn_for(method), chunk_size)),
+                     (twin, twin_method, lambda: reference(twin, twin_method, batch, loss_fn_for(twin_method)))):
+        torch.manual_seed(seed + 1)
+        loss = fn()
+        out.append((loss, grads(e), getattr(m, "_pending", None), torch.rand(3)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# slicing
+# --------------------------------------------------------------------------------------------
+
+
+def test_chunk_ranges_cover_the_batch_once():
+    assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_ranges(3, 8) == [(0, 3)]
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_ranges(3, 0)
+
+
+def test_slice_features_trims_trailing_padding_only():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0]])
+    ids = torch.arange(15).reshape(3, 5) + 1
+    out = slice_features({"input_ids": ids, "attention_mask": mask, "n": 7}, 1, 3)
+    assert torch.equal(out["attention_mask"], mask[1:3, :3]) and torch.equal(out["input_ids"], ids[1:3, :3])
+    assert out["n"] == 7
+    whole = slice_features({"input_ids": ids, "attention_mask": mask}, 0, 3)
+    assert torch.equal(whole["input_ids"], ids[:, :4])  # column 4 is padding in every row
+    untrimmed = slice_features({"input_ids": ids, "attention_mask": mask}, 1, 3, trim_padding=False)
+    assert untrimmed["input_ids"].shape == (2, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# exactness
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,chunk_size", [
+    ("simcse-unsup", 1), ("simcse-unsup", 5), ("simcse-unsup", 8),
+    ("simcse-sup", 4), ("simcse-sup", 7),
+    ("esimcse", 5), ("esimcse", 12),
+])
+def test_dropout_on_equals_the_uncached_chunks(name, chunk_size):
+    """The same masks as the chunks run with a graph: loss, every gradient, ESimCSE's momentum
+    embeddings and the RNG state after the step."""
+    (loss, g, pending, after), (ref_loss, ref_g, ref_pending, ref_after) = run_pair(
+        name, 0.1, chunk_size, lambda e, m, b, fn: reference_step(e, m, b, fn, chunk_size))
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * max(1.0, abs(float(ref_loss)))
+    assert_grads_close(g, ref_g, rel=1e-5, what=f"{name} K={chunk_size}")
+    if ref_pending is not None:
+        assert rel_error(pending, ref_pending) <= 1e-6
+    assert torch.equal(after, ref_after), "the cached step left torch's generator elsewhere than the uncached one"
+
+
+def test_dropout_is_on_and_its_masks_matter():
+    """Without the replay the gradients would be those of other masks: far from the reference
+    (so the equalities above are not those of a deterministic model)."""
+    torch.manual_seed(11)
+    enc = bert_encoder(0.1)
+    method = make_method("simcse-unsup", enc)
+    batch = tokens(12)
+    runs = []
+    for seed in (1, 2):
+        enc.zero_grad()
+        torch.manual_seed(seed)
+        reference_step(enc, method, batch, loss_fn_for(method), 5)
+        runs.append(grads(enc))
+    worst = max(rel_error(runs[0][n], runs[1][n]) for n in runs[1])
+    assert worst > 1e-2, worst
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_dropout_zero_equals_the_plain_step(name, chunk_size):
+    (loss, g, pending, _), (ref_loss, ref_g, ref_pending, _) = run_pair(
+        name, 0.0, chunk_size, plain_step)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * max(1.0, abs(float(ref_loss)))
+    assert_grads_close(g, ref_g, rel=1e-5, what=f"{name} K={chunk_size} dropout 0")
+    if ref_pending is not None:
+        assert rel_error(pending, ref_pending) <= 1e-6
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_one_chunk_with_dropout_is_the_plain_step(name):
+    """K >= rows: one encoder call, as without caching, so the very same masks."""
+    (loss, g, pending, after), (ref_loss, ref_g, ref_pending, ref_after) = run_pair(
+        name, 0.1, 64, plain_step)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * max(1.0, abs(float(ref_loss)))
+    assert_grads_close(g, ref_g, rel=1e-5, what=f"{name} one chunk, dropout on")
+    assert torch.equal(after, ref_after)
