@@ -1,50 +1,193 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (device tool): every CUDA test and every benchmark in about 7 minutes.
-#   device run:  bash bench/gpu_check.sh          (timeout_s=480; results under $OUT)
-#   locally:     bash bench/gpu_check.sh          (results under bench/results/gpu_run)
-# The device tool returns at most 8 files from $OUT, so everything lands in one log, the card's
-# description and one tarball of CSVs + PNGs. The device image has torch, triton, transformers and
-# sentence-transformers but neither DeepSpeed nor flash-attn; fastcse installs without
-# dependencies on top of it. Step timeouts add up to about 7 minutes: a step that runs long is cut,
-# and every benchmark appends its rows as it goes, so what finished is kept.
+# One call on a lent GPU (the device tool): the card's ceilings, every bar of issue #17, the CUDA
+# tests of every kernel file, then a table of bars (model prediction, measurement, target,
+# PASS/FAIL) as the last lines of the output.
+#
+#   device run:  bash bench/gpu_check.sh              (timeout_s=540; results under $OUT)
+#   locally:     bash bench/gpu_check.sh              (results under bench/results/gpu_run)
+#   CPU rehearsal: bash bench/gpu_check.sh --dry-run  (the same steps, tiny sizes, Triton's
+#                interpreter, pytest --collect-only; OUT defaults to a fresh temp folder; ~2 min)
+#   the plan:    bash bench/gpu_check.sh --plan       (each step's real timeout and their sum)
+#
+# Time: every step runs under `timeout -s INT -k 10 T` (SIGINT, so a cut pytest or benchmark still
+# prints its summary; SIGKILL 10 s later if it does not stop). The real timeouts add up to at most
+# 420 s (tests/test_gpu_check.py checks it from --plan); with every step cut and killed the worst
+# case is 420 s + 10 s per step, inside the device tool's 600 s. Steps are ordered so the bars come
+# first and the tests after them; the report reads whatever the cut steps left.
+#
+# What comes back from $OUT (the device tool returns at most 8 files, at most 2 folders deep; all
+# of these lie flat in $OUT):
+#   gpu_check.log          everything printed (pip, nvidia-smi, each step, pytest output)
+#   ceilings.json          the card file of bench/perf_model.py --card FILE, written first:
+#                          {"name": str, "matmul_tflops": {"bf16": f, "fp16": f, "fp32": f},
+#                           "copy_gbps": f, "launch_us": f, "kernel_us": f, "sm_count": int,
+#                           "memory_gb": f, "gpu": bool, ...provenance}
+#                          matmul: random 8192^3 operands (fp32 without TF32); copy: 1 GiB
+#                          device-to-device, bytes read + written; launch_us: host time per tiny
+#                          op; kernel_us: device time per tiny kernel (bench/_common.py:measure_card)
+#   infonce.csv rope.csv biased_attention.csv encoder.csv
+#                          benchmark rows, appended and flushed as each point is measured
+#   report.txt report.json the bars table (bench/gpu_report.py) and its data
+#
+# The device image has torch 2.11, triton 3.6, transformers 5.17, sentence-transformers 6.0.1 and
+# `python3` only (no `python`), no DeepSpeed, no flash-attn and no network: fastcse is installed
+# with `pip install --no-deps --no-build-isolation --no-index -e .` (the image's setuptools); if
+# that fails, a symlink tree in /tmp gives `fastcse` + `fastcse.kernels` on PYTHONPATH instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu_run}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+REPO=$PWD
 
-step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+MODE=real
+case "${1:-}" in
+  --dry-run) MODE=dry ;;
+  --plan) MODE=plan ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --plan]" >&2; exit 2 ;;
+esac
 
-step "device"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/card.txt"
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
-rm -f bench/results/gpu_*.csv bench/results/gpu_*.png
+if [[ $MODE == dry ]]; then
+  OUT=${OUT:-$(mktemp -d /tmp/gpu_check_dry.XXXXXX)}
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+else
+  OUT=${OUT:-bench/results/gpu_run}
+fi
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-step "CUDA tests: every cuda-marked test, and the kernel test files on CUDA tensors"
-timeout 110 python -m pytest -q -p no:cacheprovider -m cuda tests
-timeout 70 python -m pytest -q -p no:cacheprovider tests/test_infonce.py tests/test_rope.py
+# A Python started with SIGINT ignored (a background job of a non-interactive shell) never raises
+# KeyboardInterrupt; `env --default-signal=INT` (coreutils >= 8.31) restores the default first.
+RESET_INT=()
+env --default-signal=INT true 2>/dev/null && RESET_INT=(env --default-signal=INT)
 
-step "InfoNCE: ceilings, then N swept, bf16, D=768, M=2N"
-timeout 100 python -m bench.bench_infonce --device cuda --dtype bf16 --dims 768 --ceilings \
-    --ns 1024,4096,8192,16384,32768 --modes fwd,full --providers eager,chunked,triton --reps 10 \
-    --csv gpu_infonce.csv
-step "InfoNCE: N = 65536 and 262144 (eager is expected to run out of memory at 262144)"
-timeout 60 python -m bench.bench_infonce --device cuda --dtype bf16 --dims 768 --ns 65536,262144 \
-    --modes full --providers eager,triton --reps 3 --csv gpu_infonce.csv
-python -m bench.bench_infonce --plot --csv gpu_infonce.csv
+PLAN_TOTAL=0
+N_STEPS=0
+STATUS=()
+FAILED=0
 
-step "RoPE: bf16 (8, 4096, 32, 128), q and k"
-timeout 40 python -m bench.bench_rope --device cuda --quick --csv gpu_rope.csv
+# run_step NAME REAL_TIMEOUT DRY_TIMEOUT COMMAND...: one step under its timeout (the dry timeout
+# in --dry-run); in --plan only its real timeout is listed.
+run_step() {
+  local name=$1 t_real=$2 t_dry=$3
+  shift 3
+  PLAN_TOTAL=$((PLAN_TOTAL + t_real))
+  N_STEPS=$((N_STEPS + 1))
+  if [[ $MODE == plan ]]; then
+    printf 'step %-22s %4d s\n' "$name" "$t_real"
+    return 0
+  fi
+  local t=$t_real
+  [[ $MODE == dry ]] && t=$t_dry
+  echo
+  echo "=== $name (timeout ${t} s, $(date -u +%H:%M:%S))"
+  local start=$SECONDS
+  timeout -s INT -k 10 "$t" "${RESET_INT[@]}" "$@"
+  local rc=$?
+  local took=$((SECONDS - start))
+  case $rc in
+    0) ;;
+    124|137) echo "=== $name: cut at its ${t} s timeout (rc $rc)"; FAILED=1 ;;
+    *) echo "=== $name: failed (rc $rc)"; FAILED=1 ;;
+  esac
+  # the report's table stays the last thing printed
+  [[ $name == report && $rc == 0 ]] || echo "=== $name: ${took} s"
+  STATUS+=("$name rc=$rc ${took}s")
+}
 
-step "Biased attention: DeBERTa-v3-base / T5-base attention module, bf16, batch 8"
-timeout 70 python -m bench.bench_biased_attention --device cuda --dtype bf16 --batch 8 \
-    --seqs 128,512 --modes fwd,full --providers eager,biased --reps 10 --csv gpu_biased_attention.csv
+# fastcse.kernels maps to kernels/ (pyproject's package-dir), so a bare PYTHONPATH=. lacks it:
+# without an install, a tree of links in /tmp gives the same package layout.
+link_tree() {
+  local root=/tmp/fastcse_src
+  rm -rf "$root" && mkdir -p "$root/fastcse"
+  local entry
+  for entry in "$REPO"/fastcse/*; do ln -s "$entry" "$root/fastcse/"; done
+  ln -s "$REPO/kernels" "$root/fastcse/kernels"
+  echo "$root"
+}
 
-step "Encoders: BERT-base / DeBERTa-v3-base / T5-base shapes, wiki lengths and 512"
-timeout 90 python -m bench.bench_encoder --device cuda --csv gpu_encoder.csv
+install_fastcse() {
+  echo "python3: $(command -v python3)"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null \
+    || echo "nvidia-smi: none"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  if [[ $MODE == dry ]]; then
+    # the local environment is not ours to change: resolve and build the editable install, offline
+    python3 -m pip install --dry-run --no-deps --no-build-isolation --no-index -q -e .
+  else
+    python3 -m pip install --no-deps --no-build-isolation --no-index -q -e .
+  fi
+}
 
-step "pack results"
-tar czf "$OUT/results.tgz" bench/results/gpu_*.csv bench/results/*.png 2>/dev/null
-ls -la "$OUT"
+imports_ok() {
+  python3 -c "import fastcse.kernels.rope, fastcse.rotary, bench._common" 2>/dev/null
+}
+
+# --- the steps -------------------------------------------------------------------------------------
+# Sizes per mode. Real: the bars' shapes (bf16 on the card). Dry: tiny shapes on CPU.
+if [[ $MODE == dry ]]; then
+  DEV=cpu
+  ROPE=(--device cpu --providers eager triton --modes full --sweep seqlen --seqlens 16 --batch 1 --heads 2
+        --head-dim 32 --dtype fp32 --reps 2)
+  LOSS=(--device cpu --dims 16 --ns 32,64 --providers eager,chunked,triton --modes fwd,full --reps 2)
+  LOSS_BIG=(--device cpu --dims 16 --ns 128 --providers triton --modes full --reps 1)
+  BERT=(--device cpu --quick --reps 2)
+  BIASED_ENC=(--device cpu --quick --reps 1)
+  ATTN=(--device cpu --quick --seqs 24 --batch 1 --reps 1)
+  PYTEST_MODE=(--collect-only -q)  # with -q: one line per file
+else
+  DEV=cuda
+  ROPE=(--device cuda --quick --modes fwd bwd full --timing graph,sync --reps 20)
+  LOSS=(--device cuda --dtype bf16 --dims 768 --ns 1024,2048,4096,8192,16384,32768,65536
+        --providers eager,triton --modes full,fwd --reps 10)
+  LOSS_BIG=(--device cuda --dtype bf16 --dims 768 --ns 262144 --providers triton --modes full --reps 3)
+  BERT=(--device cuda --reps 10)
+  BIASED_ENC=(--device cuda --long-batch 8 --reps 10)
+  ATTN=(--device cuda --dtype bf16 --batch 8 --seqs 512,128 --reps 10)
+  PYTEST_MODE=(--durations=8)
+fi
+
+if [[ $MODE != plan ]]; then
+  mkdir -p "$OUT"
+  OUT=$(cd "$OUT" && pwd)
+  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+  TEE_PID=$!
+  echo "gpu_check.sh $MODE: OUT=$OUT, repo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%FT%TZ)"
+fi
+
+export -f install_fastcse
+export MODE
+run_step install 20 60 bash -c install_fastcse
+if [[ $MODE != plan ]] && ! imports_ok; then
+  echo "fastcse does not import after the install step: using a link tree on PYTHONPATH"
+  export PYTHONPATH="$(link_tree)${PYTHONPATH:+:$PYTHONPATH}"
+  imports_ok || echo "fastcse still does not import: the steps below will fail"
+fi
+
+# bars first: the card's ceilings (the model's input), rotary, the loss, encoders, attention
+run_step ceilings 20 30 python3 -m bench.gpu_report ceilings --device "$DEV" --out "$OUT/ceilings.json"
+run_step rope 30 40 python3 -m bench.bench_rope "${ROPE[@]}" --csv "$OUT/rope.csv"
+run_step infonce 75 60 python3 -m bench.bench_infonce "${LOSS[@]}" --csv "$OUT/infonce.csv"
+run_step infonce_262144 30 40 python3 -m bench.bench_infonce "${LOSS_BIG[@]}" --csv "$OUT/infonce.csv"
+run_step encoder_bert 30 40 python3 -m bench.bench_encoder "${BERT[@]}" --models bert --workloads wiki32 \
+  --backends eager sdpa varlen --csv "$OUT/encoder.csv"
+run_step encoder_biased 40 40 python3 -m bench.bench_encoder "${BIASED_ENC[@]}" --models deberta-v3 t5 \
+  --workloads long512 --backends eager biased --csv "$OUT/encoder.csv"
+run_step attention 30 40 python3 -m bench.bench_biased_attention "${ATTN[@]}" --modes full,fwd \
+  --providers eager,biased --csv "$OUT/biased_attention.csv"
+
+# the CUDA tests: whole files (bf16 loss paths, dropout replay, HF parity), not only -m cuda
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfEs "${PYTEST_MODE[@]}")
+run_step tests_loss_rope 45 40 "${PYTEST[@]}" tests/test_infonce.py tests/test_rope.py
+run_step tests_biased 45 40 "${PYTEST[@]}" tests/test_biased_attention.py tests/test_biased_models.py
+run_step tests_encoders 40 40 "${PYTEST[@]}" tests/test_rope_models.py tests/test_encoder.py
+
+if [[ $MODE == plan ]]; then
+  run_step report 15 60 true
+  echo "total $PLAN_TOTAL s in $N_STEPS steps (worst case, every step cut and killed: $((PLAN_TOTAL + 10 * N_STEPS)) s)"
+  exit 0
+fi
+
+# last: the table (its own timeout; the performance model's predictions come from ceilings.json)
+run_step report 15 60 python3 -m bench.gpu_report table --dir "$OUT" --steps "${STATUS[@]}"
+# gpu_report printed the table last; close our side of the log pipe and let tee finish writing
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit $FAILED
