@@ -1,20 +1,71 @@
 """The encoder a training run starts from: pretrained weights, or a random model from a config.
 
 Kept apart from ``fastcse/models/`` (the encoders themselves): this is the training program's
-reading of ``--model`` / ``--model-config`` / ``--tokenizer`` / ``--dropout``.
+reading of ``--model`` / ``--model-config`` / ``--tokenizer`` / ``--dropout``. :func:`choose_model`
+checks them before anything is loaded (pre-flight); :func:`build_encoder` then loads.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-from fastcse.config import ConfigError, ModelConfig
-from fastcse.data import fallback_tokenizer
+from fastcse.config import ConfigError, ModelConfig, read_json_object
+from fastcse.data import fallback_tokenizer, minilm_path
 from fastcse.distributed import barrier
 from fastcse.files import atomic_replace_dir
+from fastcse.models.folders import ModelFolderError, detect_model_kind
+
+# the embedded default's random model when all-MiniLM-L6-v2 is not installed (BERT-small-like)
+DEFAULT_RANDOM_BERT = dict(model_type="bert", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=1024, max_position_embeddings=512)
+
+
+class ModelChoice(NamedTuple):
+    source: str
+    """"pretrained" (``--model``), "config" (``--model-config``), or the embedded default: "minilm"
+    (the installed all-MiniLM-L6-v2) or "random-default" (:data:`DEFAULT_RANDOM_BERT`)."""
+    path: str | None
+    """Folder or hub name to load weights from; None for a random model."""
+    config: dict | None
+    """Hugging Face config mapping of a random model; None when weights are loaded."""
+
+
+def _read_model_config(value: Any) -> dict:
+    data = dict(value) if isinstance(value, dict) else read_json_object(str(value), "model config")
+    data.setdefault("model_type", "bert")
+    return data
+
+
+def _check_model_folder(model_path: str) -> None:
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model folder not found: {model_path}")
+    try:
+        detect_model_kind(folder)
+    except ModelFolderError as e:
+        # a config.json without weights is named as such; any other folder keeps the short line
+        raise ConfigError(str(e) if (folder / "config.json").is_file()
+                          else f"{model_path} is not a model folder (no config.json / modules.json)") from None
+
+
+def choose_model(m: ModelConfig) -> ModelChoice:
+    """Which model ``m`` asks for, checked without loading it; a bad path or file is a ConfigError."""
+    if m.config is not None:
+        if m.tokenizer is not None and not Path(m.tokenizer).exists():
+            raise ConfigError(f"tokenizer folder not found: {m.tokenizer}")
+        return ModelChoice("config", m.name_or_path, _read_model_config(m.config))
+    if m.name_or_path is not None:
+        path = m.name_or_path
+        # a hub name is "name" or "org/name"; anything else is a local folder that must exist
+        if path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).expanduser().exists():
+            _check_model_folder(path)
+        return ModelChoice("pretrained", path, None)
+    path = minilm_path()
+    return ModelChoice("minilm", path, None) if path else ModelChoice("random-default", None, dict(DEFAULT_RANDOM_BERT))
 
 
 def set_dropout(encoder, p: float) -> None:

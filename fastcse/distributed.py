@@ -6,6 +6,8 @@ reductions return their input. Training, checkpoints, methods and the loss all a
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -16,6 +18,32 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def join(*, deepspeed_launch: bool, device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the launcher's process group and pick this process's device; returns (rank, world, device).
+
+    ``deepspeed_launch``: started by ``deepspeed`` (``--ds``): DeepSpeed sets the group up (NCCL on
+    GPUs, gloo on CPUs). ``device``: forced (``--device``); else GPU ``LOCAL_RANK`` when CUDA is
+    there (the launcher's one GPU per process), else the CPU.
+    """
+    if deepspeed_launch:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        rank, world = world_info()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank, world, local = 0, 1, 0
+    if device:
+        dev = torch.device(device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return rank, world, dev
 
 
 def is_distributed() -> bool:

@@ -25,34 +25,28 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import importlib.util
 import json
-import math
 import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastcse.build import build_encoder
+from fastcse.build import build_encoder, choose_model
 from fastcse.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastcse.config import ConfigError, TrainConfig, parse_args, read_json_object, resolve_precision
-from fastcse.data import BatchSchedule, DataError, minilm_path, read_training_data
-from fastcse.distributed import all_finite, barrier, mean_over_ranks, world_info
+from fastcse.data import BatchSchedule, DataError, read_training_data
+from fastcse.distributed import all_finite, barrier, join, mean_over_ranks
 from fastcse.ds_config import engine_config, fill_ds_config
 from fastcse.files import atomic_replace_dir
-from fastcse.models.folders import ModelFolderError, detect_model_kind
+from fastcse.runlog import RunLog
 from fastcse.step import DeepSpeedStep, PlainStep
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
-
-# the embedded default's random model when all-MiniLM-L6-v2 is not installed (BERT-small-like)
-DEFAULT_RANDOM_BERT = dict(model_type="bert", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           intermediate_size=1024, max_position_embeddings=512)
-
 
 # The embedded default (no model, no data, no length given) is sized to finish in minutes on 2 CPU
 # cores: one step of all-MiniLM-L6-v2 over 2 x 64 sequences of <= 32 tokens takes ~3 s there.
@@ -80,24 +74,6 @@ class Prepared:
 # pre-flight: every input problem is one clear error before any model is loaded
 # ------------------------------------------------------------------------------------------------
 
-def _read_model_config(value: Any) -> dict:
-    data = dict(value) if isinstance(value, dict) else read_json_object(str(value), "model config")
-    data.setdefault("model_type", "bert")
-    return data
-
-
-def _check_model_folder(model_path: str) -> None:
-    folder = Path(model_path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"model folder not found: {model_path}")
-    try:
-        detect_model_kind(folder)
-    except ModelFolderError as e:
-        # a config.json without weights is named as such; any other folder keeps the short line
-        raise ConfigError(str(e) if (folder / "config.json").is_file()
-                          else f"{model_path} is not a model folder (no config.json / modules.json)") from None
-
-
 def preflight(cfg: TrainConfig) -> Prepared:
     """Check data, model path, DeepSpeed config and options; raise ConfigError / DataError on problems."""
     rank = int(os.environ.get("RANK", "0"))
@@ -115,26 +91,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
             raise ConfigError("--ds needs DeepSpeed (pip install deepspeed)")
         fill_ds_config(ds_config, cfg, world, where=str(Path(cfg.run.ds)))  # catches batch-size conflicts now
 
-    model_config = None
-    model_path = cfg.model.name_or_path
-    if cfg.model.config is not None:
-        source = "config"
-        model_config = _read_model_config(cfg.model.config)
-        if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).exists():
-            raise ConfigError(f"tokenizer folder not found: {cfg.model.tokenizer}")
-    elif model_path is not None:
-        source = "pretrained"
-        # a hub name is "name" or "org/name"; anything else is a local folder that must exist
-        looks_local = (model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
-                       or Path(model_path).expanduser().exists())
-        if looks_local:
-            _check_model_folder(model_path)
-    else:
-        model_path = minilm_path()
-        source = "minilm" if model_path else "random-default"
-        if model_path is None:
-            model_config = dict(DEFAULT_RANDOM_BERT)
-
+    source, model_path, model_config = choose_model(cfg.model)
     embedded_note = None
     r = cfg.run
     if source in ("minilm", "random-default") and cfg.data.train_file is None and r.max_steps is None \
@@ -206,30 +163,9 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.use_ds = cfg.run.ds is not None
-        self.log_file = None
-        self.tb = None
+        self.runlog = None
 
     # ---- set-up ----------------------------------------------------------------------------
-
-    def _init_distributed(self):
-        if self.use_ds:
-            import deepspeed
-
-            deepspeed.init_distributed()
-            self.rank, self.world = world_info()
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-        else:
-            self.rank, self.world, local = 0, 1, 0
-        if self.cfg.run.device:
-            self.device = torch.device(self.cfg.run.device)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.precision = resolve_precision(self.cfg.run.precision, self.device.type)
-        self.is_main = self.rank == 0
 
     def say(self, *args) -> None:
         if self.is_main:
@@ -239,7 +175,9 @@ class Trainer:
         from fastcse.methods import build_method
 
         cfg = self.cfg
-        self._init_distributed()
+        self.rank, self.world, self.device = join(deepspeed_launch=self.use_ds, device=cfg.run.device)
+        self.is_main = self.rank == 0
+        self.precision = resolve_precision(cfg.run.precision, self.device.type)  # DeepSpeedStep: its config's
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -289,25 +227,14 @@ class Trainer:
                 self.skipped_steps = state["skipped_steps"]
                 self.last_checkpoint = path
                 self.say(f"resumed from {path} at step {self.step}")
+        self.runlog = RunLog(self.out, enabled=self.is_main, tensorboard=cfg.run.tensorboard)
         if self.is_main:
-            self.log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8")
-            if cfg.run.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out / "tensorboard"))
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
 
     # ---- helpers ---------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        self.log_file.write(json.dumps(record) + "\n")
-        self.log_file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record.get("step", self.step))
+        self.runlog.log(record, self.step)
 
     def _checkpointed(self) -> dict:
         # the objects a checkpoint holds; with DeepSpeed the engine saves model, optimizer, schedule
@@ -396,6 +323,7 @@ class Trainer:
                           grad_norm=result.grad_norm, lr=lr)
 
     # ---- the loop ----------------------------------------------------------------------------
+
     def run(self) -> int:
         cfg = self.cfg
         self.setup()
@@ -408,12 +336,8 @@ class Trainer:
             self.say(f"STS-B dev Spearman before training: {score:.2f}")
             self.log({"step": 0, "stsb_dev": score})
 
-        bar = None
-        if cfg.run.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=cfg.method.name,
-                       dynamic_ncols=True)
+        if cfg.run.progress:
+            self.runlog.start_progress(total=self.total_steps, initial=self.step, desc=cfg.method.name)
         sentences_per_step = cfg.run.batch_size * cfg.optim.grad_accum
         t_start = time.perf_counter()
         stop_reason = None
@@ -422,18 +346,13 @@ class Trainer:
             out = self.train_step(self.micro_batches(self.step))
             self.step += 1
             dt = time.perf_counter() - t0
-            if out.finite:
-                self.consecutive_bad = 0
-            else:
-                self.skipped_steps += 1
-                self.consecutive_bad += 1
+            self.skipped_steps += not out.finite
+            self.consecutive_bad = 0 if out.finite else self.consecutive_bad + 1
             record = {"step": self.step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                       "sentences_per_s": sentences_per_step / dt, "skipped_steps": self.skipped_steps,
                       "elapsed_s": time.perf_counter() - t_start}
             self.log(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{out.loss:.4f}", sent_s=f"{record['sentences_per_s']:.0f}")
-                bar.update(1)
+            self.runlog.progress(loss=f"{out.loss:.4f}", sent_s=f"{record['sentences_per_s']:.0f}")
             if self.consecutive_bad >= cfg.run.max_bad_steps:
                 stop_reason = (f"stopped at step {self.step}: {self.consecutive_bad} consecutive steps with a "
                                f"non-finite loss or gradient (--max-bad-steps {cfg.run.max_bad_steps}); "
@@ -447,8 +366,7 @@ class Trainer:
             if cfg.run.save_steps and self.step % cfg.run.save_steps == 0 and self.step < self.total_steps \
                     and self.consecutive_bad == 0:
                 self.save()
-        if bar is not None:
-            bar.close()
+        self.runlog.close_progress()
         if stop_reason is not None:
             self.say(f"fastcse.train: {stop_reason}")
             self.log({"step": self.step, "stopped": stop_reason})
@@ -482,10 +400,8 @@ class Trainer:
         return score
 
     def close(self) -> None:
-        if self.log_file is not None:
-            self.log_file.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.runlog is not None:
+            self.runlog.close()
 
 
 def main(argv: list[str] | None = None) -> int:

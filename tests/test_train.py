@@ -68,6 +68,42 @@ def test_resume_gives_the_uninterrupted_losses(assets, tmp_path, method, extra):
     assert len(set(ref.values())) == len(ref)
 
 
+def test_train_step_takes_micro_batches_built_outside_the_loop(assets, tmp_path):
+    """``Trainer.train_step(micro_batches)`` is the loop's step: micro-batches collated here, from the
+    same start, give the losses the loop logged and the weights it saved."""
+    from fastcse.config import parse_args
+    from fastcse.data import BatchSchedule
+    from fastcse.train import Trainer, preflight
+
+    # ESimCSE with accumulation: each micro-batch's loss also depends on the queue the earlier ones filled
+    args = ["--method", "esimcse", "--queue-size", "12", "--grad-accum", "2", "--max-steps", "3",
+            "--save-steps", "0", "--warmup-steps", "1"]
+    loop = tmp_path / "loop"
+    assert main(tiny_args(assets, loop, *args)) == 0
+    logged = step_losses(loop)
+
+    trainer = Trainer(preflight(parse_args(tiny_args(assets, tmp_path / "by-hand", *args))))
+    trainer.setup()
+    examples, run = trainer.prep.examples, trainer.cfg.run
+    schedule = BatchSchedule(len(examples), run.batch_size, seed=run.seed, rank=0, world_size=1)
+    by_hand = {}
+    for step in range(3):
+        micro_steps = (2 * step, 2 * step + 1)
+        batches = [trainer.method.collate([examples[i] for i in schedule.indices(m)], micro_step=m, rank=0)
+                   for m in micro_steps]
+        out = trainer.train_step(batches)
+        assert out.finite and out.grad_norm is not None
+        by_hand[step + 1] = out.loss
+    with pytest.raises(ValueError, match="takes 2 micro-batches"):
+        trainer.train_step(batches[:1])
+    trainer.close()
+    assert by_hand == logged
+    assert len(set(logged.values())) == len(logged)  # the steps differ: equal lists were not constants
+    saved = torch.load(latest_checkpoint(loop / "checkpoints") / "trainer.pt", weights_only=False)["model"]
+    for name, value in trainer.encoder.state_dict().items():
+        assert torch.equal(value, saved[name]), f"{name} differs from the loop's final weights"
+
+
 def test_kill_during_save_leaves_the_last_checkpoint(assets, tmp_path):
     """A real SIGKILL in the middle of writing the second checkpoint; then resume."""
     out = tmp_path / "run"
@@ -199,7 +235,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     from sentence_transformers import SentenceTransformer
 
     from fastcse.models import SentenceEncoder
-    from fastcse.train import minilm_path
+    from fastcse.data import minilm_path
 
     out = tmp_path / "default"
     assert main(["--max-steps", "2", "--batch-size", "16", "--eval-steps", "0", "--no-progress",
@@ -229,7 +265,8 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
 def test_embedded_default_is_sized_for_a_laptop():
     """No options: the bundled data, the embedded model, a fixed short budget; options override it."""
     from fastcse.config import parse_args
-    from fastcse.train import EMBEDDED_DEFAULT, minilm_path, preflight
+    from fastcse.data import minilm_path
+    from fastcse.train import EMBEDDED_DEFAULT, preflight
 
     prep = preflight(parse_args([]))
     assert prep.model_source == ("minilm" if minilm_path() else "random-default")
