@@ -177,7 +177,8 @@ class Trainer:
         cfg = self.cfg
         self.rank, self.world, self.device = join(deepspeed_launch=self.use_ds, device=cfg.run.device)
         self.is_main = self.rank == 0
-        self.precision = resolve_precision(cfg.run.precision, self.device.type)  # DeepSpeedStep: its config's
+        # under --ds the DeepSpeed config decides (it was filled from the same flag); see below
+        self.precision = resolve_precision(cfg.run.precision, self.device.type)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()

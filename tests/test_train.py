@@ -202,6 +202,27 @@ def test_bad_input_is_one_clear_error_before_any_model(tmp_path, monkeypatch, ca
     assert len(err.strip().splitlines()) == 1  # one message, no traceback
 
 
+def test_a_model_folder_is_checked_by_its_kind_before_loading(tmp_path, monkeypatch, capsys):
+    """--model folders go through models.folders.detect_model_kind: an empty folder and a config.json
+    without weights are each one error line (exit 2) before any model is loaded."""
+    import fastcse.train
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the folder was checked")
+
+    monkeypatch.setattr(fastcse.train, "build_encoder", no_model)
+    empty, config_only = tmp_path / "empty", tmp_path / "config_only"
+    empty.mkdir()
+    config_only.mkdir()
+    (config_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    for folder, message in ((empty, f"{empty} is not a model folder (no config.json / modules.json)"),
+                            (config_only, "it has config.json but no weights file")):
+        rc = main(["--model", str(folder), "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("fastcse.train: error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_bad_rows_are_skipped_and_counted(assets, tmp_path, capsys):
     data = tmp_path / "nli.csv"
     rows = [f"anchor {i},positive {i},negative {i}" for i in range(20)]
