@@ -1,0 +1,624 @@
+"""Memory planner: what one GPU holds when training a sentence encoder under DeepSpeed ZeRO.
+
+``python -m fastcse.plan --model deberta-v2-xxlarge --gpus 8 --gpu-mem 80 --batch 64 --seq 32
+--zero 3`` prints, for 1, 2, 4, 8 and 16 GPUs (the ``--gpus`` row marked), the bytes per GPU of
+
+* **model states** (bf16 mixed-precision AdamW, the ZeRO paper's arithmetic, Psi parameters over
+  N ranks): 2 Psi bf16 parameters, 2 Psi bf16 gradients, 12 Psi optimizer states (fp32 master
+  copy, momentum, variance). Stage 1 shards the 12 Psi, stage 2 also the gradients, stage 3 also
+  the parameters (except the small ones ZeRO-3 keeps whole, below its persistence threshold).
+  ``--offload`` moves the optimizer states (and under ZeRO-3 the parameters) to CPU memory;
+* **activations** saved for the backward pass, summed op by op over one encoder layer for the
+  batch per GPU (analytic, :func:`layer_activation_terms`), with or without checkpointing;
+* the **loss**: :func:`fastcse.info_nce` forward + backward run on the meta device under
+  :class:`fastcse.memory.StorageCounter`, as one rank sees it (negatives gathered from all ranks);
+* ESimCSE's **momentum encoder** (fp32, sharded like the model under ZeRO-3) and its queue;
+* DeepSpeed's buffers (gradient buckets, ZeRO-3's gathered parameters) and the optimizer step's
+  fp32 gradient partition.
+
+The parameters are counted from the real architecture: the Hugging Face model is built on the meta
+device from a config written here (``NAMED_CONFIGS``) or read from a local ``config.json``. The
+formulas, their sources and what is approximate: ``docs/SCALE.md``. GB here is 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+GB = 1e9
+GPU_COUNTS = (1, 2, 4, 8, 16)
+
+BF16 = 2  # bytes of a bf16 parameter, gradient or activation
+FP32 = 4
+ADAM_BYTES = 12  # fp32 master copy + momentum + variance, per parameter
+CUDA_DROPOUT_MASK = 1  # bytes per element of a dropout mask on CUDA (bool); CPU keeps input-dtype masks
+LN_STATS = 2 * FP32  # LayerNorm / RMSNorm saves fp32 mean and rstd (or variance) per token
+
+# DeepSpeed's own defaults and the values fastcse.train writes for the "auto" fields
+DS_ALLREDUCE_BUCKET = 500_000_000  # engine.allreduce_gradients (no ZeRO): grads flattened per bucket
+DS_SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3 steps the optimizer one sub-group at a time
+
+Method = Literal["simcse-unsup", "simcse-sup", "esimcse"]
+Attention = Literal["flash", "eager"]
+# sequences through the trainable encoder per anchor (fastcse.methods: [x; x], [s0; s1; hard], [x; rep(x)])
+VIEWS = {"simcse-unsup": 2, "simcse-sup": 3, "esimcse": 2}
+
+# The two 1.5B-class shapes of the issue, as Hugging Face configs (no download needed).
+NAMED_CONFIGS: dict[str, dict] = {
+    # microsoft/deberta-v2-xxlarge's published config.json
+    "deberta-v2-xxlarge": {
+        "model_type": "deberta-v2", "hidden_size": 1536, "num_hidden_layers": 48, "num_attention_heads": 24,
+        "attention_head_size": 64, "intermediate_size": 6144, "vocab_size": 128100, "hidden_act": "gelu",
+        "max_position_embeddings": 512, "type_vocab_size": 0, "position_biased_input": False,
+        "relative_attention": True, "position_buckets": 256, "max_relative_positions": -1,
+        "pos_att_type": ["p2c", "c2p"], "norm_rel_ebd": "layer_norm", "share_att_key": True,
+        "conv_kernel_size": 3, "conv_act": "gelu", "layer_norm_eps": 1e-7,
+    },
+    # the encoder of google/t5-v1_1-xl (Sentence-T5 XL's backbone): gated-gelu, untied head (unused)
+    "t5-xl-encoder": {
+        "model_type": "t5", "d_model": 2048, "d_ff": 5120, "num_layers": 24, "num_heads": 32, "d_kv": 64,
+        "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128, "tie_word_embeddings": False, "is_encoder_decoder": False,
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the architecture, read off the real model built on the meta device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the planner needs of an encoder. ``family`` picks the layer formula: ``bert`` (post-LN
+    BERT-style layers; also the fallback for other model types), ``deberta-v2``, ``t5``."""
+
+    name: str
+    model_type: str
+    family: Literal["bert", "deberta-v2", "t5"]
+    param_numels: tuple[int, ...]  # every parameter tensor's size, in model order
+    largest_module_params: int  # the most parameters one module owns directly (ZeRO-3 gathers per module)
+    hidden: int
+    layers: int
+    heads: int
+    head_dim: int
+    intermediate: int
+    activation: str
+    gated: bool = False  # T5 v1.1 gated FFN (wi_0, wi_1)
+    relative_positions: int = 0  # DeBERTa: rows of the relative-position table (2 x span)
+    relative_kinds: int = 0  # DeBERTa: 2 with c2p and p2c
+    conv: bool = False  # DeBERTa-v2's convolution beside the first layer
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.param_numels)
+
+    @property
+    def attention_width(self) -> int:
+        return self.heads * self.head_dim
+
+    def persistent_params(self, threshold: int) -> int:
+        """Parameters ZeRO-3 keeps whole on every rank (tensors of at most ``threshold`` elements)."""
+        return sum(n for n in self.param_numels if n <= threshold)
+
+
+def load_config(model: str):
+    """A ``transformers`` config: one of ``NAMED_CONFIGS``, or a local config.json / model folder."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if model in NAMED_CONFIGS:
+        values = dict(NAMED_CONFIGS[model])
+        return CONFIG_MAPPING[values.pop("model_type")](**values)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--model {model!r}: not one of {sorted(NAMED_CONFIGS)} and no config.json at {path}")
+    values = json.loads(path.read_text())
+    if "model_type" not in values:
+        raise ValueError(f"{path} has no model_type")
+    return AutoConfig.for_model(**values)
+
+
+def build_architecture(config, name: str = "") -> Architecture:
+    """Build the Hugging Face encoder of ``config`` on the meta device (no memory, no weights) and
+    read its parameter tensors and layer shapes."""
+    import torch
+    from transformers import AutoModel, T5EncoderModel
+
+    model_type = config.model_type
+    is_t5 = model_type in ("t5", "mt5", "umt5")
+    with torch.device("meta"):
+        model = T5EncoderModel(config) if is_t5 else AutoModel.from_config(config)
+    numels = tuple(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    if is_t5:
+        heads, head_dim = config.num_heads, config.d_kv
+        return Architecture(
+            name=name, model_type=model_type, family="t5", param_numels=numels, largest_module_params=largest,
+            hidden=config.d_model, layers=config.num_layers, heads=heads, head_dim=head_dim,
+            intermediate=config.d_ff, activation=config.dense_act_fn, gated=config.is_gated_act)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // heads
+    common = dict(name=name, model_type=model_type, param_numels=numels, largest_module_params=largest,
+                  hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads, head_dim=head_dim,
+                  intermediate=config.intermediate_size, activation=str(config.hidden_act))
+    if model_type == "deberta-v2":
+        kinds = 0
+        if config.relative_attention:
+            pos_types = config.pos_att_type
+            pos_types = pos_types.split("|") if isinstance(pos_types, str) else list(pos_types or [])
+            kinds = sum(k in pos_types for k in ("c2p", "p2c"))
+        span = config.position_buckets if config.position_buckets > 0 else (
+            config.max_relative_positions if config.max_relative_positions > 0 else config.max_position_embeddings)
+        return Architecture(family="deberta-v2", relative_positions=2 * span if kinds else 0, relative_kinds=kinds,
+                            conv=getattr(config, "conv_kernel_size", 0) > 0, **common)
+    return Architecture(family="bert", **common)
+
+
+def architecture(model: str) -> Architecture:
+    return build_architecture(load_config(model), name=model)
+
+
+# --------------------------------------------------------------------------------------------
+# model states
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelStates:
+    """Bytes per GPU of the ZeRO paper's three model states, and what offload puts in CPU memory."""
+
+    params: float
+    grads: float
+    optimizer: float
+    cpu: float = 0.0  # per rank
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(n_params: int, gpus: int, zero: int, *, offload: bool = False,
+                      persistent_params: int = 0) -> ModelStates:
+    """Mixed-precision AdamW (bf16 parameters and gradients, 12 bytes of fp32 optimizer state per
+    parameter), for Psi = ``n_params`` over N = ``gpus`` ranks::
+
+        stage 0:  2 Psi      + 2 Psi     + 12 Psi         (16 Psi)
+        stage 1:  2 Psi      + 2 Psi     + 12 Psi / N
+        stage 2:  2 Psi      + 2 Psi / N + 12 Psi / N
+        stage 3:  2 Psi / N  + 2 Psi / N + 12 Psi / N     (16 Psi / N)
+
+    Under ZeRO-3 the ``persistent_params`` (tensors below the persistence threshold) also stay
+    whole on every rank: ``+ 2 persistent``. ``offload`` (DeepSpeed's offload_optimizer, and
+    offload_param under ZeRO-3): the optimizer states and DeepSpeed's fp32 gradient partition
+    (4 Psi / N) live in CPU memory, ZeRO-2/3 gradients go there bucket by bucket (none stay on
+    the GPU), and ZeRO-3's parameter partitions too.
+    """
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
+    if offload and zero == 0:
+        raise ValueError("--offload needs ZeRO stage 1, 2 or 3 (DeepSpeed offloads ZeRO's partitions)")
+    psi, n = float(n_params), float(gpus)
+    params = BF16 * psi / n + BF16 * persistent_params if zero == 3 else BF16 * psi
+    grads = BF16 * psi / n if zero >= 2 else BF16 * psi
+    optimizer = ADAM_BYTES * psi / n if zero >= 1 else ADAM_BYTES * psi
+    if not offload:
+        return ModelStates(params, grads, optimizer)
+    cpu = (ADAM_BYTES + FP32) * psi / n
+    if zero == 3:
+        cpu += BF16 * psi / n
+        params = BF16 * persistent_params
+    return ModelStates(params=params, grads=0.0 if zero >= 2 else grads, optimizer=0.0, cpu=cpu)
+
+
+# --------------------------------------------------------------------------------------------
+# activations
+# --------------------------------------------------------------------------------------------
+
+
+def _ffn_bytes_per_element(arch: Architecture, mask: int) -> int:
+    """Bytes saved per (token, intermediate unit) in the feed-forward block."""
+    if arch.activation == "relu":
+        act = BF16  # relu saves its output (the next matmul's input); its input is freed
+    elif arch.activation == "gelu_new":
+        act = 5 * BF16  # HF's Python tanh-GELU: x, 0.5 x, tanh(.), 1 + tanh(.), the product
+    else:
+        act = 2 * BF16  # a fused activation: its input and its output (the next matmul's input)
+    gate = BF16 if arch.gated else 0  # the linear gate, saved by the product
+    inner_dropout = mask + BF16 if arch.family == "t5" else 0  # T5 drops out inside the FFN
+    return act + gate + inner_dropout
+
+
+def layer_activation_terms(arch: Architecture, sequences: int, seq: int, attention: Attention = "flash",
+                           *, mask_bytes: int = CUDA_DROPOUT_MASK) -> dict[str, int]:
+    """Bytes one encoder layer saves for its backward pass, by what saves them.
+
+    ``sequences`` x ``seq`` tokens per GPU, bf16 activations, dropout masks of ``mask_bytes``
+    (CUDA's fused dropout keeps a bool mask; CPU and meta keep an input-dtype one). With
+    t tokens, hidden h, intermediate f, attention width A = heads x head_dim, the score matrix
+    S = sequences x heads x seq^2::
+
+        BERT / DeBERTa (post-LN):  2t(h + 3A + A) + m th (attention-out dropout) + 2t(3h) (LayerNorm
+                                   inputs, LN1 output) + 16t (LN stats) + m th (FFN dropout) + FFN
+        T5 (pre-RMSNorm):          two RMSNorms of (2 + 4 + 2 + 2) th + 16t, 2t(3A + A),
+                                   2 m th (dropout masks) + FFN
+        FFN:                       t f x (2 + 2 fused GELU | 10 HF's gelu_new | 2 relu)
+                                   (+ 2 gate, + m + 2 T5's inner dropout)
+        attention flash:           + 4 x sequences x heads x seq (fp32 log-sum-exp)
+        attention eager:           + (2 + m + 2) S (probabilities, dropout mask, dropped probabilities)
+                                   (+ 2tA: DeBERTa's scaled K copy)
+        DeBERTa relative position: P rows of the table (eager: 2 x position_buckets; flash: the
+                                   2 seq - 1 the length reaches), per layer (2 + m) P h (dropped
+                                   relative embeddings) + 2 x 2 P A (pos_key, pos_query);
+                                   eager repeats pos_key / pos_query per sequence (x sequences) and
+                                   saves the c2p / p2c tables: 2 x 2 x sequences x heads x seq x P.
+
+    Checked op by op against the Hugging Face layers run on the meta device under
+    :class:`fastcse.memory.StorageCounter` (tests/test_plan.py).
+    """
+    t, h, f, a_width, m = sequences * seq, arch.hidden, arch.intermediate, arch.attention_width, mask_bytes
+    scores = sequences * arch.heads * seq * seq
+    terms: dict[str, int] = {}
+    if arch.family == "t5":
+        terms["RMSNorms (bf16 input, fp32 copy, normalised, output) x 2"] = 2 * (BF16 + FP32 + BF16 + BF16) * t * h
+    else:
+        terms["layer input (q/k/v projections)"] = BF16 * t * h
+        terms["LayerNorm inputs x 2, LN1 output (FFN input)"] = 3 * BF16 * t * h
+    terms["LayerNorm statistics x 2"] = 2 * LN_STATS * t
+    terms["q, k, v"] = 3 * BF16 * t * a_width
+    terms["attention output (output projection input)"] = BF16 * t * a_width
+    terms["dropout masks (attention output, FFN output)"] = 2 * m * t * h
+    terms["feed-forward"] = _ffn_bytes_per_element(arch, m) * t * f
+    if attention == "flash":
+        terms["attention log-sum-exp (fp32)"] = FP32 * sequences * arch.heads * seq
+    elif attention == "eager":
+        terms["attention probabilities, dropout mask, dropped probabilities"] = (2 * BF16 + m) * scores
+        if arch.family == "deberta-v2":
+            terms["K / scale copy"] = BF16 * t * a_width
+    else:
+        raise ValueError(f"attention must be 'flash' or 'eager', got {attention!r}")
+    if arch.relative_kinds:
+        k = arch.relative_kinds
+        rows = arch.relative_positions if attention == "eager" else min(arch.relative_positions, 2 * seq - 1)
+        terms["relative embeddings after dropout"] = (BF16 + m) * rows * h
+        if attention == "eager":
+            terms["pos_key / pos_query repeated per sequence"] = k * BF16 * sequences * rows * a_width
+            terms["c2p / p2c tables"] = k * BF16 * sequences * arch.heads * seq * rows
+        else:
+            terms["pos_key / pos_query"] = k * BF16 * rows * a_width
+    return terms
+
+
+def _outside_layers_bytes(arch: Architecture, sequences: int, seq: int, mask: int) -> int:
+    """Embeddings' LayerNorm and dropout, DeBERTa's convolution, T5's final norm, the output."""
+    t, h = sequences * seq, arch.hidden
+    out = BF16 * t * h  # the encoder's output, held by the pooler
+    if arch.family == "t5":
+        return out + mask * t * h + (BF16 + FP32 + BF16) * t * h + mask * t * h + LN_STATS * t
+    out += BF16 * t * h + LN_STATS * t + mask * t * h  # embedding LayerNorm input, its stats, dropout mask
+    if arch.conv:  # conv input copy, dropout mask and output (GELU input), LayerNorm input and stats
+        out += (3 * BF16 + mask) * t * h + LN_STATS * t
+    return out
+
+
+def backward_workspace_bytes(arch: Architecture, sequences: int, seq: int, attention: Attention = "flash") -> int:
+    """Transient bytes while one layer runs backward, on top of what is saved: the incoming and
+    outgoing activation gradients (2 x 2th) and the FFN's intermediate gradients (2tf, 4tf gated),
+    or, in the attention, dq, dk, dv (3 x 2tA) and DeBERTa's fused tables of one batch chunk (two
+    bf16 tables and an fp32 gradient buffer, fastcse.kernels.biased_attention's chunking)."""
+    t, h = sequences * seq, arch.hidden
+    ffn = 2 * BF16 * t * h + (2 if arch.gated else 1) * BF16 * t * arch.intermediate
+    attn = 2 * BF16 * t * h + 3 * BF16 * t * arch.attention_width
+    if arch.relative_kinds and attention == "flash":
+        entries = min(arch.relative_positions, 2 * seq - 1)
+        per_sequence = arch.heads * seq * entries
+        rows = min(sequences, max(1, (1 << 24) // max(1, per_sequence)))
+        attn += (2 * BF16 + FP32) * rows * per_sequence
+    return max(ffn, attn)
+
+
+@dataclass
+class Activations:
+    full: int  # peak bytes without checkpointing
+    checkpointed: int  # with activation checkpointing of every layer
+    layer: int  # one layer's saved bytes
+
+
+def activation_bytes(arch: Architecture, sequences: int, seq: int, attention: Attention = "flash",
+                     *, no_grad_sequences: int = 0, mask_bytes: int = CUDA_DROPOUT_MASK) -> Activations:
+    """Peak activation bytes of the encoder's forward + backward for ``sequences`` x ``seq`` tokens.
+
+    Without checkpointing: every layer's saved bytes and the embeddings' / output's, plus one
+    layer's backward workspace. With checkpointing (each layer recomputed in backward): each
+    layer keeps only its input (2th); one layer's full activations exist again while it is
+    recomputed, plus the workspace. ``no_grad_sequences``: a second encoder's forward without
+    gradient (ESimCSE's momentum encoder) after the model's forward, while its activations are
+    saved; it holds at most one layer's activations at a time.
+    """
+    layer = sum(layer_activation_terms(arch, sequences, seq, attention, mask_bytes=mask_bytes).values())
+    outside = _outside_layers_bytes(arch, sequences, seq, mask_bytes)
+    work = backward_workspace_bytes(arch, sequences, seq, attention)
+    no_grad = sum(layer_activation_terms(arch, no_grad_sequences, seq, attention, mask_bytes=mask_bytes).values()) \
+        if no_grad_sequences else 0
+    full = arch.layers * layer + outside + max(work, no_grad)
+    checkpointed = arch.layers * BF16 * sequences * seq * arch.hidden + outside + max(layer + work, no_grad)
+    return Activations(full=full, checkpointed=checkpointed, layer=layer)
+
+
+# --------------------------------------------------------------------------------------------
+# the loss, measured on the meta device
+# --------------------------------------------------------------------------------------------
+
+
+def _simulated_gather(world: int):
+    """``all_gather_with_grad`` as one rank of ``world`` allocates it (fastcse.distributed): the
+    world's rows gathered into one tensor (a list of receive buffers, then a concatenation); in
+    backward a copy of the whole gradient (all-reduced in place), of which this rank keeps its rows."""
+    import torch
+
+    class _Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.rows = x.shape[0]
+            return torch.cat([torch.empty_like(x) for _ in range(world)])
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.contiguous().clone()[:ctx.rows]
+
+    return _Gather.apply
+
+
+def loss_bytes(dim: int, batch: int, gpus: int, method: Method, *, queue_size: int = 0,
+               temperature: float = 0.05) -> int:
+    """Peak bytes of :func:`fastcse.info_nce` forward + backward on one of ``gpus`` ranks.
+
+    The rank holds ``batch / gpus`` anchors (bf16, ``dim`` wide) and gathers every rank's positives
+    (and, supervised, hard negatives): M = batch (unsup), 2 batch (sup), batch + queue (ESimCSE)
+    candidates. Run on the meta device as CUDA (``fastcse.memory.meta_as_cuda``: the loss takes
+    its CUDA backend, Triton launches stubbed) under ``StorageCounter(round_to=512)``; the gather is
+    simulated (:func:`_simulated_gather`). Counts what the loss allocates above its inputs.
+    """
+    from unittest import mock
+
+    import torch
+
+    import fastcse.distributed as distributed
+    from fastcse.infonce import info_nce
+    from fastcse.memory import StorageCounter, meta_as_cuda, stub_kernel_launches
+
+    n = max(1, batch // gpus)
+    with meta_as_cuda(), stub_kernel_launches(), \
+            mock.patch.object(distributed, "world_info", lambda: (0, gpus)), \
+            mock.patch.object(distributed, "all_gather_with_grad", _simulated_gather(gpus)):
+        def embeddings():
+            return torch.empty(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+        anchors, positives = embeddings(), embeddings()
+        hard = embeddings() if method == "simcse-sup" else None
+        queue = (torch.empty(queue_size, dim, device="cuda", dtype=torch.bfloat16)
+                 if method == "esimcse" and queue_size else None)
+        with StorageCounter(round_to=512) as counter:
+            info_nce(anchors, positives, hard, queue=queue, temperature=temperature,
+                     gather_across_ranks=gpus > 1).backward()
+    return counter.peak
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanOptions:
+    """The run being planned (the CLI's flags)."""
+
+    gpu_mem: float = 80.0  # GB (1e9 bytes) per GPU
+    batch: int = 64  # sentences (anchors) per step over all GPUs, as fastcse.train's --batch-size
+    seq: int = 32
+    zero: int = 3
+    offload: bool = False
+    checkpointing: bool = False
+    method: Method = "simcse-unsup"
+    attention: Attention = "flash"
+    queue_size: int = 128  # ESimCSE
+    gpus_per_node: int = 8
+    reserve: float = 0.10  # share of GPU memory kept for the CUDA context, NCCL, fragmentation
+    persistence_threshold: Optional[int] = None  # ZeRO-3; None: 10 x hidden (fastcse.train's "auto")
+
+
+@dataclass
+class GpuPlan:
+    """One GPU count's memory per GPU, in GB. The first fields are the issue's JSON schema."""
+
+    gpus: int
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    model_states_gb: float
+    activations_gb: float
+    loss_gb: float
+    total_gb: float
+    fits: bool
+    momentum_gb: float = 0.0
+    buffers_gb: float = 0.0
+    step_gb: float = 0.0
+    activations_full_gb: float = 0.0
+    activations_checkpointed_gb: float = 0.0
+    cpu_gb_per_node: float = 0.0
+    usable_gb: float = 0.0
+    batch_per_gpu: float = 0.0
+    sequences_per_gpu: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _buffer_bytes(arch: Architecture, zero: int, offload: bool, momentum_gathered: bool) -> float:
+    """DeepSpeed's working buffers with fastcse.train's bucket sizes (h^2 reduce bucket,
+    0.9 h^2 ZeRO-3 prefetch): without ZeRO the gradients are flattened for all-reduce in
+    buckets of up to 5e8 elements; ZeRO-1/2 reduce through two buckets (overlap_comm); ZeRO-3
+    gathers each module's full parameters while it runs (the largest module, plus the prefetch),
+    and ESimCSE's fp32 momentum encoder gathers its own."""
+    h2 = arch.hidden * arch.hidden
+    if zero == 0:
+        return BF16 * min(arch.n_params, DS_ALLREDUCE_BUCKET)
+    if zero in (1, 2):
+        return 2 * BF16 * h2
+    gathered = BF16 * (arch.largest_module_params + 0.9 * h2) + BF16 * h2
+    if momentum_gathered:
+        gathered += FP32 * arch.largest_module_params
+    return gathered
+
+
+def plan_for(arch: Architecture, gpus: int, opts: PlanOptions, *, loss: Optional[float] = None) -> GpuPlan:
+    """The memory of one GPU among ``gpus`` (see the module docstring and docs/SCALE.md)."""
+    notes = []
+    if opts.batch % gpus:
+        notes.append(f"batch {opts.batch} does not split over {gpus} GPUs (rounded up per GPU)")
+    per_gpu = math.ceil(opts.batch / gpus)
+    threshold = 10 * arch.hidden if opts.persistence_threshold is None else opts.persistence_threshold
+    states = model_state_bytes(arch.n_params, gpus, opts.zero, offload=opts.offload,
+                               persistent_params=arch.persistent_params(threshold) if opts.zero == 3 else 0)
+    sequences = VIEWS[opts.method] * per_gpu
+    esimcse = opts.method == "esimcse"
+    # ESimCSE's momentum encoder embeds the positive views without gradient
+    acts = activation_bytes(arch, sequences, opts.seq, opts.attention, no_grad_sequences=per_gpu if esimcse else 0)
+    activations = acts.checkpointed if opts.checkpointing else acts.full
+    momentum, cpu = 0.0, states.cpu
+    if esimcse:
+        # an fp32 copy of the encoder (fastcse.methods.ESimCSE), sharded like the model under ZeRO-3
+        shard = FP32 * arch.n_params / (gpus if opts.zero == 3 else 1)
+        if opts.zero == 3 and opts.offload:
+            cpu += shard
+        else:
+            momentum += shard
+        momentum += FP32 * opts.queue_size * arch.hidden
+    if loss is None:
+        loss = loss_bytes(arch.hidden, opts.batch, gpus, opts.method, queue_size=opts.queue_size)
+    buffers = _buffer_bytes(arch, opts.zero, opts.offload, esimcse and opts.zero == 3)
+    # the optimizer step turns this rank's gradient partition into fp32 (on the CPU when offloaded),
+    # after the activations are freed
+    step = 0.0
+    if not opts.offload:
+        step = FP32 * (arch.n_params if opts.zero == 0 else
+                       min(arch.n_params / gpus, DS_SUB_GROUP_SIZE if opts.zero == 3 else math.inf))
+    total = states.total + momentum + buffers + max(activations + loss, step)
+    usable = opts.gpu_mem * GB * (1.0 - opts.reserve)
+    ranks_per_node = min(gpus, opts.gpus_per_node)
+
+    def gb(x):
+        return round(x / GB, 4)
+
+    return GpuPlan(
+        gpus=gpus, params_gb=gb(states.params), grads_gb=gb(states.grads), optimizer_gb=gb(states.optimizer),
+        model_states_gb=gb(states.total), activations_gb=gb(activations), loss_gb=gb(loss), total_gb=gb(total),
+        fits=bool(total <= usable and not notes), momentum_gb=gb(momentum), buffers_gb=gb(buffers),
+        step_gb=gb(step), activations_full_gb=gb(acts.full), activations_checkpointed_gb=gb(acts.checkpointed),
+        cpu_gb_per_node=gb(cpu * ranks_per_node), usable_gb=gb(usable), batch_per_gpu=opts.batch / gpus,
+        sequences_per_gpu=sequences, notes=notes)
+
+
+def plan(arch: Architecture, opts: PlanOptions, gpu_counts: Sequence[int] = GPU_COUNTS) -> list[GpuPlan]:
+    return [plan_for(arch, g, opts) for g in gpu_counts]
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(arch: Architecture, opts: PlanOptions, rows: Sequence[GpuPlan], highlight: int) -> str:
+    ckpt = "checkpointing" if opts.checkpointing else "no checkpointing"
+    offload = ", optimizer" + (" and parameters" if opts.zero == 3 else "") + " offloaded to CPU" \
+        if opts.offload else ""
+    lines = [
+        f"{arch.name}: {arch.model_type}, {arch.n_params / 1e9:.3f} B parameters, {arch.layers} layers, "
+        f"hidden {arch.hidden}, {arch.heads} heads",
+        f"ZeRO-{opts.zero}{offload}; bf16 mixed-precision AdamW; {opts.method}, batch {opts.batch} x seq "
+        f"{opts.seq}; {opts.attention} attention, {ckpt}",
+        f"GB per GPU (1e9 bytes); fits: total <= {rows[0].usable_gb:.1f} GB "
+        f"({opts.gpu_mem:g} GB less {opts.reserve:.0%} reserve); act/ckpt: activations with checkpointing",
+        "",
+    ]
+    header = ["GPUs", "params", "grads", "optim", "states", "momentum", "act", "act/ckpt", "loss",
+              "buffers", "step", "total", "fits"]
+    if opts.offload:
+        header.append("CPU/node")
+    table = [header]
+    for r in rows:
+        cells = [f"{'>' if r.gpus == highlight else ' '}{r.gpus}", *(f"{v:.2f}" for v in (
+            r.params_gb, r.grads_gb, r.optimizer_gb, r.model_states_gb, r.momentum_gb, r.activations_full_gb,
+            r.activations_checkpointed_gb)), f"{r.loss_gb:.3f}", f"{r.buffers_gb:.2f}", f"{r.step_gb:.2f}",
+            f"{r.total_gb:.2f}", "yes" if r.fits else "NO"]
+        if opts.offload:
+            cells.append(f"{r.cpu_gb_per_node:.1f}")
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
+    notes = sorted({n for r in rows for n in r.notes})
+    lines += [""] + [f"note: {n}" for n in notes] if notes else []
+    lines.append(f"> marks --gpus {highlight}; total = states + momentum + buffers + max(act + loss, step)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastcse.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help=f"{' | '.join(NAMED_CONFIGS)} | PATH (a local config.json or model folder)")
+    p.add_argument("--gpus", type=int, required=True, help="GPU count to highlight (the table covers 1-16)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GB (1e9 bytes)")
+    p.add_argument("--batch", type=int, required=True, help="sentences per step over all GPUs")
+    p.add_argument("--seq", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=3)
+    p.add_argument("--offload", action="store_true",
+                   help="optimizer states (and, under ZeRO-3, parameters) in CPU memory")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
+    p.add_argument("--method", choices=tuple(VIEWS), default="simcse-unsup")
+    p.add_argument("--attn", choices=("flash", "eager"), default="flash",
+                   help="flash: fused attention (no score matrix); eager: scores materialised")
+    p.add_argument("--queue-size", type=int, default=128, help="ESimCSE queue rows")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--reserve", type=float, default=0.10,
+                   help="share of GPU memory not planned for (CUDA context, NCCL, fragmentation)")
+    p.add_argument("--persistence-threshold", type=int, default=None,
+                   help="ZeRO-3 stage3_param_persistence_threshold (default 10 x hidden, fastcse.train's auto)")
+    p.add_argument("--json", action="store_true", help="one JSON object per GPU count")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("gpus", "batch", "seq", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            print(f"--{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if args.offload and args.zero == 0:
+        print("--offload needs --zero 1, 2 or 3", file=sys.stderr)
+        return 2
+    try:
+        arch = architecture(args.model)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fastcse.plan: {exc}", file=sys.stderr)
+        return 2
+    opts = PlanOptions(gpu_mem=args.gpu_mem, batch=args.batch, seq=args.seq, zero=args.zero, offload=args.offload,
+                       checkpointing=args.checkpointing, method=args.method, attention=args.attn,
+                       queue_size=args.queue_size, gpus_per_node=args.gpus_per_node, reserve=args.reserve,
+                       persistence_threshold=args.persistence_threshold)
+    counts = sorted(set(GPU_COUNTS) | {args.gpus})
+    rows = plan(arch, opts, counts)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        print(format_table(arch, opts, rows, args.gpus))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
