@@ -267,3 +267,196 @@ def test_one_chunk_with_dropout_is_the_plain_step(name):
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * max(1.0, abs(float(ref_loss)))
     assert_grads_close(g, ref_g, rel=1e-5, what=f"{name} one chunk, dropout on")
     assert torch.equal(after, ref_after)
+
+
+# --------------------------------------------------------------------------------------------
+# dropout inside fastcse's biased attention (T5, DeBERTa)
+# --------------------------------------------------------------------------------------------
+
+
+def biased_encoder(family: str) -> SentenceEncoder:
+    if family == "t5":
+        cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, num_heads=2, num_layers=2, d_ff=64,
+                       relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.1)
+    else:
+        cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                              intermediate_size=64, relative_attention=True, max_position_embeddings=64,
+                              pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=32,
+                              norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+                              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return SentenceEncoder.from_config(cfg, pooling="mean", attn_backend="biased").train()
+
+
+@pytest.mark.parametrize("family", ["t5", "deberta"])
+@pytest.mark.parametrize("tier", ["kernel", "twin"])
+def test_biased_attention_dropout_is_replayed(family, tier, monkeypatch):
+    """kernel: the Triton kernel (interpreted on CPU) draws its Philox seed from torch's generator
+    at each call; restoring the generator replays the seed and so the masks. twin: the chunked
+    PyTorch path, torch's own dropout."""
+    import fastcse.biased_attention as dispatch
+
+    seeds = []
+    if tier == "twin":
+        monkeypatch.setattr(dispatch, "triton_can_run", lambda tensor: False)
+    else:
+        import fastcse.kernels.biased_attention as kernel
+
+        if not dispatch.triton_can_run(torch.empty(1)):
+            pytest.skip("the Triton kernel cannot run here (no CUDA, no interpreter)")
+        real = kernel._draw_seed
+
+        def spy(q, dropout_p, seed):
+            out = real(q, dropout_p, seed)
+            seeds.append((dropout_p, None if out is None else int(out)))
+            return out
+
+        monkeypatch.setattr(kernel, "_draw_seed", spy)
+    torch.manual_seed(5)
+    enc = biased_encoder(family)
+    twin = copy.deepcopy(enc)
+    method = make_method("simcse-unsup", enc)
+    batch = tokens(6, seq=8)
+    chunk = 4
+    torch.manual_seed(9)
+    loss = cached(enc, method, batch, loss_fn_for(method), chunk)
+    torch.manual_seed(9)
+    ref = reference_step(twin, method, batch, loss_fn_for(method), chunk)
+    assert abs(float(loss) - float(ref)) <= 1e-6 * max(1.0, abs(float(ref)))
+    assert_grads_close(grads(enc), grads(twin), rel=1e-5, what=f"{family} biased {tier}")
+    if tier == "kernel":
+        # per layer and chunk: phase 1 draws, phase 3 replays the same seed, the reference draws it too
+        drawn = [s for p, s in seeds if p > 0]
+        assert drawn and len(drawn) == 3 * 2 * len(chunk_ranges(12, chunk)), seeds
+        assert sorted(drawn[:len(drawn) // 3]) == sorted(drawn[len(drawn) // 3:2 * len(drawn) // 3]), seeds
+
+
+# --------------------------------------------------------------------------------------------
+# the generic entry point, the hooks, a learnable temperature
+# --------------------------------------------------------------------------------------------
+
+
+def test_grad_cache_on_separate_sentence_groups():
+    """Anchors, positives and hard negatives as three token dicts (one forward each), chunks that
+    do not divide the rows, against the same forwards chunked with a graph."""
+    torch.manual_seed(3)
+    enc = bert_encoder(0.1)
+    twin = copy.deepcopy(enc)
+    groups = [tokens(7) for _ in range(3)]
+
+    def loss_fn(a, p, h):
+        return info_nce(a, p, h, temperature=0.05, hard_negative_weight=0.2, backend="chunked")
+
+    torch.manual_seed(4)
+    loss = grad_cache(enc, groups, loss_fn, chunk_size=3)
+    torch.manual_seed(4)
+    chunked = ChunksWithGraph(twin, 3)
+    ref = loss_fn(*[chunked(**g) for g in groups])
+    ref.backward()
+    ref = ref.detach()
+    assert abs(float(loss) - float(ref)) <= 1e-6
+    assert_grads_close(grads(enc), grads(twin), rel=1e-5, what="three groups")
+
+
+def test_grad_cache_split_of_one_forward_and_learnable_temperature():
+    """SimCSE's [x; x] as one token dict cut into (anchors, positives) by ``split``; a learnable
+    temperature inside the loss gets its gradient through ``loss_parameters``."""
+    torch.manual_seed(3)
+    enc = bert_encoder(0.1)
+    twin = copy.deepcopy(enc)
+    loss_mod, twin_loss = InfoNCELoss(0.05, learnable_temperature=True), None
+    twin_loss = copy.deepcopy(loss_mod)
+    x = tokens(5)
+    doubled = {k: torch.cat([v, v]) for k, v in x.items()}
+    torch.manual_seed(4)
+    loss = grad_cache(enc, doubled, loss_mod, chunk_size=4, split=2, loss_parameters=list(loss_mod.parameters()))
+    torch.manual_seed(4)
+    ref = twin_loss(*ChunksWithGraph(twin, 4)(**doubled).chunk(2))
+    ref.backward()
+    ref = ref.detach()
+    assert abs(float(loss) - float(ref)) <= 1e-6
+    assert_grads_close(grads(enc), grads(twin), rel=1e-5, what="split")
+    assert rel_error(loss_mod.log_temperature.grad, twin_loss.log_temperature.grad) <= 1e-6
+    with pytest.raises(ValueError, match="does not divide"):
+        grad_cache(enc, tokens(5), loss_mod, chunk_size=4, split=2)
+
+
+def test_backward_and_boundary_hooks():
+    """``backward`` gets one surrogate per chunk and may scale it as it scales a loss (1/accum);
+    ``boundary`` is told which chunk is the last; the step replays once."""
+    torch.manual_seed(3)
+    enc = bert_encoder(0.0)
+    twin = copy.deepcopy(enc)
+    method = make_method("simcse-sup", enc)
+    batch = tokens(3 * 4)
+    surrogates, boundaries = [], []
+
+    def backward(s):
+        surrogates.append(float(s))
+        (s / 3).backward()  # a 3-micro-batch accumulation window, as a plain PyTorch step scales
+
+    step = cached_method_step(enc, method, batch, loss_fn_for(method), chunk_size=5)
+    assert isinstance(step, CachedStep) and step.chunks == 3  # 12 rows in chunks of 5
+    step.backward(backward=backward, boundary=boundaries.append)
+    assert boundaries == [False, False, True] and len(surrogates) == 3
+    with pytest.raises(RuntimeError, match="once"):
+        step.backward()
+    ref = plain_step(twin, method, batch, lambda x: loss_fn_for(method)(x) / 3)
+    assert abs(float(step.loss) / 3 - float(ref)) <= 1e-6
+    assert_grads_close(grads(enc), grads(twin), rel=1e-5, what="scaled by 1/accum")
+
+
+def test_poison_replays_one_chunk_with_nan():
+    torch.manual_seed(3)
+    enc = bert_encoder(0.1)
+    method = make_method("simcse-unsup", enc)
+    calls, boundaries = [], []
+    step = cached_method_step(enc, method, tokens(6), loss_fn_for(method), chunk_size=4)
+    step.backward(backward=lambda s: (calls.append(1), s.backward()), boundary=boundaries.append, poison=True)
+    assert len(calls) == 1 and boundaries == [True]
+    g = grads(enc)  # every gradient non-finite (the word embeddings: the rows the chunk used)
+    assert g and all(torch.isnan(v).any() for v in g.values()), [n for n, v in g.items() if not torch.isnan(v).any()]
+
+
+def test_autocast_of_phase_one_is_replayed_outside_it():
+    """bf16 autocast around phases 1 and 2 only (as a training step wraps its forward): the replay
+    re-enters it, so the gradients are those of bf16 chunks run with a graph, not fp32 ones.
+
+    The reference runs without autocast's weight-cast cache: with it, every chunk of the reference
+    shares one bf16 copy of each weight and autograd sums the chunks' weight gradients in bf16
+    before the cast back (relative error ~2e-3 here), where the cached replay, one chunk per
+    backward, sums them in fp32 in ``.grad``: the reference would be the less exact of the two."""
+    torch.manual_seed(3)
+    enc = bert_encoder(0.0)
+    twin, fp32 = copy.deepcopy(enc), copy.deepcopy(enc)
+    method = make_method("simcse-unsup", enc)
+    batch = tokens(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = cached_method_step(enc, method, batch, loss_fn_for(method), chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        ref = reference_step(twin, method, batch, loss_fn_for(method), 5)
+    step.backward()
+    reference_step(fp32, method, batch, loss_fn_for(method), 5)
+    assert abs(float(step.loss) - float(ref)) <= 1e-6
+    assert_grads_close(grads(enc), grads(twin), rel=1e-5, what="bf16 autocast")
+    g, g32 = grads(enc), grads(fp32)
+    assert max(rel_error(g[n], g32[n]) for n in g32) > 1e-3, "autocast changed nothing: the test proves nothing"
+
+
+def test_embed_no_grad_and_no_grad_chunks():
+    torch.manual_seed(3)
+    enc = bert_encoder(0.0).eval()
+    x = tokens(7)
+    out = embed_no_grad(enc, x, 3)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, enc(**x), rtol=1e-5, atol=1e-6)
+    wrapped = NoGradChunks(enc, 3).train(True)
+    assert enc.training and wrapped.training and wrapped.embedding_dim == enc.embedding_dim
+    wrapped.eval()
+    assert not enc.training
+
+
+def test_a_loss_that_ignores_a_group_is_refused():
+    torch.manual_seed(3)
+    enc = bert_encoder(0.0)
+    with pytest.raises(ValueError, match="did not use"):
+        grad_cache(enc, [tokens(4), tokens(4), tokens(4)], lambda a, p, h: info_nce(a, p), chunk_size=2)
