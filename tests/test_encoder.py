@@ -494,7 +494,9 @@ def test_save_roundtrip(tmp_path, tiny_text_encoder):
     before = enc.encode(sentences, progress=False)
     enc.save(tmp_path / "saved")
     meta = json.loads((tmp_path / "saved" / "fastcse_encoder.json").read_text())
-    assert meta == {"pooling": "cls_mlp", "mlp_only_train": False, "max_seq_length": 8, "attn_backend": "varlen"}
+    assert meta == {"pooling": "cls_mlp", "mlp_only_train": False, "max_seq_length": 8, "attn_backend": "varlen",
+                    "dense": [], "normalize": False, "similarity_fn_name": "cosine", "prompts": {},
+                    "default_prompt_name": None, "export_max_seq_length": None}
     assert (tmp_path / "saved" / "pooler.safetensors").is_file()
     loaded = SentenceEncoder.from_pretrained(tmp_path / "saved", attn_backend="eager")
     assert (loaded.pooling, loaded.mlp_only_train, loaded.max_seq_length) == ("cls_mlp", False, 8)
@@ -617,10 +619,87 @@ def test_sentence_transformers_folder_pooling(tmp_path):
     with pytest.raises(ValueError, match="fastcse supports cls or mean"):
         SentenceEncoder.from_pretrained(tmp_path / "v6max")
     modules = json.loads((tmp_path / "cls" / "modules.json").read_text())
-    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"})
     (tmp_path / "cls" / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ValueError, match="Dense.* is not supported"):
+    with pytest.raises(ValueError, match=r"modules \['LayerNorm'\] have no SentenceEncoder equivalent"):
         SentenceEncoder.from_pretrained(tmp_path / "cls")
+    modules[2] = {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (tmp_path / "cls" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="not in the order fastcse reproduces"):
+        SentenceEncoder.from_pretrained(tmp_path / "cls")
+
+
+def test_sentence_transformers_dense_and_normalize_are_part_of_the_encoder(tmp_path):
+    """A Dense module (with bias, a residual and another activation) and Normalize run in forward,
+    the Dense weights are trainable, and save / from_pretrained keep the whole pipeline."""
+    from safetensors.torch import save_file
+
+    model = transformers.BertModel(make_config("bert"), add_pooling_layer=False)
+    _write_st_folder(tmp_path / "st", model, {"pooling_mode": "mean"})
+    modules = json.loads((tmp_path / "st" / "modules.json").read_text())
+    modules += [{"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.base.modules.dense.Dense"},
+                {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st" / "2_Dense").mkdir()
+    (tmp_path / "st" / "2_Dense" / "config.json").write_text(json.dumps(
+        {"in_features": 32, "out_features": 32, "bias": True, "use_residual": True,
+         "activation_function": "torch.nn.modules.activation.GELU"}))
+    weight, bias = torch.randn(32, 32) * 0.3, torch.randn(32)
+    save_file({"linear.weight": weight, "linear.bias": bias}, str(tmp_path / "st" / "2_Dense" / "model.safetensors"))
+    (tmp_path / "st" / "config_sentence_transformers.json").write_text(json.dumps(
+        {"similarity_fn_name": "dot", "prompts": {"query": "query: "}, "default_prompt_name": None}))
+    enc = SentenceEncoder.from_pretrained(tmp_path / "st", attn_backend="eager").eval()
+    assert (len(enc.dense), enc.normalize_output, enc.similarity_fn_name, enc.prompts) == \
+        (1, True, "dot", {"query": "query: "})
+    ids, mask, _ = ragged_batch(model.config, batch=3, seqlen=7)
+    with torch.no_grad():
+        hidden = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = masked_mean(hidden, mask)
+    expected = torch.nn.functional.normalize(
+        torch.nn.functional.gelu(pooled @ weight.T + bias) + pooled, dim=-1)
+    out = enc(ids, mask)
+    assert_close(out, expected, rtol=1e-5, atol=1e-5, name="Dense + residual + Normalize")
+    out.pow(3).sum().backward()  # not a constant of unit vectors: reaches the Dense weights
+    assert enc.dense[0].linear.weight.grad is not None and enc.dense[0].linear.weight.grad.abs().sum() > 0
+    assert "dense.0.linear.weight" in enc.state_dict()  # part of training checkpoints
+
+    enc.save(tmp_path / "saved")
+    again = SentenceEncoder.from_pretrained(tmp_path / "saved", attn_backend="eager").eval()
+    assert (len(again.dense), again.normalize_output, again.similarity_fn_name) == (1, True, "dot")
+    with torch.no_grad():
+        assert_close(again(ids, mask), out.detach(), rtol=1e-6, atol=1e-6, name="saved pipeline")
+    a, b = torch.randn(2, 4), torch.randn(3, 4)
+    assert_close(enc.similarity(a, b), a @ b.T, rtol=1e-6, atol=1e-6, name="dot similarity")
+    enc.similarity_fn_name = "euclidean"
+    assert_close(enc.similarity(a, b), -torch.cdist(a, b), rtol=1e-6, atol=1e-6, name="euclidean similarity")
+    assert_close(enc.similarity_pairwise(a, a[[1, 0]]), -(a - a[[1, 0]]).norm(dim=-1), rtol=1e-6, atol=1e-6,
+                 name="pairwise")
+
+    (tmp_path / "st" / "2_Dense" / "config.json").write_text(json.dumps(
+        {"in_features": 32, "out_features": 32, "activation_function": "mypackage.Swish"}))
+    with pytest.raises(ValueError, match="not a torch.nn module path"):
+        SentenceEncoder.from_pretrained(tmp_path / "st")
+
+
+def test_bert_pooler_weights_are_kept_for_saving(tmp_path, caplog):
+    """The CLS pooler fastcse does not run is neither a parameter nor lost: loading a checkpoint with
+    it reports nothing unexpected, and a saved folder holds it (Hugging Face reports nothing missing)."""
+    full = transformers.BertModel(make_config("bert"))  # with its pooler
+    full.save_pretrained(tmp_path / "hf")
+    enc = SentenceEncoder.from_pretrained(tmp_path / "hf", attn_backend="eager")
+    assert enc.backbone.pooler is None and not any("pooler.dense" in n for n, _ in enc.named_parameters())
+    assert torch.equal(enc.unused_backbone_modules["pooler"].dense.weight, full.pooler.dense.weight)
+    enc.save(tmp_path / "saved")
+    info = transformers.BertModel.from_pretrained(tmp_path / "saved", output_loading_info=True)[1]
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    reloaded = transformers.BertModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.pooler.dense.weight, full.pooler.dense.weight)
+    fresh = SentenceEncoder.from_config(make_config("bert"), attn_backend="eager")  # a random init has one too
+    fresh.save(tmp_path / "fresh")
+    info = transformers.BertModel.from_pretrained(tmp_path / "fresh", output_loading_info=True)[1]
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_folder_saved_by_installed_sentence_transformers(tmp_path):
