@@ -2,33 +2,31 @@
 
 Notation used throughout (see ``info_nce`` for the user-facing contract)::
 
-    a_i = anchors_i / ||anchors_i||                      i < N           (rows)
-    c_j = candidates_j / ||candidates_j||                j < M           (columns)
-    s_ij = scale * <a_i, c_j> + w * [j == hn_offset + i]  scale = 1 / temperature
-    lse_i = log sum_j exp(s_ij)
-    loss_i = lse_i - s_{i, target_offset + i}
+    r_i = 1 / ||anchors_i||,  q_j = 1 / ||candidates_j||     i < N (rows), j < M (columns)
+    s_ij = scale r_i q_j <anchors_i, candidates_j> + w * [j == hn_offset + i]   scale = 1 / temperature
+    loss_i = log sum_j exp(s_ij) - s_{i, target_offset + i}
 
-Only ``lse`` needs a fused kernel: the target logit is one dot product per row and gets its
-gradient from autograd. So every backend implements one op, ``lse = rowwise_lse(a, c, scale, w,
-hn_offset)``, with the gradients
-
-    d a_i   = g_i * scale * sum_j p_ij c_j            p_ij = exp(s_ij - lse_i)
-    d c_j   = scale * sum_i g_i p_ij a_i
-    d scale = sum_i g_i sum_j p_ij <a_i, c_j> = sum_i <a_i, d a_i> / scale
-
-where g_i is the upstream gradient of lse_i. The three tiers:
+The fused backends compute ``loss_i`` and its gradients in one op on the raw rows: the L2
+normalisation, the target logit and the hard-negative weight are folded into it, so no normalised
+copy of any input and no concatenation of the candidates is ever made. The three tiers:
 
 * ``eager``: materialises the N x M logits; the reference of the tests and the benchmarks.
-* ``chunked``: pure PyTorch, row chunks of at most ``chunk_rows`` x M logits at a time; with a
-  mean / sum reduction the gradients are formed during the forward pass.
+* ``chunked``: pure PyTorch, row chunks of at most ``chunk_rows`` x M dot products at a time;
+  with a mean / sum reduction the gradients are formed during the forward pass.
 * ``triton``: ``fastcse.kernels.infonce``: without gradients (or for per-row upstream gradients)
-  a tile kernel with an online log-sum-exp (never the N x M matrix); for training, the row-chunk
-  loop with a fused Triton row-softmax between cuBLAS matmuls.
+  a tile kernel split across candidate columns with an online log-sum-exp (never the N x M
+  matrix); for training, the row-chunk loop with a fused Triton row softmax between cuBLAS matmuls.
 
-The row-chunk loop both fused tiers share (``chunked_forward_with_grads`` / ``chunked_backward``)
-is pure PyTorch and lives in the kernel layer, :mod:`fastcse.kernels.infonce_chunks`, which
-imports without Triton: the Triton tier runs it without calling back into this module, and the
-chunked tier here still loads where Triton is not installed.
+The row-chunk loop both fused tiers share (``forward_with_grads`` / ``backward_recompute``, the
+gradient formulas in its docstring) is pure PyTorch and lives in the kernel layer,
+:mod:`fastcse.kernels.infonce_chunks`, which imports without Triton: the Triton tier runs it
+without calling back into this module, and the chunked tier here still loads where Triton is not
+installed.
+
+Input values (NaN / inf, a temperature tensor <= 0) are checked without stopping the GPU: on CPU
+tensors before the loss is computed (a host read costs nothing there); on CUDA from the loss itself,
+read back asynchronously and raised as a ``ValueError`` by the next ``info_nce`` call or by
+:func:`raise_deferred_input_errors` (see :func:`check_values`).
 """
 
 from __future__ import annotations
@@ -42,11 +40,16 @@ from torch import Tensor
 
 from fastcse.kernels._triton_utils import interpreted, triton_available
 from fastcse.kernels.infonce_chunks import (
+    Problem,
     accumulation_dtype,
-    chunked_backward,
-    chunked_forward_with_grads,
+    anticipated_row_weight,
+    backward_recompute,
     claim_precomputed_grads,
-    mm_acc,
+    default_chunk_rows,
+    forward_with_grads,
+    fused_matmul_dtype,
+    loss_rows,
+    reduce_rows,
 )
 
 Backend = Literal["auto", "triton", "chunked", "eager"]
@@ -54,11 +57,6 @@ Reduction = Literal["mean", "sum", "none"]
 BACKENDS = ("auto", "triton", "chunked", "eager")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Rows of logits materialised at once by the chunked backend: chunk_size x M floats. 8 MiB of fp32
-# logits per chunk at M = 16384 keeps the working set near the L2/L3 caches on CPU while leaving
-# the matmuls large enough to run at full speed (measured in bench/bench_infonce.py).
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +99,13 @@ def check_inputs(
     anchors, positives, hard_negatives, queue, temperature, hard_negative_weight, reduction, backend,
     *, check_finite: bool = True,
 ) -> None:
-    """Raise a ``TypeError`` / ``ValueError`` naming the problem; never let a kernel see bad input."""
+    """Raise a ``TypeError`` / ``ValueError`` naming the problem; never let a kernel see bad input.
+
+    Shapes, dtypes, devices and arguments are checked on the host. Values (NaN / inf in the
+    inputs, a temperature tensor <= 0) are checked by :func:`check_values` when ``check_finite``:
+    here for CPU tensors; for CUDA tensors :func:`info_nce` checks them from its result instead,
+    without a host synchronisation.
+    """
     _check_matrix("anchors", anchors, dim=None)
     n, d = anchors.shape
     _check_matrix("positives", positives, dim=d)
@@ -151,21 +155,85 @@ def check_inputs(
             raise ValueError(
                 f"temperature is on {temperature.device} but anchors are on {anchors.device}"
             )
-        if not _is_compiling() and not float(temperature.detach()) > 0:
-            raise ValueError(f"temperature must be > 0, got {float(temperature.detach())}")
     elif isinstance(temperature, (int, float)):
         if not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     else:
         raise TypeError(f"temperature must be a float or a 0-d tensor, got {type(temperature).__name__}")
-    if check_finite and not _is_compiling():
-        for name, x in named:
-            if x.numel() and not bool(torch.isfinite(x).all()):
-                bad = int((~torch.isfinite(x)).any(dim=1).sum())
-                raise ValueError(
-                    f"{name} contains non-finite values (NaN or inf) in {bad} row(s); "
-                    "the encoder probably diverged upstream of the loss"
-                )
+    if check_finite and anchors.device.type == "cpu" and not _is_compiling():
+        check_values(named, temperature)
+
+
+def check_values(named: Sequence[tuple[str, Tensor]], temperature) -> None:
+    """The value checks, now: NaN / inf in any input (named, with the count of bad rows), and a
+    temperature tensor that is not > 0. Each is a host read of a device value: free on CPU, a
+    synchronisation on CUDA (where :func:`info_nce` uses :func:`defer_value_check` instead)."""
+    if isinstance(temperature, torch.Tensor) and not float(temperature.detach()) > 0:
+        raise ValueError(f"temperature must be > 0, got {float(temperature.detach())}")
+    for name, x in named:
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(dim=1).sum())
+            raise ValueError(
+                f"{name} contains non-finite values (NaN or inf) in {bad} row(s); "
+                "the encoder probably diverged upstream of the loss"
+            )
+
+
+# CUDA value checks in flight: (pinned host flag, CUDA event after its copy, description)
+_DEFERRED: list = []
+
+_DEFERRED_MESSAGE = (
+    "an earlier info_nce call on {device} returned a non-finite loss: its inputs contained "
+    "non-finite values (NaN or inf; the encoder probably diverged upstream of the loss), or its "
+    "temperature was not > 0. On CUDA the inputs are checked from the loss without stopping the "
+    "GPU, so the error is raised at the next info_nce call (or by "
+    "fastcse.infonce.raise_deferred_input_errors())."
+)
+
+
+def defer_value_check(loss: Tensor, temperature) -> None:
+    """Check a CUDA call's values from its result, without a host synchronisation.
+
+    Any NaN / inf in an input reaches the loss (it enters a norm, hence every logit of its row or
+    column, hence the log-sum-exp), so ``isfinite(loss)`` (plus ``temperature > 0`` for a tensor
+    temperature) is one device flag. It is copied to pinned host memory behind a CUDA event and read
+    once the event has passed: by the next :func:`info_nce` call, which raises the ``ValueError``,
+    or by :func:`raise_deferred_input_errors`. Skipped under ``torch.compile`` and CUDA-graph
+    capture; on meta tensors (the performance model) the device ops run and nothing is read.
+    """
+    if _is_compiling():
+        return
+    bad = torch.isfinite(loss).logical_not_().any()
+    if isinstance(temperature, torch.Tensor):
+        bad = bad.logical_or_(temperature.detach().reshape(()).to(bad.device) <= 0)
+    if loss.is_meta or not loss.is_cuda or torch.cuda.is_current_stream_capturing():
+        return
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(bad, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _DEFERRED.append((host, event, str(loss.device)))
+
+
+def raise_deferred_input_errors(wait: bool = True) -> None:
+    """Raise the ``ValueError`` of any CUDA ``info_nce`` call whose inputs were bad.
+
+    ``wait``: block until every pending check has finished (one synchronisation); otherwise only
+    look at those already done (no synchronisation: what every ``info_nce`` call does first).
+    """
+    still = []
+    error = None
+    for host, event, device in _DEFERRED:
+        if wait:
+            event.synchronize()
+        elif not event.query():
+            still.append((host, event, device))
+            continue
+        if error is None and bool(host):
+            error = ValueError(_DEFERRED_MESSAGE.format(device=device))
+    _DEFERRED[:] = still
+    if error is not None:
+        raise error
 
 
 def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) -> str:
@@ -188,160 +256,105 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
 
 
 # --------------------------------------------------------------------------------------------
-# the row-wise log-sum-exp, three ways
+# the loss of one direction, three ways
 # --------------------------------------------------------------------------------------------
 
 
-def default_chunk_rows(n_cols: int, elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
-    return max(1, elements // max(1, n_cols))
+class _ChunkedLoss(torch.autograd.Function):
+    """Pure-PyTorch row-chunked InfoNCE loss of one direction (chunk x M dot products at a time),
+    the CPU default; the same loop as the Triton tier with the row softmax in PyTorch.
 
+    Matmuls run in fp32 off CUDA (:func:`fused_matmul_dtype`), so this path is at least as
+    accurate as eager in every dtype; gradients come back in the inputs' dtype.
 
-def _pad_queue_rows(grad_c: Tensor, n_cols: int) -> Tensor:
-    """Candidates past ``n_grad_cols`` (the queue) get a zero gradient."""
-    if grad_c.shape[0] == n_cols:
-        return grad_c
-    return torch.cat([grad_c, grad_c.new_zeros(n_cols - grad_c.shape[0], grad_c.shape[1])])
-
-
-class _ChunkedLSE(torch.autograd.Function):
-    """Pure-PyTorch row-chunked log-sum-exp (chunk x M logits at a time), the CPU default.
-
-    Low-precision inputs are upcast once to fp32 (O((N + M) D) memory, like the inputs), so this
-    path is at least as accurate as eager in every dtype.
-
-    ``uniform_upstream=True`` is a contract with the caller: the upstream gradient of ``lse`` will
-    be the same for every row (the caller reduces ``lse`` with a mean or a sum right away and never
-    hands it out). Then the gradients are formed during the forward pass with unit weights (6NMD
-    FLOPs in all, the same as eager, instead of 8NMD with recomputation) and backward only scales
-    them: the trick of Liger-Kernel's fused linear cross-entropy. Otherwise backward recomputes.
+    With a mean / sum reduction and gradients wanted, they are formed during the forward pass
+    (6NMD FLOPs in all, the same as eager, instead of 8NMD with recomputation) and backward only
+    scales them by the upstream gradient: the trick of Liger-Kernel's fused linear cross-entropy.
+    With ``reduction="none"`` backward recomputes.
     """
 
     @staticmethod
-    def forward(ctx, a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, uniform_upstream):
-        acc = accumulation_dtype(a.dtype)
-        precompute = bool(uniform_upstream and any(ctx.needs_input_grad[:3]))
-        ctx.config = (hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, c.shape[0])
-        ctx.dtypes = (a.dtype, c.dtype, scale.dtype)
-        if precompute:
-            lse, da, dc, dscale = chunked_forward_with_grads(
-                a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, matmul_dtype=acc)
-            ctx.save_for_backward(da, dc, dscale)
-            return lse
-        lse = torch.empty(a.shape[0], dtype=acc, device=a.device)
-        am, cm = a.to(acc), c.to(acc)
-        for r0 in range(0, a.shape[0], chunk_rows):
-            dots = mm_acc(am[r0:r0 + chunk_rows], cm.T, acc)
-            dots.mul_(scale.to(acc))
-            if hn_weight != 0.0:
-                idx = torch.arange(dots.shape[0], device=dots.device)
-                dots[idx, idx + r0 + hn_offset] += hn_weight
-            lse[r0:r0 + chunk_rows] = torch.logsumexp(dots, dim=1)
-        ctx.save_for_backward(a, c, scale, lse)
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad_lse):
-        hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, n_cols = ctx.config
-        if precompute:
-            claim_precomputed_grads(ctx)
-            da, dc, dscale = ctx.saved_tensors
-            g = grad_lse[0].to(da.dtype)  # uniform upstream (see the class docstring)
-            # scaled in place: the saved gradients become the returned ones (no second N x D and
-            # M x D copy at the memory peak), which is why a second backward is refused above
-            ga, gc, gs = da.mul_(g), dc.mul_(g), dscale * g
+    def forward(ctx, x, scale, config, *parts):
+        hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows = config
+        needs = ctx.needs_input_grad
+        wants_grad = needs[0] or needs[1] or any(needs[3:3 + n_grad_parts])
+        prob = Problem(x, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts, fused_matmul_dtype(x))
+        rows = chunk_rows or default_chunk_rows(x.shape[0], prob.n_cols, x.is_cuda)
+        ctx.config = config
+        ctx.scale_dtype = scale.dtype
+        ctx.precompute = bool(wants_grad and reduction != "none")
+        if ctx.precompute:
+            lse, tgt, dx, grads, dscale = forward_with_grads(
+                prob, rows, row_weight=anticipated_row_weight(reduction, x.shape[0]))
+            ctx.save_for_backward(dscale, dx, *grads)
         else:
-            a, c, scale, lse = ctx.saved_tensors
-            ga, gc, gs = chunked_backward(a, c, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols,
-                                          chunk_rows, matmul_dtype=lse.dtype)
-        gc = _pad_queue_rows(gc, n_cols)
-        needs, (a_dtype, c_dtype, s_dtype) = ctx.needs_input_grad, ctx.dtypes
-        return (ga.to(a_dtype) if needs[0] else None, gc.to(c_dtype) if needs[1] else None,
-                gs.to(s_dtype) if needs[2] else None, None, None, None, None, None)
+            lse, tgt = loss_rows(prob, rows)
+            if wants_grad:
+                ctx.save_for_backward(x, scale, lse, *parts)
+        return reduce_rows(lse - tgt, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows = ctx.config
+        if ctx.precompute:
+            claim_precomputed_grads(ctx)
+            dscale, dx, *dparts = ctx.saved_tensors
+            # scaled in place: the saved gradients become the returned ones (no second copy at
+            # the memory peak), which is why a second backward is refused above
+            g = grad_loss.reshape(())
+            dscale, dx = dscale * g, dx.mul_(g)
+            dparts = [d.mul_(g) for d in dparts]
+        else:
+            x, scale, lse, *parts = ctx.saved_tensors
+            prob = Problem(x, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts,
+                           fused_matmul_dtype(x))
+            rows = chunk_rows or default_chunk_rows(x.shape[0], prob.n_cols, x.is_cuda)
+            dx, dparts, dscale = backward_recompute(prob, lse, grad_loss.to(lse.dtype).expand(x.shape[0]), rows)
+        needs = ctx.needs_input_grad
+        n_parts = len(needs) - 3
+        part_grads = [d if need else None for d, need in zip(dparts, needs[3:])]
+        part_grads += [None] * (n_parts - len(part_grads))
+        return (dx if needs[0] else None, dscale.to(ctx.scale_dtype) if needs[1] else None, None, *part_grads)
 
 
-def chunked_lse(a, c, scale, hn_weight, hn_offset, *, n_grad_cols=None, chunk_rows=None, uniform_upstream=False):
-    n_grad_cols = c.shape[0] if n_grad_cols is None else n_grad_cols
-    chunk_rows = chunk_rows or default_chunk_rows(c.shape[0])
-    return _ChunkedLSE.apply(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, uniform_upstream)
-
-
-def rowwise_lse(backend: str, a, c, scale, hn_weight, hn_offset, *, n_grad_cols, uniform_upstream, chunk_rows=None):
-    """``lse_i = log sum_j exp(scale <a_i, c_j> + w [j == hn_offset + i])`` on the fused backends."""
+def _fused_loss(backend: str, rows: Tensor, parts: Sequence[Tensor], scale: Tensor, *, hn_weight: float,
+                hn_offset: int, target_offset: int, n_grad_parts: int, reduction: str,
+                chunk_rows: Optional[int]) -> Tensor:
+    """One direction on the fused backends: raw ``rows`` (N, D) against the raw ``parts`` (their
+    rows are the columns; gradients for ``parts[:n_grad_parts]``), the target of row i at column
+    ``target_offset + i`` (inside ``parts[0]``)."""
     if backend == "chunked":
-        return chunked_lse(a, c, scale, hn_weight, hn_offset, n_grad_cols=n_grad_cols,
-                           chunk_rows=chunk_rows, uniform_upstream=uniform_upstream)
-    from fastcse.kernels.infonce import triton_lse
+        config = (hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows)
+        return _ChunkedLoss.apply(rows, scale, config, *parts)
+    from fastcse.kernels.infonce import triton_loss
 
-    return triton_lse(a, c, scale, hn_weight, hn_offset, n_grad_cols=n_grad_cols,
-                      uniform_upstream=uniform_upstream, chunk_rows=chunk_rows)
-
-
-class _NormalizeRows(torch.autograd.Function):
-    """``x / max(||x||, 1e-12)`` per row, as ``F.normalize``, but saving only ``x`` (the caller's
-    tensor, no new memory) and the inverse norms: F.normalize keeps its normalised output alive
-    for backward, an extra (N + M) x D that the fused backends exist to avoid."""
-
-    @staticmethod
-    def forward(ctx, x):
-        acc = accumulation_dtype(x.dtype)
-        inv_norm = torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
-        ctx.save_for_backward(x, inv_norm)
-        return (x * inv_norm[:, None].to(x.dtype)) if x.dtype == acc else (x.to(acc) * inv_norm[:, None]).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # d(x r)/dx applied to g: r (g - x_hat <x_hat, g>) = r g - x (r^3 <x, g>). Written with a
-        # batched dot and one addcmul so the only (rows, D) allocation is the result: this runs
-        # at the loss's memory peak, where each temporary would cost a full copy of the input.
-        x, inv_norm = ctx.saved_tensors
-        acc = inv_norm.dtype
-        x, grad = x.to(acc), grad.to(acc)
-        radial = torch.bmm(x.unsqueeze(1), grad.unsqueeze(2)).squeeze_(2)  # (rows, 1) <x, g>
-        coef = radial.mul_(inv_norm[:, None] ** 3)
-        out = torch.addcmul(grad * inv_norm[:, None], x, coef, value=-1.0)
-        return out.to(ctx.saved_tensors[0].dtype)
+    return triton_loss(rows, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts=n_grad_parts,
+                       reduction=reduction, chunk_rows=chunk_rows)
 
 
-def _lean_normalize(parts: Sequence[Tensor]) -> Tensor:
-    """Normalise each block and concatenate, keeping no normalised copy for backward."""
-    normed = [_NormalizeRows.apply(p) if p.requires_grad else F.normalize(p, dim=-1) for p in parts]
-    return torch.cat(normed) if len(normed) > 1 else normed[0]
-
-
-def _cosine_rows(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
-    """cos(x_i, y_i) per row from the raw rows (no normalised copies saved for backward)."""
-    dots = (x * y).sum(dim=1, dtype=acc)
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc) * torch.linalg.vector_norm(y, dim=1, dtype=acc)
-    return dots / norms.clamp_min(1e-24)
-
-
-def _direction_loss(backend, rows, candidate_parts, targets, scale, *, hn_weight, hn_offset, target_offset,
-                    n_grad_cols, reduction, chunk_rows):
-    """Cross-entropy of one direction: raw ``rows`` (N, D) against the concatenated raw
-    ``candidate_parts`` (M rows in all; the queue, if any, last and detached). ``targets`` are
-    the raw candidate rows ``target_offset .. target_offset + N`` (this rank's own block), from
-    which the target logit is computed directly."""
+def _eager_loss(rows, candidate_parts, scale, *, hn_weight, hn_offset, target_offset, reduction):
+    """The materialised formula: normalise, N x M logits, cross-entropy."""
     n = rows.shape[0]
+    a_hat = F.normalize(rows, dim=-1)
+    c_hat = F.normalize(torch.cat(candidate_parts) if len(candidate_parts) > 1 else candidate_parts[0], dim=-1)
+    logits = scale * (a_hat @ c_hat.T)
+    if hn_weight != 0.0:
+        idx = torch.arange(n, device=rows.device)
+        bias = torch.zeros_like(logits)
+        bias[idx, idx + hn_offset] = hn_weight
+        logits = logits + bias
+    target_ids = torch.arange(n, device=rows.device) + target_offset
+    return F.cross_entropy(logits, target_ids, reduction=reduction)
+
+
+def _direction_loss(backend, rows, candidate_parts, scale, *, hn_weight, hn_offset, target_offset, n_grad_parts,
+                    reduction, chunk_rows):
     if backend == "eager":
-        a_hat = F.normalize(rows, dim=-1)
-        c_hat = F.normalize(torch.cat(candidate_parts) if len(candidate_parts) > 1 else candidate_parts[0], dim=-1)
-        logits = scale * (a_hat @ c_hat.T)
-        if hn_weight != 0.0:
-            idx = torch.arange(n, device=rows.device)
-            bias = torch.zeros_like(logits)
-            bias[idx, idx + hn_offset] = hn_weight
-            logits = logits + bias
-        target_ids = torch.arange(n, device=rows.device) + target_offset
-        return F.cross_entropy(logits, target_ids, reduction=reduction)
-    lse = rowwise_lse(backend, _lean_normalize([rows]), _lean_normalize(candidate_parts), scale, hn_weight,
-                      hn_offset, n_grad_cols=n_grad_cols, uniform_upstream=reduction != "none",
-                      chunk_rows=chunk_rows)
-    per_row = lse - scale * _cosine_rows(rows, targets, lse.dtype)
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row
+        return _eager_loss(rows, candidate_parts, scale, hn_weight=hn_weight, hn_offset=hn_offset,
+                           target_offset=target_offset, reduction=reduction)
+    return _fused_loss(backend, rows, candidate_parts, scale, hn_weight=hn_weight, hn_offset=hn_offset,
+                       target_offset=target_offset, n_grad_parts=n_grad_parts, reduction=reduction,
+                       chunk_rows=chunk_rows)
 
 
 def info_nce(
@@ -385,11 +398,18 @@ def info_nce(
         reduction: ``"mean"`` | ``"sum"`` over this rank's anchors, or ``"none"`` for ``(N,)``.
         backend: ``"auto"`` (Triton on CUDA, chunked otherwise), ``"triton"``, ``"chunked"``,
             ``"eager"`` (materialised reference).
-        chunk_rows: rows of logits per chunk for the chunked backend (default: ~2M logits).
+        chunk_rows: anchor rows per chunk of the fused backends' training path (default: 1024
+            on CUDA, about 4M dot products on CPU).
 
     Returns:
         A scalar (``mean`` / ``sum``) or ``(N,)`` per-anchor losses (``none``), in fp32 (fp64 for
-        fp64 inputs).
+        fp64 inputs). Input gradients come back in the inputs' dtype.
+
+    Raises:
+        TypeError / ValueError naming the problem for bad shapes, dtypes or arguments, at the call.
+        NaN / inf inputs and a temperature tensor <= 0: at the call for CPU tensors; for CUDA
+        tensors at the next call (checked from the loss without a host synchronisation), or by
+        :func:`raise_deferred_input_errors`.
 
     Example:
         >>> import torch, fastcse
@@ -397,6 +417,8 @@ def info_nce(
         >>> loss = fastcse.info_nce(a, p, temperature=0.05)
         >>> loss.backward()
     """
+    if _DEFERRED:
+        raise_deferred_input_errors(wait=False)
     check_inputs(anchors, positives, hard_negatives, queue, temperature, hard_negative_weight,
                  reduction, backend)
     resolved = resolve_backend(backend, anchors.device, anchors.dtype)
@@ -418,23 +440,26 @@ def info_nce(
     if isinstance(temperature, torch.Tensor):
         scale = temperature.to(device=anchors.device, dtype=acc_dtype).reshape(()).reciprocal()
     else:
-        scale = torch.tensor(1.0 / temperature, dtype=acc_dtype, device=anchors.device)
+        # a fill kernel, not torch.tensor(...): a host-to-device copy from pageable memory would
+        # synchronise the stream
+        scale = torch.full((), 1.0 / temperature, dtype=acc_dtype, device=anchors.device)
 
     parts = [positives_all] + hard_all
-    n_grad_cols = sum(p.shape[0] for p in parts)
+    n_grad_parts = len(parts)
     if queue is not None and queue.shape[0] > 0:
         parts.append(queue.detach())
     loss = _direction_loss(
-        resolved, anchors, parts, positives, scale, hn_weight=float(hard_negative_weight),
-        hn_offset=(world + rank) * n, target_offset=rank * n,
-        n_grad_cols=n_grad_cols, reduction=reduction, chunk_rows=chunk_rows,
+        resolved, anchors, parts, scale, hn_weight=float(hard_negative_weight),
+        hn_offset=(world + rank) * n, target_offset=rank * n, n_grad_parts=n_grad_parts,
+        reduction=reduction, chunk_rows=chunk_rows,
     )
     if symmetric:
         anchors_all = all_gather_with_grad(anchors) if world > 1 else anchors
         reverse = _direction_loss(
-            resolved, positives, [anchors_all], anchors, scale, hn_weight=0.0, hn_offset=0,
-            target_offset=rank * n, n_grad_cols=anchors_all.shape[0], reduction=reduction,
-            chunk_rows=chunk_rows,
+            resolved, positives, [anchors_all], scale, hn_weight=0.0, hn_offset=0,
+            target_offset=rank * n, n_grad_parts=1, reduction=reduction, chunk_rows=chunk_rows,
         )
         loss = (loss + reverse) / 2
+    if anchors.device.type != "cpu":
+        defer_value_check(loss, temperature)
     return loss

@@ -1,33 +1,36 @@
-"""Fused InfoNCE kernels: row-wise log-sum-exp of scaled cosine logits and its gradients.
+"""Fused InfoNCE kernels: the loss of scaled cosine logits and its gradients, on raw rows.
 
-For L2-normalised anchors ``a`` (N, D) and candidates ``c`` (M, D)::
+For anchors ``x`` (N, D) and candidate parts ``y`` (M rows in all), with the L2 normalisation
+folded in (``r_i = 1 / |x_i|``, ``q_j = 1 / |y_j|``; no normalised copy is made)::
 
-    s_ij  = scale * <a_i, c_j> + w * [j == hn_offset + i]
-    lse_i = log sum_j exp(s_ij)
+    s_ij   = scale r_i q_j <x_i, y_j> + w [j == hn_offset + i]
+    loss_i = log sum_j exp(s_ij) - s_i,target_offset+i
 
-The rest of the loss (target logit, reduction, normalisation, gathering) is cheap O((N + M) D)
-PyTorch around it in ``fastcse/infonce.py``; the row-chunk loop of the training path is shared
-with the chunked tier and lives, Triton-free, in :mod:`fastcse.kernels.infonce_chunks`. Two
-paths, chosen by what the caller needs:
+The row-chunk loop of the training path is shared with the chunked tier and lives, Triton-free,
+in :mod:`fastcse.kernels.infonce_chunks` (its docstring has the gradient formulas). Two paths,
+chosen by what the caller needs:
 
-* ``_lse_fwd_kernel`` (no gradient wanted, or per-row upstream gradients): tiles of a against
-  tiles of c with an online log-sum-exp, one float stored per row, never the N x M matrix
-  (2NMD FLOPs). Its backward recomputes row chunks.
-* gradients with a uniform upstream (a mean or sum reduction, i.e. training): row chunks of
-  ``chunk_rows`` x M dot products from one cuBLAS matmul, ``_rows_softmax_kernel`` turning them
-  into probabilities in one fused pass (scale, hard-negative weight, log-sum-exp, exp, cast to the
-  matmul dtype), and two cuBLAS matmuls accumulating ``p c`` and ``p^T a``: the gradients are
-  formed in the forward pass, 6NMD FLOPs in all like eager, at cuBLAS speed, with O(chunk x M)
-  memory instead of O(N x M). (Fully fused tile backward kernels were tried first: for D > 128
-  their register-bound accumulators forced the logits to be recomputed once per D slice, several
-  times the FLOPs of this path.)
+* ``_lse_fwd_kernel`` (no gradient wanted, or per-row upstream gradients): tiles of x against
+  tiles of one candidate part with an online log-sum-exp, split across candidate columns so that
+  even N = 1024 fills the card; each program stores one partial log-sum-exp per row, combined by a
+  log-sum-exp over the splits (a (splits, N) array): never the N x M matrix (2NMD FLOPs). Its
+  backward recomputes row chunks.
+* gradients with a uniform upstream (a mean or sum reduction, i.e. training): chunks of R rows,
+  one cuBLAS matmul per candidate part writing bf16 dot products into the chunk's column slices,
+  ``_rows_softmax_kernel`` turning them into weights in place (two passes: online max / sum per
+  lane, then the write), and two cuBLAS matmuls per part, the candidate gradient accumulated in fp32
+  inside the GEMM: the gradients are formed in the forward pass, 6NMD FLOPs in all like eager, at
+  cuBLAS speed, with one R x M buffer instead of the N x M matrix. (Fully fused tile backward kernels
+  were tried first: for D > 128 their register-bound accumulators forced the logits to be recomputed
+  once per D slice, several times the FLOPs of this path.)
 
-All accumulation is fp32. Inputs may be fp16 / bf16 / fp32.
+Inputs may be fp16 / bf16 / fp32; lse, logits and accumulators are fp32; gradients come back in
+the inputs' dtype.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -35,131 +38,182 @@ import triton.language as tl
 
 from fastcse.kernels._triton_utils import interpreted
 from fastcse.kernels.infonce_chunks import (
-    chunked_backward,
-    chunked_forward_with_grads,
+    Problem,
+    anticipated_row_weight,
+    backward_recompute,
     claim_precomputed_grads,
+    default_chunk_rows,
+    forward_with_grads,
     fused_matmul_dtype,
+    reduce_rows,
 )
 
-
-@triton.jit
-def _logits_tile(
-    a_ptr, c_ptr, rows, cols, row_mask, col_mask, dim, stride_anchor_row, stride_cand_row,
-    scale, hn_weight, hn_offset,
-    HAS_HARD_NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """(BLOCK_M, BLOCK_N) fp32 logits; columns past the end are -inf."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
-        # int64 row offsets: N * D passes 2**31 at about 2.8M rows of 768
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_anchor_row + offs_d[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_cand_row + offs_d[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            c = c.to(tl.float32)
-        acc = tl.dot(a, tl.trans(c), acc, input_precision=INPUT_PRECISION)
-    s = acc * scale
-    if HAS_HARD_NEG:
-        s += tl.where(cols[None, :] == rows[:, None] + hn_offset, hn_weight, 0.0)
-    return tl.where(col_mask[None, :], s, float("-inf"))
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
 def _lse_fwd_kernel(
-    a_ptr, c_ptr, scale_ptr, lse_ptr,
-    n_rows, n_cols, dim, stride_anchor_row, stride_cand_row, hn_weight, hn_offset,
+    a_ptr, c_ptr, rx_ptr, q_ptr, scale_ptr, lse_ptr, tgt_ptr,
+    n_rows, n_cols, dim, stride_anchor_row, stride_cand_row, stride_lse_split,
+    cols_per_split, col_offset, hn_weight, hn_offset, target_offset,
     HAS_HARD_NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (row block, column split) of one candidate part (``n_cols`` rows at global column
+    ``col_offset``): the log-sum-exp of its logits over columns ``[s * cols_per_split, ...)``, one
+    per row, into row ``s`` of the (splits, N) ``lse_ptr``; the program whose columns hold a row's
+    target column also stores the target logit. UPCAST_DOT: tiles to fp32 before tl.dot (only
+    under the interpreter, which gets bf16 dots wrong); constexpr so the GPU path carries no branch.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     scale = tl.load(scale_ptr).to(tl.float32)
+    # base-2 logits: s2 = acc * (scale r_i log2 e) * q_j, so the exponentials are exp2
+    row_scale = scale * tl.load(rx_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    col_lo = pid_s * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for col0 in range(0, n_cols, BLOCK_N):
+    target = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target_col = rows + target_offset - col_offset  # in this part's columns
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_anchor_row  # int64: N * D can pass 2**31
+    for col0 in range(col_lo, col_hi, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
-        s = _logits_tile(a_ptr, c_ptr, rows, cols, row_mask, cols < n_cols, dim,
-                         stride_anchor_row, stride_cand_row, scale, hn_weight, hn_offset,
-                         HAS_HARD_NEG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST_DOT, INPUT_PRECISION)
-        new_max = tl.maximum(running_max, tl.max(s, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        col_mask = cols < col_hi
+        c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_cand_row
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < dim
+            a = tl.load(a_rows + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            c = tl.load(c_rows + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            acc = tl.dot(a, tl.trans(c), acc, input_precision=INPUT_PRECISION)
+        q = tl.load(q_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        s2 = acc * row_scale[:, None] * q[None, :]
+        target += tl.sum(tl.where(cols[None, :] == target_col[:, None], s2, 0.0), axis=1)
+        if HAS_HARD_NEG:
+            s2 += tl.where(cols[None, :] + col_offset == rows[:, None] + hn_offset, hn_weight * 1.4426950408889634, 0.0)
+        s2 = tl.where(col_mask[None, :], s2, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(s2, axis=1))
+        running_sum = running_sum * tl.exp2(running_max - new_max) + tl.sum(tl.exp2(s2 - new_max[:, None]), axis=1)
         running_max = new_max
-    tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=row_mask)
+    lse = (running_max + tl.log2(running_sum)) * 0.6931471805599453
+    tl.store(lse_ptr + pid_s * stride_lse_split + rows, lse, mask=row_mask)
+    owns_target = row_mask & (target_col >= col_lo) & (target_col < col_hi)
+    tl.store(tgt_ptr + rows, target * 0.6931471805599453, mask=owns_target)
 
 
 @triton.jit
-def _row_logits(dots_row, cols, n_cols, scale, hn_col, hn_weight, HAS_HARD_NEG: tl.constexpr):
-    """A block of one row's fp32 logits from raw dot products; -inf past the end."""
-    mask = cols < n_cols
-    s = tl.load(dots_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
+def _chunk_logits2(dots_rows, cols, n_cols, row_mask, row_scale, q_ptr, hn_col, hn_weight2,
+                   HAS_HARD_NEG: tl.constexpr):
+    """(BLOCK_R, BLOCK_N) base-2 logits of a block of a chunk's raw dot products (-inf past the
+    last column), the block's q_j and the dot products (fp32, 0 past the last column)."""
+    col_mask = cols < n_cols
+    q = tl.load(q_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    d = tl.load(dots_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    s2 = d * row_scale[:, None] * q[None, :]
     if HAS_HARD_NEG:
-        s += tl.where(cols == hn_col, hn_weight, 0.0)
-    return tl.where(mask, s, float("-inf"))
+        s2 += tl.where(cols[None, :] == hn_col[:, None], hn_weight2, 0.0)
+    return tl.where(col_mask[None, :], s2, float("-inf")), q, d
 
 
 @triton.jit
 def _rows_softmax_kernel(
-    dots_ptr, out_ptr, lse_ptr, grad_lse_ptr, scale_ptr,
-    n_cols, stride_dots_row, stride_out_row, row0, hn_weight, hn_offset,
-    COMPUTE_LSE: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_HARD_NEG: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dots_ptr, out_ptr, x_ptr, xt_ptr, rx_ptr, q_ptr, col_scale_ptr, scale_ptr, lse_ptr, tgt_ptr, grad_ptr,
+    radial_ptr,
+    n_rows, n_cols, dim, stride_dots_row, stride_out_row, stride_x_row, stride_xt_row,
+    row0, hn_weight, hn_offset, target_offset,
+    COMPUTE_LSE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr, HAS_GRAD: tl.constexpr,
+    HAS_HARD_NEG: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per row of a chunk of raw dot products (fp32):
-    ``out_ij = g_i * exp(scale * dots_ij + w [j == hn_offset + row0 + i] - lse_i)``.
+    """BLOCK_R rows of a chunk of raw dot products ``<x_i, y_j>`` (anchors row0 + ..., all M
+    candidate columns) per program: the contract of ``infonce_chunks.torch_rows_softmax_``.
 
-    COMPUTE_LSE (forward): two passes over the row, an online max / sum then the write, and
-    lse_i is stored; otherwise lse_i is read (backward) and one pass suffices. HAS_GRAD scales by
-    the per-row upstream gradient g_i (else g_i = 1). These are constexpr so each variant compiles
-    without dead branches.
+    COMPUTE_LSE (forward): pass 1 keeps an online max and sum per lane (BLOCK_R x BLOCK_N, one
+    reduction per row at the end, no block-wide reduction per step) and stores lse_i and the
+    target logit (one element loaded per row); otherwise lse_i is read (backward, no pass 1).
+    WRITE_WEIGHTS: pass 2 writes ``p_ij q_j kappa`` into ``out`` (the dots themselves when the
+    dtypes match: each element is read before it is overwritten, by the same program) and
+    ``x~_i = g_i r_i x_i``. Bytes per element: dots read once per pass, weights written once.
+    BLOCK_R rows share each block of q (fp32), which would otherwise cost more L2 traffic than the
+    dots. The flags are constexpr so each variant compiles without dead branches.
     """
-    row = tl.program_id(0)
-    dots_row = dots_ptr + row.to(tl.int64) * stride_dots_row
-    out_row = out_ptr + row.to(tl.int64) * stride_out_row
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = local < n_rows
+    grow = row0 + local
     scale = tl.load(scale_ptr).to(tl.float32)
-    hn_col = row0 + row + hn_offset
+    rx = tl.load(rx_ptr + grow, mask=row_mask, other=0.0).to(tl.float32)
+    row_scale = scale * rx * 1.4426950408889634
+    dots_rows = dots_ptr + local.to(tl.int64)[:, None] * stride_dots_row
+    hn_col = grow + hn_offset
+    hn_weight2 = hn_weight * 1.4426950408889634
     if COMPUTE_LSE:
-        running_max = float("-inf")
-        running_sum = 0.0
+        # lanes start at a finite floor, so that masked lanes (-inf) never give -inf - -inf
+        lane_max = tl.full((BLOCK_R, BLOCK_N), -1.0e30, dtype=tl.float32)
+        lane_sum = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for col0 in range(0, n_cols, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
-            s = _row_logits(dots_row, cols, n_cols, scale, hn_col, hn_weight, HAS_HARD_NEG)
-            new_max = tl.maximum(running_max, tl.max(s, axis=0))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max), axis=0)
-            running_max = new_max
-        lse = running_max + tl.log(running_sum)
-        tl.store(lse_ptr + row0 + row, lse)
+            s2, _, _ = _chunk_logits2(dots_rows, cols, n_cols, row_mask, row_scale, q_ptr, hn_col, hn_weight2,
+                                      HAS_HARD_NEG)
+            new_max = tl.maximum(lane_max, s2)
+            lane_sum = lane_sum * tl.exp2(lane_max - new_max) + tl.exp2(s2 - new_max)
+            lane_max = new_max
+        row_max = tl.max(lane_max, axis=1)
+        row_sum = tl.sum(lane_sum * tl.exp2(lane_max - row_max[:, None]), axis=1)
+        lse2 = row_max + tl.log2(row_sum)
+        tl.store(lse_ptr + grow, lse2 * 0.6931471805599453, mask=row_mask)
+        target_col = grow + target_offset
+        d_t = tl.load(dots_ptr + local.to(tl.int64) * stride_dots_row + target_col, mask=row_mask,
+                      other=0.0).to(tl.float32)
+        q_t = tl.load(q_ptr + target_col, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(tgt_ptr + grow, d_t * scale * rx * q_t, mask=row_mask)
     else:
-        lse = tl.load(lse_ptr + row0 + row)
-    if HAS_GRAD:
-        g = tl.load(grad_lse_ptr + row0 + row)
-    else:
-        g = 1.0
-    for col0 in range(0, n_cols, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        weights = tl.exp(_row_logits(dots_row, cols, n_cols, scale, hn_col, hn_weight, HAS_HARD_NEG) - lse) * g
-        tl.store(out_row + cols, weights.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+        lse2 = tl.load(lse_ptr + grow, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    if WRITE_WEIGHTS:
+        if HAS_COL_SCALE:
+            col_scale = tl.load(col_scale_ptr).to(tl.float32)
+        else:
+            col_scale = 1.0
+        # the target's dot product, read before this program overwrites its rows
+        target_col = grow + target_offset
+        d_t = tl.load(dots_ptr + local.to(tl.int64) * stride_dots_row + target_col, mask=row_mask,
+                      other=0.0).to(tl.float32)
+        q_t = tl.load(q_ptr + target_col, mask=row_mask, other=0.0).to(tl.float32)
+        out_rows = out_ptr + local.to(tl.int64)[:, None] * stride_out_row
+        lane_radial = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # sum_j p_ij q_j <x_i, y_j>
+        for col0 in range(0, n_cols, BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            s2, q, d = _chunk_logits2(dots_rows, cols, n_cols, row_mask, row_scale, q_ptr, hn_col, hn_weight2,
+                                      HAS_HARD_NEG)
+            pq = tl.exp2(s2 - lse2[:, None]) * q[None, :]
+            lane_radial += pq * d
+            tl.store(out_rows + cols[None, :], (pq * col_scale).to(out_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & (cols < n_cols)[None, :])
+        tl.store(radial_ptr + local, tl.sum(lane_radial, axis=1) - q_t * d_t, mask=row_mask)
+        if HAS_GRAD:
+            g = tl.load(grad_ptr + grow, mask=row_mask, other=0.0).to(tl.float32)
+        else:
+            g = 1.0
+        factor = g * rx
+        x_rows = x_ptr + grow.to(tl.int64)[:, None] * stride_x_row
+        xt_rows = xt_ptr + local.to(tl.int64)[:, None] * stride_xt_row
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (offs_d < dim)[None, :]
+            xv = tl.load(x_rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(xt_rows + offs_d[None, :], (xv * factor[:, None]).to(xt_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
-
-# Rows of dot products materialised per chunk on the fused training path. Two pulls:
-# * memory: a chunk holds chunk_rows x M fp32 dot products plus their probabilities in the matmul
-#   dtype (6 bytes per element in bf16). 2**25 elements is 192 MiB: at N = 32768, M = 65536 that
-#   is 512 rows, next to the ~17 GiB eager's bf16 logits, log-softmax and their gradients take.
-# * speed: every chunk re-reads and re-writes the fp32 gradient accumulator of the candidates
-#   (8 M D bytes) while its three matmuls do 6 chunk_rows M D FLOPs: 0.75 chunk_rows FLOPs per
-#   byte. An H100 needs ~300 (990 TFLOP/s over 3.35 TB/s), hence the floor of 512 rows, which wins over
-#   the memory budget when M is very large (N = 262144: 512 x 524288 x 6 B = 1.5 GiB).
-# Predictions, not yet measured on a GPU: bench/gpu_check.sh records both.
-FUSED_CHUNK_ELEMENTS = 1 << 25
-FUSED_MIN_CHUNK_ROWS = 512
 
 
 def _tile_config(a: torch.Tensor) -> dict:
@@ -186,36 +240,85 @@ def _tile_config(a: torch.Tensor) -> dict:
     return cfg
 
 
-def rows_softmax_(dots: torch.Tensor, row0: int, scale: torch.Tensor, hn_weight: float, hn_offset: int,
-                  lse: torch.Tensor, grad_rows: Optional[torch.Tensor], compute_lse: bool,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Triton twin of :func:`fastcse.kernels.infonce_chunks.torch_rows_softmax_` (same contract).
+def _resident_programs(x: torch.Tensor) -> int:
+    """Programs the no-grad kernel should launch to fill the device: two per multiprocessor on
+    CUDA (132 SMs when the tensor only plays a CUDA one, on the meta device); a few under the
+    interpreter, so that its tests cross split boundaries."""
+    if not x.is_cuda:
+        return 4
+    if x.is_meta:
+        return 2 * 132
+    return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
 
-    dots: (rows, M) fp32 raw dot products of anchors row0.. against all candidates, unit stride
-    along M. The weights are written into ``out`` (default: ``dots`` itself), whose dtype may be
-    the matmul dtype (bf16 / fp16), so the cast costs no extra pass.
+
+def _column_splits(n_cols: int, row_blocks: int, total_cols: int, programs: int, block_n: int) -> int:
+    """Columns per split of one part: enough splits that all parts together launch about
+    ``programs`` programs, each split a whole number of column tiles and none empty."""
+    tiles = triton.cdiv(n_cols, block_n)
+    want = triton.cdiv(programs * n_cols, max(1, total_cols) * row_blocks)
+    splits = max(1, min(tiles, want))
+    return triton.cdiv(tiles, splits) * block_n
+
+
+def tile_lse(prob: Problem, *, cols_per_split: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, tgt)`` (N,) fp32 through the fused tile kernel, one launch per candidate part, each
+    split across its columns; the partial log-sum-exps are combined by one log-sum-exp.
+    ``cols_per_split`` (a multiple of the tile width) overrides the split (tests)."""
+    x = prob.x
+    n_rows, dim = x.shape
+    cfg = _tile_config(x)
+    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    programs = _resident_programs(x)
+    splits = []
+    for k, part in enumerate(prob.parts):
+        m_k = part.shape[0]
+        per = cols_per_split or _column_splits(m_k, row_blocks, prob.n_cols, programs, cfg["BLOCK_N"])
+        splits.append((per, triton.cdiv(m_k, per)))
+    partial = torch.empty((sum(s for _, s in splits), n_rows), dtype=torch.float32, device=x.device)
+    tgt = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    base = 0
+    for k, (part, (per, n_splits)) in enumerate(zip(prob.parts, splits)):
+        o = prob.offsets[k]
+        _lse_fwd_kernel[(row_blocks, n_splits)](
+            x, part, prob.rx, prob.q[o:], prob.scale, partial[base:], tgt,
+            n_rows, part.shape[0], dim, x.stride(0), part.stride(0), partial.stride(0),
+            per, o, prob.hn_weight, prob.hn_offset, prob.target_offset,
+            HAS_HARD_NEG=prob.hn_weight != 0.0, **cfg,
+        )
+        base += n_splits
+    lse = partial[0] if partial.shape[0] == 1 else torch.logsumexp(partial, dim=0)
+    return lse, tgt
+
+
+def rows_softmax_(prob: Problem, dots: torch.Tensor, weights: Optional[torch.Tensor], row0: int,
+                  lse: torch.Tensor, tgt: Optional[torch.Tensor], grad_rows: Optional[torch.Tensor],
+                  x_tilde: Optional[torch.Tensor], compute_lse: bool,
+                  radial: Optional[torch.Tensor] = None) -> bool:
+    """Triton twin of :func:`fastcse.kernels.infonce_chunks.torch_rows_softmax_` (same contract);
+    with weights it also writes ``radial`` ((R,), acc dtype) and returns True.
+
+    dots: (R, M), unit stride along M, the matmul dtype (fp32 for fp16 inputs); weights: (R, M) in
+    the matmul dtype (may be ``dots``); x_tilde: (R, D) in the matmul dtype.
     """
-    out = dots if out is None else out
-    if dots.shape[0] == 0:
-        return out
-    block_n = 1024 if dots.is_cuda else 128
-    _rows_softmax_kernel[(dots.shape[0],)](
-        dots, out, lse, grad_rows if grad_rows is not None else lse, scale,
-        dots.shape[1], dots.stride(0), out.stride(0), row0, hn_weight, hn_offset,
-        COMPUTE_LSE=compute_lse, HAS_GRAD=grad_rows is not None, HAS_HARD_NEG=hn_weight != 0.0,
-        BLOCK_N=block_n, num_warps=8 if dots.is_cuda else 4,
+    n = dots.shape[0]
+    write = weights is not None
+    if n == 0:
+        return write
+    cuda = dots.is_cuda
+    block_r = 4
+    _rows_softmax_kernel[(triton.cdiv(n, block_r),)](
+        dots, weights if write else dots, prob.x, x_tilde if write else dots, prob.rx, prob.q,
+        prob.col_scale if prob.col_scale is not None else prob.scale, prob.scale, lse,
+        tgt if tgt is not None else lse, grad_rows if grad_rows is not None else lse,
+        radial if write else lse, n, dots.shape[1], prob.x.shape[1], dots.stride(0), (weights if write else dots).stride(0),
+        prob.x.stride(0), (x_tilde if write else dots).stride(0),
+        row0, prob.hn_weight, prob.hn_offset, prob.target_offset,
+        COMPUTE_LSE=compute_lse, WRITE_WEIGHTS=write, HAS_GRAD=grad_rows is not None,
+        HAS_HARD_NEG=prob.hn_weight != 0.0, HAS_COL_SCALE=prob.col_scale is not None,
+        BLOCK_R=block_r, BLOCK_N=512 if cuda else 128, BLOCK_D=128 if cuda else 64,
+        num_warps=8 if cuda else 4,
     )
-    return out
-
-
-def _softmax_into_matmul_dtype(matmul_dtype):
-    """rows_softmax_ writing straight into a buffer of the matmul dtype (one pass, no cast)."""
-
-    def softmax_(dots, row0, scale, hn_weight, hn_offset, lse, grad_rows, compute_lse):
-        out = dots if dots.dtype == matmul_dtype else torch.empty(dots.shape, dtype=matmul_dtype, device=dots.device)
-        return rows_softmax_(dots, row0, scale, hn_weight, hn_offset, lse, grad_rows, compute_lse, out=out)
-
-    return softmax_
+    return write
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,120 +330,136 @@ def _softmax_into_matmul_dtype(matmul_dtype):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcse::infonce_lse", mutates_args=())
-def infonce_lse(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, hn_weight: float,
-                hn_offset: int, n_grad_cols: int, chunk_rows: int, precompute_grads: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise log-sum-exp of scaled cosine logits, and optionally its unit-weight gradients.
+def _problem(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts) -> Problem:
+    return Problem(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts,
+                   fused_matmul_dtype(anchors))
+
+
+def _rows(chunk_rows: int, prob: Problem) -> int:
+    return chunk_rows or default_chunk_rows(prob.x.shape[0], prob.n_cols, prob.x.is_cuda)
+
+
+@torch.library.custom_op("fastcse::infonce_loss", mutates_args=())
+def infonce_loss(anchors: torch.Tensor, parts: List[torch.Tensor], scale: torch.Tensor, hn_weight: float,
+                 hn_offset: int, target_offset: int, n_grad_parts: int, reduction: str, chunk_rows: int,
+                 precompute_grads: bool) -> List[torch.Tensor]:
+    """The InfoNCE loss of one direction, and optionally its gradients.
 
     Args:
-        anchors: (N, D) normalised rows, unit stride along D.
-        candidates: (M, D) normalised rows, unit stride along D, same dtype as anchors.
-        scale: (1,) fp32, 1 / temperature.
+        anchors: (N, D) raw rows (normalised inside), unit stride along D.
+        parts: candidate blocks (M_k, D), unit stride along D, anchors' dtype; their rows are the
+            logits' columns, in order.
+        scale: () fp32, 1 / temperature.
         hn_weight, hn_offset: ``hn_weight`` is added to logit (i, hn_offset + i); 0 disables it.
-        n_grad_cols: gradients only for the first ``n_grad_cols`` candidates (the rest is the
-            ESimCSE / MoCo queue).
-        chunk_rows: rows of dot products materialised at once when gradients are formed.
-        precompute_grads: form the gradients of ``sum_i lse_i`` during this pass (chunked, 6NMD
-            in all with the backward) instead of the fused tile kernel (2NMD, no N x M storage,
-            recomputation in backward).
+        target_offset: anchor i's target is column ``target_offset + i`` (inside ``parts[0]``).
+        n_grad_parts: gradients only for ``parts[:n_grad_parts]`` (the rest is the queue).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_rows: anchor rows per chunk when gradients are formed (0: the default).
+        precompute_grads: form the gradients of the reduced loss during this pass (6NMD in all
+            with the backward) instead of the fused tile kernel (2NMD, no N x M storage,
+            recomputation in backward); needs a mean / sum reduction.
     Returns:
-        lse (N,) fp32; grad_a (N, D), grad_c (n_grad_cols, D) fp32 and grad_scale () fp32 when
-        precompute_grads, else empty tensors.
+        ``[loss, lse]`` (loss: () or (N,) fp32, lse (N,) fp32), then with ``precompute_grads``
+        ``dscale`` () fp32, ``grad_anchors`` and one gradient per grad part, in their inputs' dtype.
     """
+    prob = _problem(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts)
     if precompute_grads:
-        mm_dtype = fused_matmul_dtype(anchors)
-        return chunked_forward_with_grads(
-            anchors, candidates, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows,
-            matmul_dtype=mm_dtype, softmax_=_softmax_into_matmul_dtype(mm_dtype))
-    n_rows, dim = anchors.shape
-    lse = torch.empty(n_rows, dtype=torch.float32, device=anchors.device)
-    cfg = _tile_config(anchors)
-    _lse_fwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
-        anchors, candidates, scale, lse,
-        n_rows, candidates.shape[0], dim, anchors.stride(0), candidates.stride(0),
-        hn_weight, hn_offset, HAS_HARD_NEG=hn_weight != 0.0, **cfg,
-    )
-    empty = anchors.new_empty(0, dtype=torch.float32)
-    return lse, empty, empty.clone(), empty.clone()
+        lse, tgt, dx, grads, dscale = forward_with_grads(
+            prob, _rows(chunk_rows, prob), rows_softmax_,
+            row_weight=anticipated_row_weight(reduction, anchors.shape[0]))
+        return [reduce_rows(lse - tgt, reduction), lse, dscale, dx, *grads]
+    lse, tgt = tile_lse(prob)
+    return [reduce_rows(lse - tgt, reduction), lse]
 
 
-@infonce_lse.register_fake
-def _(anchors, candidates, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute_grads):
+@infonce_loss.register_fake
+def _(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows,
+      precompute_grads):
     f32 = dict(dtype=torch.float32)
-    lse = anchors.new_empty(anchors.shape[0], **f32)
+    n = anchors.shape[0]
+    loss = anchors.new_empty(() if reduction != "none" else (n,), **f32)
+    out = [loss, anchors.new_empty(n, **f32)]
     if precompute_grads:
-        return (lse, anchors.new_empty(anchors.shape, **f32),
-                anchors.new_empty((n_grad_cols, anchors.shape[1]), **f32), anchors.new_empty((), **f32))
-    return lse, anchors.new_empty(0, **f32), anchors.new_empty(0, **f32), anchors.new_empty(0, **f32)
+        out += [anchors.new_empty((), **f32), torch.empty_like(anchors)]
+        out += [torch.empty_like(p) for p in parts[:n_grad_parts]]
+    return out
 
 
-@torch.library.custom_op("fastcse::infonce_lse_backward", mutates_args=())
-def infonce_lse_backward(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor,
-                         lse: torch.Tensor, grad_lse: torch.Tensor, hn_weight: float, hn_offset: int,
-                         n_grad_cols: int, chunk_rows: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum_i grad_lse_i * lse_i``: (N, D), (n_grad_cols, D), () fp32, recomputing
-    chunk by chunk (cuBLAS matmuls around the fused row-softmax kernel)."""
-    mm_dtype = fused_matmul_dtype(anchors)
-    return chunked_backward(anchors, candidates, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols,
-                            chunk_rows, matmul_dtype=mm_dtype, softmax_=_softmax_into_matmul_dtype(mm_dtype))
+@torch.library.custom_op("fastcse::infonce_loss_backward", mutates_args=())
+def infonce_loss_backward(anchors: torch.Tensor, parts: List[torch.Tensor], scale: torch.Tensor,
+                          lse: torch.Tensor, grad_rows: torch.Tensor, hn_weight: float, hn_offset: int,
+                          target_offset: int, n_grad_parts: int, chunk_rows: int) -> List[torch.Tensor]:
+    """Gradients of ``sum_i grad_rows_i * loss_i``, recomputing chunk by chunk (cuBLAS matmuls
+    around the fused row-softmax kernel): ``[dscale () fp32, grad_anchors, grads of the grad
+    parts]``, gradients in their inputs' dtype."""
+    prob = _problem(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts)
+    dx, grads, dscale = backward_recompute(prob, lse, grad_rows, _rows(chunk_rows, prob), rows_softmax_)
+    return [dscale, dx, *grads]
 
 
-@infonce_lse_backward.register_fake
-def _(anchors, candidates, scale, lse, grad_lse, hn_weight, hn_offset, n_grad_cols, chunk_rows):
-    f32 = dict(dtype=torch.float32)
-    return (anchors.new_empty(anchors.shape, **f32),
-            anchors.new_empty((n_grad_cols, anchors.shape[1]), **f32), anchors.new_empty((), **f32))
+@infonce_loss_backward.register_fake
+def _(anchors, parts, scale, lse, grad_rows, hn_weight, hn_offset, target_offset, n_grad_parts, chunk_rows):
+    return ([anchors.new_empty((), dtype=torch.float32), torch.empty_like(anchors)]
+            + [torch.empty_like(p) for p in parts[:n_grad_parts]])
 
 
 def _setup_context(ctx, inputs, output):
-    anchors, candidates, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute = inputs
-    lse, grad_a, grad_c, grad_scale = output
-    ctx.mark_non_differentiable(grad_a, grad_c, grad_scale)
+    anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows, precompute = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for every extra output
     if precompute:
-        ctx.save_for_backward(grad_a, grad_c, grad_scale)
+        ctx.save_for_backward(*output[2:])
     else:
-        ctx.save_for_backward(anchors, candidates, scale, lse)
-    ctx.config = (hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, candidates.shape[0])
-    ctx.dtypes = (anchors.dtype, candidates.dtype, scale.dtype)
+        ctx.save_for_backward(anchors, scale, output[1], *parts)
+    ctx.config = (hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows, precompute, len(parts))
+    ctx.scale_dtype = scale.dtype
 
 
-def _backward(ctx, grad_lse, *_unused):
-    hn_weight, hn_offset, n_grad_cols, chunk_rows, precompute, n_cols = ctx.config
+def _backward(ctx, grads):
+    hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows, precompute, n_parts = ctx.config
+    grad_loss = grads[0]
+    if grad_loss is None:
+        return None, [None] * n_parts, None, None, None, None, None, None, None, None
     if precompute:
         claim_precomputed_grads(ctx)
-        grad_a, grad_c, grad_scale = ctx.saved_tensors
-        g = grad_lse[0]  # uniform upstream: the caller reduced lse with a mean or a sum
-        grad_a, grad_c, grad_scale = grad_a.mul_(g), grad_c.mul_(g), grad_scale * g  # once, in place
+        dscale, dx, *dparts = ctx.saved_tensors
+        # the saved gradients are those of the reduced loss with a unit upstream: scale them in
+        # place (exact for the usual upstream of 1) and hand them out once
+        g = grad_loss.reshape(())
+        dscale, dx = dscale * g, dx.mul_(g)
+        dparts = [d.mul_(g) for d in dparts]
     else:
-        anchors, candidates, scale, lse = ctx.saved_tensors
-        grad_a, grad_c, grad_scale = infonce_lse_backward(
-            anchors, candidates, scale, lse, grad_lse.float().contiguous(), hn_weight, hn_offset,
-            n_grad_cols, chunk_rows)
-    if n_grad_cols < n_cols:  # queue rows carry no gradient
-        grad_c = torch.cat([grad_c, grad_c.new_zeros(n_cols - n_grad_cols, grad_c.shape[1])])
-    a_dtype, c_dtype, s_dtype = ctx.dtypes
-    return (grad_a.to(a_dtype), grad_c.to(c_dtype), grad_scale.reshape(1).to(s_dtype),
-            None, None, None, None, None)
+        anchors, scale, lse, *parts = ctx.saved_tensors
+        grad_rows = grad_loss.float().expand(anchors.shape[0]) if reduction != "none" else grad_loss.float()
+        if reduction == "mean":
+            grad_rows = grad_rows / anchors.shape[0]
+        dscale, dx, *dparts = infonce_loss_backward(
+            anchors, parts, scale, lse, grad_rows.contiguous(), hn_weight, hn_offset, target_offset,
+            n_grad_parts, chunk_rows)
+    needs = ctx.needs_input_grad
+    part_grads = [d if need else None for d, need in zip(dparts, needs[1][:n_grad_parts])]
+    part_grads += [None] * (n_parts - n_grad_parts)
+    return (dx if needs[0] else None, part_grads,
+            dscale.reshape(()).to(ctx.scale_dtype) if needs[2] else None,
+            None, None, None, None, None, None, None)
 
 
-infonce_lse.register_autograd(_backward, setup_context=_setup_context)
+infonce_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_lse(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, hn_weight: float, hn_offset: int,
-               *, n_grad_cols: Optional[int] = None, uniform_upstream: bool = False,
-               chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """Differentiable fused log-sum-exp (the ``triton`` backend); see :func:`infonce_lse`.
+def triton_loss(x: torch.Tensor, parts: Sequence[torch.Tensor], scale: torch.Tensor, hn_weight: float,
+                hn_offset: int, target_offset: int, *, n_grad_parts: int, reduction: str,
+                chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Differentiable fused InfoNCE loss of one direction (the ``triton`` backend); see
+    :func:`infonce_loss`.
 
     Without gradients, and for per-row upstream gradients (``reduction="none"``), the forward is
-    the fused tile kernel: no N x M storage at all. With gradients and a uniform upstream (the
-    caller reduces with a mean or a sum), the gradients are formed in the same pass.
+    the fused tile kernel: no N x M storage at all. With gradients and a mean / sum reduction, the
+    gradients are formed in the same pass.
     """
-    n_grad_cols = c.shape[0] if n_grad_cols is None else n_grad_cols
-    chunk_rows = chunk_rows or max(FUSED_MIN_CHUNK_ROWS, FUSED_CHUNK_ELEMENTS // max(1, c.shape[0]))
-    wants_grad = torch.is_grad_enabled() and (a.requires_grad or c.requires_grad or scale.requires_grad)
-    lse, _, _, _ = infonce_lse(a.contiguous(), c.contiguous(), scale.to(torch.float32).reshape(1),
-                               float(hn_weight), int(hn_offset), int(n_grad_cols), int(chunk_rows),
-                               bool(uniform_upstream and wants_grad))
-    return lse
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad or scale.requires_grad or any(p.requires_grad for p in parts[:n_grad_parts]))
+    out = infonce_loss(x.contiguous(), [p.contiguous() for p in parts], scale.to(torch.float32).reshape(()),
+                       float(hn_weight), int(hn_offset), int(target_offset), int(n_grad_parts), reduction,
+                       int(chunk_rows or 0), bool(reduction != "none" and wants_grad))
+    return out[0]

@@ -1,11 +1,31 @@
 """The InfoNCE loss's row-chunk loop: pure PyTorch, shared by the chunked and the Triton tiers.
 
-Both tiers form the gradients of ``sum_i g_i lse_i`` the same way (notation of
-:mod:`fastcse.infonce`): per chunk of anchor rows, one matmul for the raw dot products, a row
-softmax turning them into weights ``g_i p_ij`` in place, and two matmuls accumulating
-``w c`` (anchor gradients) and ``w^T a`` (candidate gradients). Only the row softmax differs:
-:func:`torch_rows_softmax_` here, or the fused Triton kernel of :mod:`fastcse.kernels.infonce`
-(``rows_softmax_``, which also casts to the matmul dtype in the same pass).
+One direction of the loss, in the notation of :mod:`fastcse.infonce`, on the *raw* rows (the
+L2 normalisation is folded in, so no normalised copy of any input is ever made)::
+
+    r_i = 1 / max(|x_i|, eps)    q_j = 1 / max(|y_j|, eps)      x: (N, D) anchors, y: (M, D) candidates
+    s_ij = scale r_i q_j <x_i, y_j> + w [j == hn_offset + i]
+    loss_i = lse_i - s_i,t(i)        t(i) = target_offset + i  (a row of the first candidate part)
+
+The candidates come as a list of parts (positives, hard negatives, queue: the columns, in that
+order); they are never concatenated: each part's dot products are written into its own column
+slice of the chunk buffer, and each part's matmuls read its own slice.
+
+Gradients of ``sum_i g_i loss_i``: with ``p_ij = exp(s_ij - lse_i)`` and the weights that the
+chunk's row softmax writes in place of the dot products, ``W_ij = p_ij c_j`` (``c_j = q_j``, times a
+constant headroom factor for fp16, see :data:`FP16_WEIGHT_HEADROOM`)::
+
+    u_i   = sum_j (p_ij - [j = t(i)]) q_j y_j  = (W y)_i / kappa - q_t(i) y_t(i)
+    dx_i  = g_i scale r_i (u_i - r_i^2 <x_i, u_i> x_i)
+    Vc_j  = q_j sum_i g_i (p_ij - [j = t(i)]) r_i x_i = (W^T x~)_j / kappa - [j = t(i)] q_j g_i r_i x_i
+    dy_j  = scale (Vc_j - q_j^2 <y_j, Vc_j> y_j)          x~_i = g_i r_i x_i
+    dscale = sum_i g_i r_i <x_i, u_i>
+
+Per chunk of R anchor rows: one matmul per part for the dot products, the row softmax (in place,
+writing the loss pieces, ``W`` and ``x~``), ``W y`` (R x D, finished into dx rows at once) and
+``V += W^T x~`` accumulated in fp32 inside the GEMM (cuBLAS ``beta = 1``): the only (M, D) buffer.
+The row softmax is :func:`torch_rows_softmax_` here or the fused Triton kernel of
+:mod:`fastcse.kernels.infonce` (``rows_softmax_``), with the same contract.
 
 The loop lives in the kernel layer so that the Triton fast path runs it without calling back
 into the engine, and in its own module, with no Triton import, so that the chunked tier of
@@ -14,10 +34,28 @@ into the engine, and in its own module, with no Triton import, so that the chunk
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+NORM_EPS = 1e-12  # as F.normalize: x / max(|x|, eps)
+
+# fp16 weights are stored as p_ij * q_j * 2**15 / max_j q_j: never above 2**15 (< 65504), while
+# probabilities down to ~1e-12 of a row stay representable. bf16 and fp32 have fp32's exponent
+# range and store p_ij * q_j as is.
+FP16_WEIGHT_HEADROOM = 2.0 ** 15
+
+# Rows per chunk on CUDA. The candidate-gradient GEMM of a chunk, V += W^T x~, moves 2 R M (W) +
+# 8 M D (the fp32 accumulator, read and written by the GEMM epilogue) bytes for 2 R M D FLOPs: it
+# stays matmul-bound while R >= 8 D / (2 D B / F - 2), B / F the card's bytes per FLOP (H200:
+# 4.3 TB/s / 788 TFLOP/s): R >= 963 at D = 768, 892 at D = 1024. The chunk buffer is then R x M in
+# bf16 (128 MiB at M = 65536), under the fp32 accumulator it feeds (4 M D bytes) for every D >= 256.
+GPU_CHUNK_ROWS = 1024
+
+# Elements per chunk on CPU (fp32): the dot products of a chunk, 2**22 x 4 B = 16 MiB, stay near
+# the last-level cache while every matmul keeps >= 256 rows at M = 16384 (bench/bench_infonce.py).
+CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,102 +63,329 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def torch_rows_softmax_(dots: Tensor, row0: int, scale: Tensor, hn_weight: float, hn_offset: int,
-                        lse: Tensor, grad_rows: Optional[Tensor], compute_lse: bool) -> Tensor:
-    """In place on a chunk of raw dot products ``dots`` (rows row0.., all M columns):
-    ``dots <- g_i * exp(scale * dots + bias - lse_i)``. With ``compute_lse`` it first writes
-    ``lse[row0:row0 + rows]``; otherwise it reads it. ``grad_rows`` None means g_i = 1.
-    Returns the weights (the same buffer). The Triton twin is ``fastcse.kernels.infonce.rows_softmax_``.
-    """
-    rows = dots.shape[0]
-    logits = dots.mul_(scale.to(dots.dtype))
-    if hn_weight != 0.0:
-        idx = torch.arange(rows, device=dots.device)
-        logits[idx, idx + row0 + hn_offset] += hn_weight
-    chunk_lse = lse[row0:row0 + rows]
-    if compute_lse:
-        chunk_lse.copy_(torch.logsumexp(logits, dim=1))
-    weights = logits.sub_(chunk_lse[:, None].to(logits.dtype)).exp_()
-    if grad_rows is not None:
-        weights.mul_(grad_rows[row0:row0 + rows, None].to(weights.dtype))
-    return weights
-
-
-def chunk_gradient_pass(a: Tensor, c: Tensor, scale: Tensor, hn_weight: float, hn_offset: int,
-                         n_grad_cols: int, chunk_rows: int, lse: Tensor, grad_rows: Optional[Tensor],
-                         compute_lse: bool, matmul_dtype: torch.dtype, softmax_):
-    """The loop both gradient paths share: per row chunk, one matmul for the dot products,
-    ``softmax_`` turning them into weights g_i p_ij in place (writing ``lse`` first when
-    ``compute_lse``), and two matmuls accumulating ``w c`` and ``w^T a``. Returns
-    ``(grad_a, grad_c, grad_scale)`` of ``sum_i g_i lse_i`` in the accumulation dtype."""
-    acc = lse.dtype
-    am, cm = a.to(matmul_dtype), c.to(matmul_dtype)
-    grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
-    grad_c = torch.zeros((n_grad_cols, c.shape[1]), dtype=acc, device=a.device)
-    for r0 in range(0, a.shape[0], chunk_rows):
-        r1 = min(a.shape[0], r0 + chunk_rows)
-        dots = mm_acc(am[r0:r1], cm.T, acc)
-        weights = softmax_(dots, r0, scale, hn_weight, hn_offset, lse, grad_rows, compute_lse).to(matmul_dtype)
-        grad_a[r0:r1] = mm_acc(weights, cm, acc)
-        addmm_acc_(grad_c, weights[:, :n_grad_cols].T, am[r0:r1])
-    # d scale = sum_ij w_ij <a_i, c_j> = sum_i <a_i, (w c)_i>, taken before scaling grad_a
-    grad_scale = torch.vdot(a.to(acc).flatten(), grad_a.flatten())
-    s = scale.to(acc)
-    return grad_a.mul_(s), grad_c.mul_(s), grad_scale
-
-
-def chunked_forward_with_grads(a: Tensor, c: Tensor, scale: Tensor, hn_weight: float, hn_offset: int,
-                               n_grad_cols: int, chunk_rows: int, *, matmul_dtype: torch.dtype,
-                               softmax_=torch_rows_softmax_):
-    """One pass over row chunks computing lse and the gradients of ``sum_i lse_i`` (6NMD FLOPs).
-
-    Returns ``(lse, grad_a, grad_c, grad_scale)``: fp32 (fp64 for fp64 inputs); grad_c covers
-    the first ``n_grad_cols`` candidates (``matmul_dtype``: the operands of the chunk matmuls).
-    """
-    lse = torch.empty(a.shape[0], dtype=accumulation_dtype(a.dtype), device=a.device)
-    grads = chunk_gradient_pass(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, lse, None,
-                                 True, matmul_dtype, softmax_)
-    return (lse, *grads)
-
-
-def chunked_backward(a: Tensor, c: Tensor, scale: Tensor, lse: Tensor, grad_lse: Tensor, hn_weight: float,
-                     hn_offset: int, n_grad_cols: int, chunk_rows: int, *, matmul_dtype: torch.dtype,
-                     softmax_=torch_rows_softmax_):
-    """Gradients of ``sum_i grad_lse_i * lse_i``, recomputing each chunk (4NMD FLOPs on top of the
-    forward's 2NMD). Returns ``(grad_a, grad_c, grad_scale)`` in the accumulation dtype."""
-    return chunk_gradient_pass(a, c, scale, hn_weight, hn_offset, n_grad_cols, chunk_rows, lse,
-                                grad_lse.to(lse.dtype), False, matmul_dtype, softmax_)
-
-
-def mm_acc(x: Tensor, y: Tensor, acc: torch.dtype) -> Tensor:
-    """``x @ y`` returned in the accumulation dtype.
-
-    Half-precision operands on CUDA write fp32 straight from the matmul (``mm.dtype``) where this
-    PyTorch has it, so logits and gradients keep fp32 precision at no extra pass; elsewhere the
-    result is cast (CPU callers pass fp32 operands, see ``fused_matmul_dtype``).
-    """
-    if x.dtype != acc and x.is_cuda and _HAS_MM_OUT_DTYPE:
-        return torch.mm(x, y, out_dtype=acc)
-    return (x @ y).to(acc)
-
-
 def fused_matmul_dtype(x: Tensor) -> torch.dtype:
-    """Operand dtype of the chunk matmuls: the input's on CUDA (tensor cores), fp32 elsewhere (CPU
-    half-precision matmuls are slow and round their outputs)."""
+    """Operand dtype of the chunk matmuls: the input's on CUDA (tensor cores), the accumulation
+    dtype elsewhere (CPU half-precision matmuls are slow and round their outputs)."""
     return x.dtype if x.is_cuda else accumulation_dtype(x.dtype)
 
 
-_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+def default_chunk_rows(n_rows: int, n_cols: int, on_gpu: bool) -> int:
+    """Anchor rows per chunk: :data:`GPU_CHUNK_ROWS` on CUDA, a :data:`CPU_CHUNK_ELEMENTS`
+    budget of dot products on CPU; never more than the rows there are."""
+    rows = GPU_CHUNK_ROWS if on_gpu else CPU_CHUNK_ELEMENTS // max(1, n_cols)
+    return max(1, min(n_rows, rows))
 
 
-def addmm_acc_(acc_out: Tensor, x: Tensor, y: Tensor) -> None:
-    """``acc_out += x @ y`` (acc_out in the accumulation dtype). Same-dtype operands accumulate
-    in place in the BLAS call (no (M, D) temporary per chunk: measured 1.4x slower at D = 1024 on
-    CPU with one); half-precision operands go through an fp32-output matmul and an add."""
-    if x.dtype == acc_out.dtype:
-        acc_out.addmm_(x, y)
+def inverse_norms(x: Tensor, acc: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+    """``1 / max(|x_i|, eps)`` per row, in ``acc`` (an inf or NaN row gives 0 or NaN)."""
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc, out=out)
+    return norms.clamp_min_(NORM_EPS).reciprocal_()
+
+
+class Problem:
+    """One direction of the loss, everything its chunks share.
+
+    Args:
+        x: (N, D) raw anchor rows.
+        parts: raw candidate blocks (M_k, D), same D and dtype as ``x``; their rows are the
+            columns of the logits, in order.
+        scale: 0-d tensor, 1 / temperature.
+        hn_weight, hn_offset: ``hn_weight`` is added to logit (i, hn_offset + i); 0 disables it.
+        target_offset: anchor i's target is column ``target_offset + i``, inside ``parts[0]``.
+        n_grad_parts: gradients are formed for ``parts[:n_grad_parts]`` only (the queue is last).
+        mm_dtype: operand dtype of the chunk matmuls (:func:`fused_matmul_dtype`).
+    """
+
+    def __init__(self, x: Tensor, parts: Sequence[Tensor], scale: Tensor, hn_weight: float, hn_offset: int,
+                 target_offset: int, n_grad_parts: int, mm_dtype: torch.dtype):
+        self.x, self.parts = x, list(parts)
+        self.acc = accumulation_dtype(x.dtype)
+        self.scale = scale.to(self.acc).reshape(())
+        self.hn_weight, self.hn_offset, self.target_offset = float(hn_weight), int(hn_offset), int(target_offset)
+        self.n_grad_parts = int(n_grad_parts)
+        self.mm_dtype = mm_dtype
+        # raw dot products of unnormalised fp16 rows can pass 65504: fp16 keeps them in fp32
+        self.dots_dtype = self.acc if mm_dtype == torch.float16 else mm_dtype
+        self.offsets = [0]
+        for p in self.parts:
+            self.offsets.append(self.offsets[-1] + p.shape[0])
+        self.n_cols = self.offsets[-1]
+        self.rx = inverse_norms(x, self.acc)
+        q = torch.empty(self.n_cols, dtype=self.acc, device=x.device)
+        for p, o in zip(self.parts, self.offsets):
+            torch.linalg.vector_norm(p, dim=1, dtype=self.acc, out=q[o:o + p.shape[0]])
+        self.q = q.clamp_min_(NORM_EPS).reciprocal_()
+        # kappa: weights are p q_j kappa; a 0-d tensor (fp16), or None for 1
+        self.col_scale = (q.amax().reciprocal_().mul_(FP16_WEIGHT_HEADROOM)
+                          if mm_dtype == torch.float16 else None)
+        self.xm = x.to(mm_dtype)
+        self.parts_m = [p.to(mm_dtype) for p in self.parts]
+
+    def columns(self, k: int) -> slice:
+        return slice(self.offsets[k], self.offsets[k + 1])
+
+
+# --------------------------------------------------------------------------------------------
+# matmuls into given buffers (fp32 out of half-precision operands on CUDA, no temporaries)
+# --------------------------------------------------------------------------------------------
+
+_HAS_MM_DTYPE_OUT = hasattr(torch.ops.aten.mm, "dtype_out")
+# Whether torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc) accumulates fp32 out of half
+# operands in one GEMM on this PyTorch (it does since pytorch/pytorch#167931; older builds require
+# `acc` to have the operands' dtype). None: not tried yet; False: add_ a product instead.
+_ADDMM_FP32_INTO_SELF: Optional[bool] = None
+
+
+def mm_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out = a @ b``; ``out`` may be a column slice (unit stride along a row) and may be fp32
+    for half-precision operands (written by the GEMM itself on CUDA)."""
+    if out.dtype == a.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and _HAS_MM_DTYPE_OUT:
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return out.copy_(a @ b)
+
+
+def mm_new(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` in ``dtype`` (fp32 straight from the GEMM for half operands on CUDA)."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=dtype, device=a.device)
+    return mm_into(out, a, b)
+
+
+def addmm_into_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` inside the GEMM (beta = 1): no (rows, cols) temporary, one read and one
+    write of ``acc``. Half-precision operands accumulate into an fp32 ``acc`` through addmm's
+    ``out_dtype`` with ``out`` aliasing ``acc`` where this PyTorch allows it; elsewhere through a
+    product and an add."""
+    global _ADDMM_FP32_INTO_SELF
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_FP32_INTO_SELF is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _ADDMM_FP32_INTO_SELF = True
+            return
+        except RuntimeError:  # refused by the dtype checks, before the GEMM ran: acc is intact
+            if _ADDMM_FP32_INTO_SELF:
+                raise
+            _ADDMM_FP32_INTO_SELF = False
+    acc.add_(mm_new(a, b, acc.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# the row softmax of a chunk (PyTorch twin of the Triton kernel)
+# --------------------------------------------------------------------------------------------
+
+
+def same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are the same elements of the same storage (meta tensors included)."""
+    return (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage()._cdata == b.untyped_storage()._cdata)
+
+RowsSoftmax = Callable[..., bool]
+
+
+def torch_rows_softmax_(prob: Problem, dots: Tensor, weights: Optional[Tensor], row0: int, lse: Tensor,
+                        tgt: Optional[Tensor], grad_rows: Optional[Tensor], x_tilde: Optional[Tensor],
+                        compute_lse: bool, radial: Optional[Tensor] = None) -> bool:
+    """The row softmax of a chunk of raw dot products, in place.
+
+    ``dots``: (R, M) ``<x_i, y_j>`` of anchors ``row0 .. row0 + R`` against every candidate.
+    With ``compute_lse`` it writes ``lse[row0:row0 + R]`` and the target logits ``tgt[...]``;
+    otherwise it reads ``lse``. With ``weights`` ((R, M), the matmul dtype, possibly ``dots``
+    itself) it writes ``W_ij = p_ij q_j kappa`` there and ``x~_i = g_i r_i x_i`` into ``x_tilde``
+    ((R, D); ``g`` is ``grad_rows``, or 1). ``dots`` is overwritten. The Triton twin is
+    ``fastcse.kernels.infonce.rows_softmax_``; it also writes ``radial`` ((R,), the anchor
+    gradient's radial dot ``<x_i, u_i> = sum_j p_ij q_j <x_i, y_j> - q_t <x_i, y_t>``) from the dots
+    it reads and returns True, where this twin leaves it to the caller and returns False.
+    """
+    n = dots.shape[0]
+    rows = slice(row0, row0 + n)
+    s = dots if dots.dtype == prob.acc else dots.to(prob.acc)
+    s.mul_((prob.rx[rows] * prob.scale)[:, None]).mul_(prob.q[None, :])
+    idx = torch.arange(n, device=dots.device) if (compute_lse or prob.hn_weight != 0.0) else None
+    if prob.hn_weight != 0.0:
+        s[idx, idx + row0 + prob.hn_offset] += prob.hn_weight
+    if compute_lse:
+        tgt[rows] = s[idx, idx + row0 + prob.target_offset]
+        m = s.amax(dim=1, keepdim=True)
+        e = s.sub_(m).exp_()
+        total = e.sum(dim=1, keepdim=True)
+        lse[rows] = (m + total.log()).squeeze(1)
+        if weights is not None:
+            e.div_(total)
     else:
-        acc_out += mm_acc(x, y, acc_out.dtype)
+        e = s.sub_(lse[rows, None]).exp_()
+    if weights is None:
+        return False
+    e.mul_(prob.q[None, :])
+    if prob.col_scale is not None:
+        e.mul_(prob.col_scale)
+    if not same_memory(e, weights):
+        weights.copy_(e)
+    factor = prob.rx[rows] if grad_rows is None else prob.rx[rows] * grad_rows[rows]
+    torch.mul(prob.x[rows], factor[:, None], out=x_tilde)
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# the loops
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_dots(prob: Problem, dots: Tensor, r0: int, r1: int) -> None:
+    xr = prob.xm[r0:r1]
+    for k, part in enumerate(prob.parts_m):
+        mm_into(dots[:, prob.columns(k)], xr, part.T)
+
+
+def loss_rows(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax = torch_rows_softmax_
+              ) -> tuple[Tensor, Tensor]:
+    """``(lse, tgt)``, (N,) each in the accumulation dtype, chunk by chunk (2NMD FLOPs, one
+    R x M buffer): ``loss_i = lse_i - tgt_i``."""
+    n = prob.x.shape[0]
+    lse = torch.empty(n, dtype=prob.acc, device=prob.x.device)
+    tgt = torch.empty_like(lse)
+    rows = max(1, min(n, chunk_rows))
+    dots = torch.empty((rows, prob.n_cols), dtype=prob.dots_dtype, device=prob.x.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        chunk = dots[:r1 - r0]
+        _chunk_dots(prob, chunk, r0, r1)
+        softmax_(prob, chunk, None, r0, lse, tgt, None, None, True)
+    return lse, tgt
+
+
+def gradient_pass(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax, *, lse: Tensor,
+                  tgt: Optional[Tensor], grad_rows: Optional[Tensor], row_weight: float,
+                  compute_lse: bool) -> tuple[Tensor, List[Tensor], Tensor]:
+    """Gradients of ``sum_i g_i loss_i`` (``g = grad_rows``, or the constant ``row_weight``):
+    ``(dx, [dy_k for the grad parts], dscale)``, dx and dy in their inputs' dtypes, dscale 0-d in
+    the accumulation dtype. With ``compute_lse`` it also writes ``lse`` and ``tgt`` (the forward
+    pass of a mean / sum reduction: 6NMD FLOPs in all); otherwise it reads ``lse`` (a backward
+    that recomputes: 4NMD).
+
+    Memory: dx, the fp32 accumulators of the grad parts' gradients and one set of chunk buffers
+    (R x M dot products, overwritten by the weights; R x D for x~ and W y), reused by every chunk
+    and freed before the candidates' gradients are finished.
+    """
+    x, acc, dev = prob.x, prob.acc, prob.x.device
+    n, dim = x.shape
+    rows = max(1, min(n, chunk_rows))
+    dots_buf = torch.empty((rows, prob.n_cols), dtype=prob.dots_dtype, device=dev)
+    weights_buf = dots_buf if prob.dots_dtype == prob.mm_dtype else torch.empty(
+        (rows, prob.n_cols), dtype=prob.mm_dtype, device=dev)
+    x_tilde_buf = torch.empty((rows, dim), dtype=prob.mm_dtype, device=dev)
+    u_buf = torch.empty((rows, dim), dtype=acc, device=dev)
+    dx = torch.empty_like(x)
+    radial = torch.empty(n, dtype=acc, device=dev)  # <x_i, u_i>
+    g_r = prob.rx if grad_rows is None else prob.rx * grad_rows  # g_i r_i
+    # dx_i = a_i (u_i - r_i^2 <x_i, u_i> x_i), a_i = g_i scale r_i (times a mean's 1 / N)
+    row_factor = g_r * (prob.scale * row_weight)
+    rx_sq = prob.rx * prob.rx
+    accum: List[Optional[Tensor]] = [None] * prob.n_grad_parts
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        _gradient_chunk(prob, softmax_, r0, r1, dots_buf[:r1 - r0], weights_buf[:r1 - r0], x_tilde_buf[:r1 - r0],
+                        u_buf[:r1 - r0], accum, lse, tgt, grad_rows, compute_lse, radial, rx_sq, row_factor, dx)
+    del dots_buf, weights_buf, x_tilde_buf, u_buf  # the chunk buffers die before the finish below
+    dscale = torch.dot(g_r, radial).mul_(row_weight)
+    grads = [_finish_candidates(prob, k, accum, g_r, row_weight, rows) for k in range(prob.n_grad_parts)]
+    return dx, grads, dscale
+
+
+def _gradient_chunk(prob: Problem, softmax_: RowsSoftmax, r0: int, r1: int, dots: Tensor, weights: Tensor,
+                    x_tilde: Tensor, u: Tensor, accum: List[Optional[Tensor]], lse: Tensor, tgt: Optional[Tensor],
+                    grad_rows: Optional[Tensor], compute_lse: bool, radial: Tensor, rx_sq: Tensor,
+                    row_factor: Tensor, dx: Tensor) -> None:
+    """Anchors r0..r1: dot products, row softmax, ``u = W y`` finished into dx rows, and
+    ``V_k += W_k^T x~`` for the grad parts."""
+    _chunk_dots(prob, dots, r0, r1)
+    rad = radial[r0:r1]
+    wrote_radial = softmax_(prob, dots, weights, r0, lse, tgt, grad_rows, x_tilde, compute_lse, radial=rad)
+    for k, part in enumerate(prob.parts_m):
+        w_k = weights[:, prob.columns(k)]
+        if k == 0:
+            mm_into(u, w_k, part)
+        else:
+            addmm_into_(u, w_k, part)
+        if k < prob.n_grad_parts:
+            if accum[k] is None:  # the first chunk writes the accumulator: no zero fill
+                accum[k] = mm_new(w_k.T, x_tilde, prob.acc)
+            else:
+                addmm_into_(accum[k], w_k.T, x_tilde)
+    n = r1 - r0
+    if prob.col_scale is not None:
+        u.div_(prob.col_scale)
+    t0 = prob.target_offset + r0
+    u.addcmul_(prob.parts[0][t0:t0 + n], prob.q[t0:t0 + n, None], value=-1.0)  # minus the target term
+    x_rows = prob.x[r0:r1]
+    if not wrote_radial:  # <x_i, u_i> from u itself (the PyTorch twin)
+        torch.bmm(x_rows.to(prob.acc).unsqueeze(1), u.unsqueeze(2), out=rad.view(n, 1, 1))
+    u.addcmul_(x_rows, (rx_sq[r0:r1] * rad)[:, None], value=-1.0)  # radial part of d(x / |x|)
+    torch.mul(u, row_factor[r0:r1, None], out=dx[r0:r1])
+
+
+def _finish_candidates(prob: Problem, k: int, accum: List[Optional[Tensor]], g_r: Tensor, row_weight: float,
+                       block_rows: int) -> Tensor:
+    """The accumulated ``W^T x~`` of part k into its gradient, in the part's dtype; drops the
+    caller's reference to the accumulator, so that it dies at the last copy."""
+    y, v = prob.parts[k], accum[k]
+    accum[k] = None
+    acc, m = prob.acc, y.shape[0]
+    if prob.col_scale is not None:
+        v.div_(prob.col_scale)
+    if k == 0:  # minus the target term: column t(i) = target_offset + i of part 0
+        t0, n = prob.target_offset, prob.x.shape[0]
+        v[t0:t0 + n].addcmul_(prob.x, (prob.q[t0:t0 + n] * g_r)[:, None], value=-1.0)
+    q = prob.q[prob.columns(k)]
+    # <y_j, Vc_j> in blocks through one scratch buffer no larger than the freed chunk buffer
+    radial = torch.empty(m, dtype=acc, device=y.device)
+    block = max(1, min(m, block_rows * max(1, prob.n_cols * prob.mm_dtype.itemsize // (y.shape[1] * acc.itemsize))))
+    scratch = torch.empty((block, y.shape[1]), dtype=acc, device=y.device)
+    for j0 in range(0, m, block):
+        j1 = min(m, j0 + block)
+        torch.mul(v[j0:j1], y[j0:j1], out=scratch[:j1 - j0])
+        torch.sum(scratch[:j1 - j0], dim=1, out=radial[j0:j1])
+    del scratch
+    v.addcmul_(y, (radial.mul_(q * q))[:, None], value=-1.0)  # radial part of d(y / |y|)
+    v.mul_(prob.scale * row_weight)
+    return v if v.dtype == y.dtype else v.to(y.dtype)
+
+
+def forward_with_grads(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax = torch_rows_softmax_, *,
+                       row_weight: float = 1.0):
+    """One pass: ``(lse, tgt, dx, [dy_k], dscale)``, the gradients of ``row_weight * sum_i loss_i``
+    (6NMD FLOPs with the backward, which only scales them)."""
+    n = prob.x.shape[0]
+    lse = torch.empty(n, dtype=prob.acc, device=prob.x.device)
+    tgt = torch.empty_like(lse)
+    dx, grads, dscale = gradient_pass(prob, chunk_rows, softmax_, lse=lse, tgt=tgt, grad_rows=None,
+                                      row_weight=row_weight, compute_lse=True)
+    return lse, tgt, dx, grads, dscale
+
+
+def backward_recompute(prob: Problem, lse: Tensor, grad_rows: Tensor, chunk_rows: int,
+                       softmax_: RowsSoftmax = torch_rows_softmax_):
+    """Gradients of ``sum_i grad_rows_i * loss_i`` from the saved ``lse``, recomputing each chunk
+    (4NMD FLOPs on top of the forward's 2NMD): ``(dx, [dy_k], dscale)``."""
+    return gradient_pass(prob, chunk_rows, softmax_, lse=lse, tgt=None, grad_rows=grad_rows.to(prob.acc),
+                         row_weight=1.0, compute_lse=False)
+
+
+def reduce_rows(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def anticipated_row_weight(reduction: str, n_rows: int) -> float:
+    """The upstream gradient each row's loss gets from a mean (1 / N) or a sum (1)."""
+    return 1.0 / n_rows if reduction == "mean" else 1.0
 
 
 def claim_precomputed_grads(ctx) -> None:
