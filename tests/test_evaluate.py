@@ -348,13 +348,17 @@ def test_encoder_meta_and_module_list_checks(tmp_path, saved_tiny):
                                         write_encoder_meta)
 
     assert read_encoder_meta(saved_tiny) == {"pooling": "mean", "mlp_only_train": True, "max_seq_length": 16,
-                                             "attn_backend": "eager"}
+                                             "attn_backend": "eager", "dense": [], "normalize": False,
+                                             "similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None,
+                                             "export_max_seq_length": None}
     assert read_encoder_meta(tmp_path) is None
     fields = {"pooling": "cls", "mlp_only_train": False, "max_seq_length": 40, "attn_backend": "varlen"}
     assert write_encoder_meta(tmp_path, fields, max_seq_length=24) == {**fields, "max_seq_length": 24}
     assert read_encoder_meta(tmp_path) == {**fields, "max_seq_length": 24}
     with pytest.raises(ValueError, match=r"unknown fastcse_encoder\.json fields \['pooler'\]"):
         write_encoder_meta(tmp_path, {"pooler": "cls"})
+    with pytest.raises(ValueError, match=r"unknown fastcse_encoder\.json fields \['normalise'\]"):
+        write_encoder_meta(tmp_path, fields, normalise=True)
     (tmp_path / ENCODER_META_FILE).write_text("[1, 2]")
     with pytest.raises(ModelFolderError, match="holds list, expected a JSON object"):
         read_encoder_meta(tmp_path)
