@@ -35,8 +35,10 @@ section; sentence-transformers >= 6.0 reads it (older versions do not know the 6
 
 The model card: ``card`` (a dict or :class:`CardInfo`) gives the base model, the method and its
 hyperparameters, the loss, the training data (file names and counts) and the STS-B dev scores before
-and after training. Without ``card``, an export keeps the source folder's own card (a re-export loses
-nothing) or, when the source had none, writes one naming the base model.
+and after training. Without ``card`` the card names the base model (the source folder, and the
+title of its card); ``keep_source_card=True`` (the CLI's default without ``--card``, and
+``SentenceEncoder.save_pretrained``'s) keeps the source folder's own card instead, so a re-export
+loses nothing.
 """
 
 from __future__ import annotations
@@ -394,13 +396,30 @@ def _write_by_hand(encoder, out: Path, *, length: int, dense, normalize: bool, s
 
 
 def _default_name(info: CardInfo, base_model: str | None) -> str:
-    base = Path(base_model).name if base_model else "a transformer"
+    base = _card_title(base_model) or (Path(base_model.split(" (")[0]).name if base_model else "a transformer")
     return f"fastcse {info.method} on {base}" if info.method else f"fastcse model based on {base}"
+
+
+def _card_title(text: str | None) -> str | None:
+    """The first ``# title`` of a markdown card (after its YAML front matter)."""
+    if not text:
+        return None
+    match = re.search(r"^# +(.+?)\s*$", re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S), flags=re.M)
+    return match.group(1) if match else None
+
+
+def _source_name(encoder) -> str | None:
+    """How a card names the model training started from: its card's title and its folder."""
+    path = encoder.source_name_or_path
+    title = _card_title(encoder.model_card_text)
+    if title and path and title != path:
+        return f"{title} ({path})"
+    return title or path
 
 
 def export_sentence_transformers(encoder, out_dir, *, normalize: bool | None = None,
                                  max_seq_length: int | None = None, overwrite: bool = False, card=None,
-                                 similarity_fn_name: str | None = None,
+                                 similarity_fn_name: str | None = None, keep_source_card: bool = False,
                                  use_sentence_transformers: bool | None = None) -> Path:
     """Write ``encoder`` as a sentence-transformers folder at ``out_dir``; returns the folder.
 
@@ -420,8 +439,9 @@ def export_sentence_transformers(encoder, out_dir, *, normalize: bool | None = N
         card: the model card's training details, a dict of :class:`CardInfo` fields (``base_model``,
             ``method``, ``hyperparameters``, ``loss``, ``datasets`` as ``[(name, count)]``,
             ``scores`` as ``{"before": ..., "after": ...}``, ``model_name``, ``language``,
-            ``license``). None: the source folder's card when it had one, else a card naming the
-            base model (``encoder.source_name_or_path``).
+            ``license``). None: a card naming the base model (the source folder and its card's title).
+        keep_source_card: without ``card``, keep the source folder's card as it is (a re-export;
+            ``SentenceTransformer.save_pretrained`` also keeps a loaded card).
         similarity_fn_name: ``cosine`` / ``dot`` / ``euclidean`` / ``manhattan``; None: the encoder's.
         use_sentence_transformers: write through sentence-transformers (True), by hand (False), or
             through it when it is installed (None).
@@ -432,6 +452,9 @@ def export_sentence_transformers(encoder, out_dir, *, normalize: bool | None = N
     from fastcse.models.folders import SIMILARITY_FNS
 
     info = CardInfo.from_value(card) if card is not None else None
+    keep_card = info is None and keep_source_card and bool(encoder.model_card_text)
+    if info is None and not keep_card:
+        info = CardInfo()  # a card naming the base model
     similarity = similarity_fn_name or encoder.similarity_fn_name or "cosine"
     if similarity not in SIMILARITY_FNS:
         raise ValueError(f"unknown similarity_fn_name {similarity!r}; valid: {', '.join(SIMILARITY_FNS)}")
@@ -441,7 +464,7 @@ def export_sentence_transformers(encoder, out_dir, *, normalize: bool | None = N
     length = _export_length(encoder, max_seq_length)
     normalize = bool(encoder.normalize_output if normalize is None else normalize)
     dense = _dense_layers(encoder)
-    base_model = (info.base_model if info is not None else None) or encoder.source_name_or_path
+    base_model = (info.base_model if info is not None else None) or _source_name(encoder)
     kinds = ["Transformer", "Pooling"] + ["Dense"] * len(dense) + (["Normalize"] if normalize else [])
     if use_sentence_transformers:
         _write_with_sentence_transformers(encoder, out, length=length, dense=dense, normalize=normalize,
@@ -449,7 +472,7 @@ def export_sentence_transformers(encoder, out_dir, *, normalize: bool | None = N
     else:
         _write_by_hand(encoder, out, length=length, dense=dense, normalize=normalize, similarity=similarity)
     readme = out / MODEL_CARD_FILE
-    if info is None and encoder.model_card_text and not use_sentence_transformers:
+    if keep_card and not use_sentence_transformers:
         readme.write_text(encoder.model_card_text, encoding="utf-8")
     elif not readme.is_file():  # by hand, or sentence-transformers could not render its card
         info = info or CardInfo()
@@ -501,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens the exported model reads (default: the source pipeline's, else the model's limit)")
     parser.add_argument("--card", metavar="JSON", default=None,
                         help="a JSON file of model card fields (base_model, method, hyperparameters, loss, datasets, "
-                             "scores, model_name, language, license); default: keep the folder's card")
+                             "scores, model_name, language, license); default: keep the folder's card (or write one "
+                             "naming it when it has none)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -524,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         encoder = load_encoder(args.checkpoint, pooling=args.pooling, attn_backend="auto")
         if args.format == "sentence-transformers":
             out = export_sentence_transformers(encoder, args.out, normalize=args.normalize,
-                                               max_seq_length=args.max_seq_length, overwrite=args.overwrite, card=card)
+                                               max_seq_length=args.max_seq_length, overwrite=args.overwrite, card=card,
+                                               keep_source_card=True)
         else:
             out = export_huggingface(encoder, args.out, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:

@@ -195,12 +195,17 @@ def test_minilm_export_keeps_the_source_pipeline(tmp_path, minilm_dir, capfd):
     assert_close(got.norm(dim=-1), torch.ones(len(SENTENCES)), rtol=0, atol=1e-5, name="unit norms")
     reference, _ = st_embeddings(minilm_dir)  # the original folder
     assert_same_embeddings(got, reference, "MiniLM export vs original")
-    # no card given: the source's card is kept, as sentence-transformers keeps it on save
-    assert (out / "README.md").read_text() == (Path(minilm_dir) / "README.md").read_text()
-    # and a re-export of the export loses nothing either
-    again = export_sentence_transformers(load_encoder(out), tmp_path / "again")
+    # no card given (a training run that passes none): a card naming the base model, not the base model's card
+    card = (out / "README.md").read_text()
+    assert f"**Base model:** `all-MiniLM-L6-v2 ({minilm_dir})`" in card and "# fastcse model based on all-MiniLM-L6-v2" in card
+    # a re-export keeps the folder's card, as sentence-transformers keeps a loaded card on save
+    kept = export_sentence_transformers(load_encoder(minilm_dir), tmp_path / "kept", keep_source_card=True)
+    assert (kept / "README.md").read_text() == (Path(minilm_dir) / "README.md").read_text()
+    again = export_sentence_transformers(load_encoder(kept), tmp_path / "again", keep_source_card=True)
     assert (again / "README.md").read_text() == (Path(minilm_dir) / "README.md").read_text()
     assert st.SentenceTransformer(str(again), device="cpu").max_seq_length == 256
+    assert export_main(["--checkpoint", str(again), "--out", str(tmp_path / "cli")]) == 0  # the CLI keeps it too
+    assert (tmp_path / "cli" / "README.md").read_text() == (Path(minilm_dir) / "README.md").read_text()
 
 
 @pytest.mark.parametrize("use_st", [True, False], ids=["by-sentence-transformers", "by-hand"])

@@ -389,11 +389,13 @@ class SentenceEncoder(nn.Module):
     def save_pretrained(self, path, *, card=None, **export_kwargs) -> Path:
         """Write a sentence-transformers folder (as ``SentenceTransformer.save_pretrained``): what
         :func:`fastcse.export.export_sentence_transformers` writes, into ``path`` even when it is
-        not empty. ``card``: the model card's training details (see there)."""
+        not empty. ``card``: the model card's training details (see there); without it the source
+        folder's card is kept, as sentence-transformers keeps a loaded card."""
         # the export module owns the sentence-transformers format; imported here, not at the top, since
         # it sits above the models package (it also loads evaluation helpers)
         from fastcse.export import export_sentence_transformers
 
+        export_kwargs.setdefault("keep_source_card", card is None)
         return export_sentence_transformers(self, path, card=card, overwrite=True, **export_kwargs)
 
     def save_backbone(self, path) -> None:
