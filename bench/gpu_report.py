@@ -400,7 +400,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(directory: Path, steps: list[str], perf_timeout: float = 120.0) -> str:
+def report(directory: Path, steps: list[str], perf_timeout: float = 120.0, rehearse_gpu: bool = False) -> str:
+    """The whole report (steps, card, notes, details, then the table), also written to
+    ``report.txt`` / ``report.json`` in ``directory``.
+
+    ``rehearse_gpu`` (the CPU dry run): the model is asked for its GPU-card predictions from a copy
+    of these ceilings marked ``"gpu": true`` (in a temp folder, not ``directory``): the code path a
+    card run takes, in seconds, where the CPU branches would trace for minutes.
+    """
     ceilings_path = directory / "ceilings.json"
     ceilings = None
     notes = []
@@ -411,7 +418,14 @@ def report(directory: Path, steps: list[str], perf_timeout: float = 120.0) -> st
             notes.append("ceilings.json unreadable")
     else:
         notes.append("no ceilings.json (its step did not finish)")
-    predicted, note = predictions(ceilings_path if ceilings else None, perf_timeout)
+    card = ceilings_path if ceilings else None
+    if card is not None and rehearse_gpu:
+        import tempfile
+
+        card = Path(tempfile.mkdtemp(prefix="gpu_report_")) / "ceilings_as_gpu.json"
+        card.write_text(json.dumps(dict(ceilings, gpu=True)))
+        notes.append("dry run: predictions for a GPU card with this machine's ceilings (the card run's code path)")
+    predicted, note = predictions(card, perf_timeout)
     notes.append(note)
     present = [name for name in CSV_FILES if (directory / name).exists()]
     notes.append("CSVs read: " + (", ".join(present) if present else "none"))
@@ -460,7 +474,9 @@ def main(argv=None) -> int:
     t = sub.add_parser("table", help="the bars table from the CSVs in --dir (and the model's predictions)")
     t.add_argument("--dir", type=Path, required=True)
     t.add_argument("--steps", nargs="*", default=[], help="'name rc seconds' per step of the run, printed first")
-    t.add_argument("--perf-timeout", type=float, default=120.0)
+    t.add_argument("--perf-timeout", type=float, default=120.0, help="seconds for bench/perf_model.py")
+    t.add_argument("--rehearse-gpu", action="store_true",
+                   help="dry run: ask the model for GPU-card predictions from these ceilings (see report())")
     args = parser.parse_args(argv)
     if args.command == "ceilings":
         import torch
@@ -469,7 +485,7 @@ def main(argv=None) -> int:
         card = write_ceilings(device, args.out)
         print(json.dumps(card, indent=1))
         return 0
-    print(report(args.dir, args.steps, args.perf_timeout))
+    print(report(args.dir, args.steps, args.perf_timeout, args.rehearse_gpu))
     return 0
 
 
