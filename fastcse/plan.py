@@ -297,16 +297,20 @@ def layer_activation_terms(arch: Architecture, sequences: int, seq: int, attenti
     return terms
 
 
-def _outside_layers_bytes(arch: Architecture, sequences: int, seq: int, mask: int) -> int:
-    """Embeddings' LayerNorm and dropout, DeBERTa's convolution, T5's final norm, the output."""
+def _outside_layers_bytes(arch: Architecture, sequences: int, seq: int, mask: int) -> tuple[int, int]:
+    """(before, after) the layers: the embeddings' LayerNorm and dropout, DeBERTa's convolution and
+    the encoder's output (held by the pooler) stay alive through the layers' backward; T5's final
+    RMSNorm and dropout run backward first, so they are gone by the layers' backward."""
     t, h = sequences * seq, arch.hidden
-    out = BF16 * t * h  # the encoder's output, held by the pooler
+    before = BF16 * t * h  # the encoder's output
     if arch.family == "t5":
-        return out + mask * t * h + (BF16 + FP32 + BF16) * t * h + mask * t * h + LN_STATS * t
-    out += BF16 * t * h + LN_STATS * t + mask * t * h  # embedding LayerNorm input, its stats, dropout mask
+        before += mask * t * h  # embedding dropout
+        after = (BF16 + FP32 + BF16 + mask) * t * h + LN_STATS * t
+        return before, after
+    before += BF16 * t * h + LN_STATS * t + mask * t * h  # embedding LayerNorm input, its stats, dropout mask
     if arch.conv:  # conv input copy, dropout mask and output (GELU input), LayerNorm input and stats
-        out += (3 * BF16 + mask) * t * h + LN_STATS * t
-    return out
+        before += (3 * BF16 + mask) * t * h + LN_STATS * t
+    return before, 0
 
 
 def backward_workspace_bytes(arch: Architecture, sequences: int, seq: int, attention: Attention = "flash") -> int:
@@ -336,20 +340,20 @@ def activation_bytes(arch: Architecture, sequences: int, seq: int, attention: At
                      *, no_grad_sequences: int = 0, mask_bytes: int = CUDA_DROPOUT_MASK) -> Activations:
     """Peak activation bytes of the encoder's forward + backward for ``sequences`` x ``seq`` tokens.
 
-    Without checkpointing: every layer's saved bytes and the embeddings' / output's, plus one
-    layer's backward workspace. With checkpointing (each layer recomputed in backward): each
-    layer keeps only its input (2th); one layer's full activations exist again while it is
-    recomputed, plus the workspace. ``no_grad_sequences``: a second encoder's forward without
+    Without checkpointing: every layer's saved bytes and the embeddings' / output's, plus the
+    larger of what runs after the layers (T5's final norm) and one layer's backward workspace.
+    With checkpointing (each layer recomputed in backward): each layer keeps only its input
+    (2th); one layer's full activations exist again while it is recomputed, plus the workspace. ``no_grad_sequences``: a second encoder's forward without
     gradient (ESimCSE's momentum encoder) after the model's forward, while its activations are
     saved; it holds at most one layer's activations at a time.
     """
     layer = sum(layer_activation_terms(arch, sequences, seq, attention, mask_bytes=mask_bytes).values())
-    outside = _outside_layers_bytes(arch, sequences, seq, mask_bytes)
+    before, after = _outside_layers_bytes(arch, sequences, seq, mask_bytes)
     work = backward_workspace_bytes(arch, sequences, seq, attention)
     no_grad = sum(layer_activation_terms(arch, no_grad_sequences, seq, attention, mask_bytes=mask_bytes).values()) \
         if no_grad_sequences else 0
-    full = arch.layers * layer + outside + max(work, no_grad)
-    checkpointed = arch.layers * BF16 * sequences * seq * arch.hidden + outside + max(layer + work, no_grad)
+    full = arch.layers * layer + before + max(after + no_grad, work)
+    checkpointed = arch.layers * BF16 * sequences * seq * arch.hidden + before + max(after + no_grad, layer + work)
     return Activations(full=full, checkpointed=checkpointed, layer=layer)
 
 
@@ -378,7 +382,7 @@ def _simulated_gather(world: int):
 
 
 def loss_bytes(dim: int, batch: int, gpus: int, method: Method, *, queue_size: int = 0,
-               temperature: float = 0.05) -> int:
+               temperature: float = 0.05, as_cuda: bool = True, round_to: int = 512) -> int:
     """Peak bytes of :func:`fastcse.info_nce` forward + backward on one of ``gpus`` ranks.
 
     The rank holds ``batch / gpus`` anchors (bf16, ``dim`` wide) and gathers every rank's positives
@@ -386,6 +390,7 @@ def loss_bytes(dim: int, batch: int, gpus: int, method: Method, *, queue_size: i
     candidates. Run on the meta device as CUDA (``fastcse.memory.meta_as_cuda``: the loss takes
     its CUDA backend, Triton launches stubbed) under ``StorageCounter(round_to=512)``; the gather is
     simulated (:func:`_simulated_gather`). Counts what the loss allocates above its inputs.
+    ``as_cuda=False, round_to=1``: the CPU path (chunked backend) with exact byte counts instead.
     """
     from unittest import mock
 
@@ -393,20 +398,21 @@ def loss_bytes(dim: int, batch: int, gpus: int, method: Method, *, queue_size: i
 
     import fastcse.distributed as distributed
     from fastcse.infonce import info_nce
-    from fastcse.memory import StorageCounter, meta_as_cuda, stub_kernel_launches
+    from fastcse.memory import StorageCounter, meta_run, stub_kernel_launches
 
     n = max(1, batch // gpus)
-    with meta_as_cuda(), stub_kernel_launches(), \
+    device = "cuda" if as_cuda else "meta"
+    with meta_run(as_cuda=as_cuda), stub_kernel_launches(), \
             mock.patch.object(distributed, "world_info", lambda: (0, gpus)), \
             mock.patch.object(distributed, "all_gather_with_grad", _simulated_gather(gpus)):
         def embeddings():
-            return torch.empty(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            return torch.empty(n, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
 
         anchors, positives = embeddings(), embeddings()
         hard = embeddings() if method == "simcse-sup" else None
-        queue = (torch.empty(queue_size, dim, device="cuda", dtype=torch.bfloat16)
+        queue = (torch.empty(queue_size, dim, device=device, dtype=torch.bfloat16)
                  if method == "esimcse" and queue_size else None)
-        with StorageCounter(round_to=512) as counter:
+        with StorageCounter(round_to=round_to) as counter:
             info_nce(anchors, positives, hard, queue=queue, temperature=temperature,
                      gather_across_ranks=gpus > 1).backward()
     return counter.peak
