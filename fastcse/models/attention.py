@@ -11,15 +11,23 @@ Backends (``attn_backend=``):
 ``varlen``
     BERT family (BERT, RoBERTa, XLM-R) and ModernBERT: the batch is unpadded once to
     ``(total_tokens, hidden)``; embeddings, layer norms, MLPs and attention all run on packed
-    tokens (see :func:`bert_varlen_forward`, :func:`modernbert_varlen_forward`). Attention kernel by device (:func:`varlen_attention`):
-    the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed (fp16/bf16 CUDA);
-    else PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (fp16/bf16 CUDA, when no attention
-    dropout is needed: it has no dropout argument); else SDPA on jagged nested tensors
-    (fp16/bf16 CUDA training with dropout; PyTorch's flash kernel on ``cu_seqlens``); else, on CPU
-    or fp32, the CPU twin: the packed q/k/v are scattered into a padded ``(batch, heads, max_seqlen,
-    head_dim)`` block, attended with SDPA and a key-padding mask, and gathered back. Dropout: the
-    model's own ``nn.Dropout`` modules on packed tokens; attention-probability dropout inside the
-    kernel (``dropout_p``).
+    tokens (see :func:`bert_varlen_forward`, :func:`modernbert_varlen_forward`). Attention kernel
+    (:func:`varlen_attention`; ``auto`` takes the first that can run, :func:`pick_varlen_kernel`):
+    1. ``flash_attn``: the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed
+       (fp16/bf16 CUDA);
+    2. ``aten_flash``: PyTorch's own FlashAttention-2 varlen kernels (``aten._flash_attention_forward``
+       / ``_backward`` as the custom op ``fastcse::flash_varlen_fwd``, ``fastcse.kernels.flash_varlen``;
+       fp16/bf16 CUDA on sm80+, head_dim <= 256): attention dropout inside the kernel, the backward
+       replays its mask from the saved Philox state; windows too. ``bench/perf_model.py`` costs it
+       as flash over the real tokens: faster than padded SDPA (padded tokens, plus the scatter and
+       gather) and than nested tensors (the same kernels plus ~20 dispatched ops of host time);
+    3. ``padded_sdpa``: everywhere else (CPU, fp32, old GPUs): the packed q/k/v are scattered into a
+       padded ``(batch, heads, max_seqlen, head_dim)`` block, attended with SDPA and a key-padding
+       mask, and gathered back (the CPU twin, exact against HF eager).
+    By name only: ``torch_varlen`` (``torch.nn.attention.varlen.varlen_attn``: no dropout, no
+    scale in torch 2.11) and ``nested`` (SDPA on jagged nested tensors: Python dispatch per op).
+    Dropout: the model's own ``nn.Dropout`` modules on packed tokens; attention-probability dropout
+    inside the kernel (``dropout_p``).
 ``biased``
     T5 and DeBERTa-v2: the fused relative-bias Triton attention of ``fastcse.models.biased``
     patched into the HF modules (dropout inside the kernel, see that module).
@@ -52,8 +60,8 @@ from .unpad import PackedBatch, pack, unpad_input
 logger = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("auto", "eager", "sdpa", "varlen", "biased", "rotary")
-VarlenKernel = Literal["auto", "flash_attn", "torch_varlen", "nested", "padded_sdpa"]
-VARLEN_KERNELS = ("auto", "flash_attn", "torch_varlen", "nested", "padded_sdpa")
+VarlenKernel = Literal["auto", "flash_attn", "aten_flash", "torch_varlen", "nested", "padded_sdpa"]
+VARLEN_KERNELS = ("auto", "flash_attn", "aten_flash", "torch_varlen", "nested", "padded_sdpa")
 
 # model_type -> the fast backend that exists for it (besides eager / sdpa)
 BERT_VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
@@ -167,15 +175,27 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
-def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: float) -> str:
-    """The varlen attention kernel ``auto`` uses for these inputs (see the module docstring)."""
+@functools.lru_cache(maxsize=None)
+def _aten_flash_module():
+    try:
+        from fastcse.kernels import flash_varlen
+    except ImportError:  # a checkout without the kernels package
+        return None
+    return flash_varlen
+
+
+def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int = 64) -> str:
+    """The varlen attention kernel ``auto`` uses for these inputs: the first of ``flash_attn``,
+    ``aten_flash``, ``padded_sdpa`` that can run them (the order of the module docstring, the
+    performance model's: flash over real tokens beats SDPA over padded ones). Never a CUDA kernel
+    for CPU tensors."""
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half:
         if _flash_attn_varlen() is not None:
             return "flash_attn"
-        if _torch_varlen_attn() is not None and dropout_p == 0.0:
-            return "torch_varlen"
-        return "nested"
+        module = _aten_flash_module()
+        if module is not None and module.flash_varlen_unsupported_reason(device, dtype, head_dim) is None:
+            return "aten_flash"
     return "padded_sdpa"
 
 
@@ -200,10 +220,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if kernel == "auto":
-        kernel = pick_varlen_kernel(q.device, q.dtype, dropout_p)
-        if window is not None and kernel in ("torch_varlen", "nested"):
-            # torch 2.11's varlen_attn and SDPA on nested tensors take no window
-            kernel = "padded_sdpa"
+        kernel = pick_varlen_kernel(q.device, q.dtype, dropout_p, head_dim)
+        if window is not None and kernel == "aten_flash" and not _aten_flash_module().flash_varlen_has_window():
+            kernel = "padded_sdpa"  # a torch whose flash ops take no window
     if window is not None and kernel in ("torch_varlen", "nested"):
         raise ValueError(f"varlen kernel {kernel!r} has no sliding window; use 'flash_attn' or 'padded_sdpa'")
     if kernel == "flash_attn":
@@ -213,6 +232,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
         return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                   dropout_p=dropout_p, softmax_scale=scale, causal=False,
                   window_size=(-1, -1) if window is None else (window, window))
+    if kernel == "aten_flash":
+        module = _aten_flash_module()
+        if module is None:
+            raise RuntimeError("varlen kernel 'aten_flash' needs fastcse.kernels.flash_varlen (not installed)")
+        reason = module.flash_varlen_unsupported_reason(q.device, q.dtype, head_dim)
+        if reason is not None:
+            raise ValueError(f"varlen kernel 'aten_flash' {reason}; use 'padded_sdpa' (or kernel='auto')")
+        return module.flash_varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, dropout_p=dropout_p,
+                                             scale=scale, window=window)
     if kernel == "torch_varlen":
         fn = _torch_varlen_attn()
         if fn is None:
