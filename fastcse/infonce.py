@@ -191,21 +191,33 @@ _DEFERRED_MESSAGE = (
 )
 
 
+def _value_flag(loss: Tensor, temperature) -> Tensor:
+    """A device bool: the loss is not finite (``loss - loss`` is NaN exactly for NaN and +-inf),
+    or a temperature tensor on the loss's device is not > 0. Three small kernels, no host read."""
+    bad = (loss - loss).ne_(0)
+    if bad.dim():
+        bad = bad.any()
+    if isinstance(temperature, torch.Tensor) and temperature.device == loss.device:
+        bad = bad.logical_or_(temperature.detach().reshape(()) <= 0)
+    return bad
+
+
 def defer_value_check(loss: Tensor, temperature) -> None:
     """Check a CUDA call's values from its result, without a host synchronisation.
 
     Any NaN / inf in an input reaches the loss (it enters a norm, hence every logit of its row or
-    column, hence the log-sum-exp), so ``isfinite(loss)`` (plus ``temperature > 0`` for a tensor
-    temperature) is one device flag. It is copied to pinned host memory behind a CUDA event and read
-    once the event has passed: by the next :func:`info_nce` call, which raises the ``ValueError``,
-    or by :func:`raise_deferred_input_errors`. Skipped under ``torch.compile`` and CUDA-graph
-    capture; on meta tensors (the performance model) the device ops run and nothing is read.
+    column, hence the log-sum-exp; tests/test_infonce.py checks it for every input), so
+    :func:`_value_flag` is one device flag. It is copied to pinned host memory behind a CUDA event
+    and read once the event has passed: by the next :func:`info_nce` call, which raises the
+    ``ValueError``, or by :func:`raise_deferred_input_errors`. Skipped under ``torch.compile`` and
+    CUDA-graph capture; on meta tensors (the performance model) the device ops run and nothing is
+    read. A temperature tensor on the CPU is checked on the host at once (no device involved).
     """
     if _is_compiling():
         return
-    bad = torch.isfinite(loss).logical_not_().any()
-    if isinstance(temperature, torch.Tensor):
-        bad = bad.logical_or_(temperature.detach().reshape(()).to(bad.device) <= 0)
+    if isinstance(temperature, torch.Tensor) and temperature.device.type == "cpu":
+        check_values([], temperature)
+    bad = _value_flag(loss, temperature)
     if loss.is_meta or not loss.is_cuda or torch.cuda.is_current_stream_capturing():
         return
     host = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -275,9 +287,9 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, config, *parts):
-        hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows = config
-        needs = ctx.needs_input_grad
-        wants_grad = needs[0] or needs[1] or any(needs[3:3 + n_grad_parts])
+        hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows, grad_enabled = config
+        needs = ctx.needs_input_grad  # requires_grad of the inputs, whatever the grad mode was
+        wants_grad = grad_enabled and (needs[0] or needs[1] or any(needs[3:3 + n_grad_parts]))
         prob = Problem(x, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts, fused_matmul_dtype(x))
         rows = chunk_rows or default_chunk_rows(x.shape[0], prob.n_cols, x.is_cuda)
         ctx.config = config
@@ -295,7 +307,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows = ctx.config
+        hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows, _ = ctx.config
         if ctx.precompute:
             claim_precomputed_grads(ctx)
             dscale, dx, *dparts = ctx.saved_tensors
@@ -324,7 +336,7 @@ def _fused_loss(backend: str, rows: Tensor, parts: Sequence[Tensor], scale: Tens
     rows are the columns; gradients for ``parts[:n_grad_parts]``), the target of row i at column
     ``target_offset + i`` (inside ``parts[0]``)."""
     if backend == "chunked":
-        config = (hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows)
+        config = (hn_weight, hn_offset, target_offset, n_grad_parts, reduction, chunk_rows, torch.is_grad_enabled())
         return _ChunkedLoss.apply(rows, scale, config, *parts)
     from fastcse.kernels.infonce import triton_loss
 

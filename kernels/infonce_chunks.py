@@ -54,8 +54,10 @@ FP16_WEIGHT_HEADROOM = 2.0 ** 15
 GPU_CHUNK_ROWS = 1024
 
 # Elements per chunk on CPU (fp32): the dot products of a chunk, 2**22 x 4 B = 16 MiB, stay near
-# the last-level cache while every matmul keeps >= 256 rows at M = 16384 (bench/bench_infonce.py).
+# the last-level cache; at least 256 rows, so that the candidate accumulator (M x D fp32, read and
+# written by every chunk's GEMM) costs under 1/16 of the chunk's FLOPs in bytes at any M.
 CPU_CHUNK_ELEMENTS = 1 << 22
+CPU_MIN_CHUNK_ROWS = 256
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,8 +73,9 @@ def fused_matmul_dtype(x: Tensor) -> torch.dtype:
 
 def default_chunk_rows(n_rows: int, n_cols: int, on_gpu: bool) -> int:
     """Anchor rows per chunk: :data:`GPU_CHUNK_ROWS` on CUDA, a :data:`CPU_CHUNK_ELEMENTS`
-    budget of dot products on CPU; never more than the rows there are."""
-    rows = GPU_CHUNK_ROWS if on_gpu else CPU_CHUNK_ELEMENTS // max(1, n_cols)
+    budget of dot products (at least :data:`CPU_MIN_CHUNK_ROWS` rows) on CPU; never more than
+    the rows there are."""
+    rows = GPU_CHUNK_ROWS if on_gpu else max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_ELEMENTS // max(1, n_cols))
     return max(1, min(n_rows, rows))
 
 
@@ -143,7 +146,8 @@ def mm_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
         return torch.mm(a, b, out=out)
     if a.is_cuda and _HAS_MM_DTYPE_OUT:
         return torch.mm(a, b, out_dtype=out.dtype, out=out)
-    return out.copy_(a @ b)
+    # elsewhere (CPU tests of the CUDA dtypes): the same fp32 accumulation and output, by upcasting
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
 def mm_new(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:

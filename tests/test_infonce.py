@@ -355,3 +355,338 @@ def test_second_backward_through_precomputed_gradients_is_refused(backend):
     ref = reference_loss(anchors, positives, temperature=0.05)
     (ref_grad,) = torch.autograd.grad(ref, anchors)
     assert rel_error(first, ref_grad) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused pieces one by one: tile kernel (split columns), row softmax, chunk loop in the CUDA
+# dtypes, memory, host synchronisation
+# ---------------------------------------------------------------------------------------------
+
+from fastcse.kernels import infonce_chunks as chunks  # noqa: E402
+
+
+def _reference_rows(x, parts, scale, hn_weight, hn_offset, target_offset):
+    """float64 lse_i and target logits of raw rows (normalised here)."""
+    a = F.normalize(x.double(), dim=-1)
+    c = F.normalize(torch.cat(parts).double(), dim=-1)
+    s = float(scale) * a @ c.T
+    idx = torch.arange(x.shape[0])
+    if hn_weight:
+        s[idx, idx + hn_offset] += hn_weight
+    return torch.logsumexp(s, dim=1), s[idx, idx + target_offset]
+
+
+def _problem(x, parts, scale, hn_weight=0.0, hn_offset=0, target_offset=0, n_grad_parts=None, mm_dtype=None):
+    scale_t = torch.tensor(scale, dtype=chunks.accumulation_dtype(x.dtype))
+    return chunks.Problem(x, parts, scale_t, hn_weight, hn_offset, target_offset,
+                          len(parts) if n_grad_parts is None else n_grad_parts,
+                          mm_dtype or chunks.fused_matmul_dtype(x))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_tile_kernel_split_columns_combine_to_the_reference(dtype, tol):
+    """The no-grad kernel's logic under the interpreter: each candidate part split across columns
+    (one tile per split, several, one split), the partial log-sum-exps combined, the target logit
+    stored by exactly the program whose columns hold it; ragged sizes, two parts, hard negative.
+    (The interpreter upcasts tiles before tl.dot, so bf16 here checks loads and logic; the bf16
+    dot itself is checked on a GPU.)"""
+    from fastcse.kernels.infonce import _tile_config, tile_lse
+
+    n, d = 45, 70
+    x = torch.randn(n, d).to(dtype)
+    parts = [torch.randn(n, d).to(dtype), (3 * torch.randn(n + 31, d)).to(dtype)]
+    hn = dict(hn_weight=0.7, hn_offset=n + 5, target_offset=0)
+    ref_lse, ref_tgt = _reference_rows(x, parts, 14.0, **hn)
+    block_n = _tile_config(x)["BLOCK_N"]
+    widths = [block_n, 2 * block_n, 1 << 20, None]  # None: the launcher's own choice
+    for per in widths:
+        lse, tgt = tile_lse(_problem(x, parts, 14.0, **hn), cols_per_split=per)
+        assert lse.dtype == torch.float32 and lse.shape == (n,)
+        assert rel_error(lse, ref_lse) <= tol, f"cols_per_split={per}: {describe_mismatch(lse, ref_lse)}"
+        assert rel_error(tgt, ref_tgt) <= tol, f"cols_per_split={per}: {describe_mismatch(tgt, ref_tgt)}"
+
+
+def test_tile_kernel_fills_the_card_from_n_1024():
+    """At N = 1024 (8 row blocks of 128) the split across columns launches at least one program
+    per multiprocessor of a 132-SM card (every 128 x 64 tile its own program: 256), two per
+    multiprocessor from N = 4096; the old row-only grid launched 8 and 32."""
+    from fastcse.kernels.infonce import tile_lse
+    from fastcse.memory import meta_as_cuda, stub_kernel_launches
+
+    for n in (1024, 4096):
+        with meta_as_cuda(), stub_kernel_launches() as launches:
+            x, p, h = (torch.empty(n, 768, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            tile_lse(_problem(x, [p, h], 20.0, mm_dtype=torch.bfloat16))
+        programs = sum(launch.grid[0] * launch.grid[1] for launch in launches)
+        assert [launch.name for launch in launches] == ["_lse_fwd_kernel"] * 2
+        assert programs >= (132 if n == 1024 else 2 * 132), f"N={n}: {programs} programs"
+
+
+def _softmax_reference(x, parts, scale, row0, rows, lse_given=None, grad_rows=None, **hn):
+    """float64 pieces of the row softmax contract for anchors row0..row0+rows."""
+    lse, tgt = _reference_rows(x, parts, scale, **hn)
+    a = F.normalize(x.double(), dim=-1)
+    c = F.normalize(torch.cat(parts).double(), dim=-1)
+    y = torch.cat(parts).double()
+    q = 1 / y.norm(dim=1)
+    s = scale * a @ c.T
+    idx = torch.arange(x.shape[0])
+    if hn.get("hn_weight"):
+        s[idx, idx + hn["hn_offset"]] += hn["hn_weight"]
+    use = lse if lse_given is None else lse_given.double()
+    p = torch.exp(s - use[:, None])
+    sl = slice(row0, row0 + rows)
+    g = torch.ones(x.shape[0], dtype=torch.float64) if grad_rows is None else grad_rows.double()
+    x_tilde = (g / x.double().norm(dim=1))[:, None] * x.double()
+    dots = x.double() @ y.T
+    t = idx + hn.get("target_offset", 0)
+    radial = (p * q[None, :] * dots).sum(1) - q[t] * dots[idx, t]
+    return dict(lse=lse[sl], tgt=tgt[sl], weights=(p * q[None, :])[sl], x_tilde=x_tilde[sl], radial=radial[sl])
+
+
+@pytest.mark.parametrize("softmax", ["triton", "torch"])
+@pytest.mark.parametrize("dots_dtype, weights_dtype, tol", [
+    (torch.float32, torch.float32, 1e-5),    # CPU / fp32: in place
+    (torch.bfloat16, torch.bfloat16, 2e-2),  # bf16 on CUDA: bf16 dots, weights written over them
+    (torch.float32, torch.float16, 2e-3),    # fp16 on CUDA: fp32 dots, fp16 weights with headroom
+])
+def test_row_softmax_contract(softmax, dots_dtype, weights_dtype, tol):
+    """Both row softmaxes against float64, on a chunk in the middle of the rows (row0 > 0), with a
+    hard negative, in the forward (lse computed) and backward (lse read, per-row g) modes."""
+    from fastcse.kernels.infonce import rows_softmax_
+
+    fn = rows_softmax_ if softmax == "triton" else chunks.torch_rows_softmax_
+    n, d, row0, rows = 21, 40, 6, 9
+    x = torch.randn(n, d) * (1 + torch.rand(n, 1))
+    parts = [torch.randn(n, d), 2 * torch.randn(n + 13, d)]
+    hn = dict(hn_weight=0.4, hn_offset=n + 3, target_offset=0)
+    prob = _problem(x, parts, 12.0, mm_dtype=weights_dtype, **hn)
+    y = torch.cat(parts)
+    for compute_lse in (True, False):
+        grad_rows = None if compute_lse else torch.randn(n)
+        lse_in = None if compute_lse else _reference_rows(x, parts, 12.0, **hn)[0].float()
+        ref = _softmax_reference(x, parts, 12.0, row0, rows, lse_given=lse_in, grad_rows=grad_rows, **hn)
+        dots = (x[row0:row0 + rows] @ y.T).to(dots_dtype)
+        weights = dots if weights_dtype == dots_dtype else torch.full(dots.shape, float("nan"), dtype=weights_dtype)
+        lse = torch.full((n,), float("nan")) if compute_lse else lse_in.clone()
+        tgt = torch.full((n,), float("nan"))
+        x_tilde = torch.full((rows, d), float("nan"), dtype=weights_dtype)
+        radial = torch.full((rows,), float("nan"))
+        wrote = fn(prob, dots, weights, row0, lse, tgt, grad_rows, x_tilde, compute_lse, radial=radial)
+        scale_w = float(prob.col_scale) if prob.col_scale is not None else 1.0
+        assert rel_error(weights.double() / scale_w, ref["weights"]) <= tol, describe_mismatch(weights, ref["weights"])
+        assert rel_error(x_tilde, ref["x_tilde"]) <= tol
+        if compute_lse:
+            assert rel_error(lse[row0:row0 + rows], ref["lse"]) <= tol
+            assert rel_error(tgt[row0:row0 + rows], ref["tgt"]) <= tol
+            assert torch.isnan(lse[:row0]).all() and torch.isnan(lse[row0 + rows:]).all()  # other rows untouched
+        assert wrote == (softmax == "triton")
+        if wrote:
+            assert rel_error(radial, ref["radial"]) <= 10 * tol, describe_mismatch(radial, ref["radial"])
+
+
+@pytest.mark.parametrize("softmax", ["triton", "torch"])
+@pytest.mark.parametrize("mm_dtype", [torch.bfloat16, torch.float16])
+def test_chunk_loop_in_the_cuda_dtypes(softmax, mm_dtype):
+    """The training path as it runs on CUDA (half-precision matmul operands, bf16 dots written
+    over by the weights / fp32 dots and fp16 weights), here on CPU: loss and every gradient
+    within twice PyTorch eager's own error in that dtype, gradients in the inputs' dtype."""
+    from fastcse.kernels.infonce import rows_softmax_
+
+    fn = rows_softmax_ if softmax == "triton" else chunks.torch_rows_softmax_
+    n, d = 37, 48
+    x32, p32, h32 = (torch.randn(n, d) * (1 + torch.rand(n, 1)) for _ in range(3))
+    x, p, h = (t.to(mm_dtype) for t in (x32, p32, h32))
+    kw = dict(hard_negative_weight=0.5, reduction="sum")
+    t = torch.tensor(0.05)
+    upstream = torch.ones((), dtype=torch.float64)
+    ref_loss, ref_grads = _loss_and_grads(reference_loss, x.double(), p.double(), h.double(), None, t, upstream, **kw)
+    eager_loss, eager_grads = _loss_and_grads(info_nce, x, p, h, None, t, upstream, backend="eager", **kw)
+    prob = _problem(x, [p, h], 20.0, hn_weight=0.5, hn_offset=n, mm_dtype=mm_dtype)
+    lse, tgt, dx, (dp, dh), dscale = chunks.forward_with_grads(prob, 16, fn)
+    loss = (lse - tgt).sum()
+    assert rel_error(loss, ref_loss) <= 2 * rel_error(eager_loss, ref_loss) + 1e-6
+    for name, g, ge, r in zip(("anchors", "positives", "hard_negatives"), (dx, dp, dh), eager_grads, ref_grads):
+        assert g.dtype == mm_dtype, name
+        assert rel_error(g, r) <= 2 * rel_error(ge, r), f"{name}: {rel_error(g, r):.2e} vs eager {rel_error(ge, r):.2e}"
+    # d loss / d temperature = -scale^2 d loss / d scale
+    assert rel_error(-400.0 * dscale, ref_grads[3]) <= 2 * rel_error(eager_grads[3], ref_grads[3]) + 1e-5
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gradients_come_back_in_the_input_dtype(backend, dtype):
+    anchors, positives, hard_negatives, queue = _inputs(10, 24, True, 4, dtype=dtype)
+    leaves = [x.clone().requires_grad_() for x in (anchors, positives, hard_negatives)]
+    t = torch.tensor(0.07, requires_grad=True)
+    for reduction in ("mean", "none"):
+        loss = info_nce(*leaves, queue=queue, temperature=t, backend=backend, reduction=reduction)
+        grads = torch.autograd.grad(loss.sum(), leaves + [t])
+        assert [g.dtype for g in grads] == [dtype] * 3 + [torch.float32]
+
+
+def _meta_peak(provider, n, d=768, dtype=torch.bfloat16, **kw):
+    """Peak bytes above the inputs of a fwd + bwd on the meta device with CUDA's dtype behaviour
+    (fastcse.memory), the Triton launches stubbed; .grad of the three inputs included."""
+    from fastcse.memory import StorageCounter, meta_as_cuda, stub_kernel_launches
+
+    with meta_as_cuda(), stub_kernel_launches():
+        a, p, h = (torch.empty(n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        with StorageCounter(round_to=512) as counter:
+            info_nce(a, p, h, hard_negative_weight=0.5, backend=provider, **kw).backward()
+    return counter.peak
+
+
+def test_chunk_rows_keep_the_full_matrix_out_and_beat_eager_memory():
+    """On CUDA the training path takes 1024-row chunks. The peak (gradients included) is at most
+    dx, the fp32 candidate accumulator and ONE chunk's buffers: a second chunk buffer alive, or a
+    chunk of all N rows, would break that bound. So from N = 2048 on no N x M matrix is ever held,
+    from N = 4096 the whole peak is below one bf16 N x M matrix, and at every N >= 1024 it is below
+    eager's."""
+    assert chunks.default_chunk_rows(32768, 65536, on_gpu=True) == 1024
+    assert chunks.default_chunk_rows(700, 1400, on_gpu=True) == 700
+    for n in (1024, 2048, 4096, 8192):
+        m, d = 2 * n, 768
+        fused, eager = _meta_peak("triton", n), _meta_peak("eager", n)
+        assert fused < eager, f"N={n}: fused {fused / 2**20:.1f} MiB >= eager {eager / 2**20:.1f} MiB"
+        rows = min(n, 1024)
+        # dx (bf16) + candidate accumulator (fp32) + chunk: dots (bf16, R x M) + x~ (bf16) + W y (fp32)
+        bound = 2 * n * d + 4 * m * d + 2 * rows * m + 2 * rows * d + 4 * rows * d
+        assert fused <= 1.02 * bound + 2**20, f"N={n}: {fused / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+        if n >= 4096:
+            assert fused < 2 * n * m, f"N={n}: the peak reaches a full N x M bf16 matrix"
+    assert _meta_peak("triton", 4096, chunk_rows=4096) > _meta_peak("triton", 4096) + 2 * 3072 * 8192  # the bound can fail
+
+
+class _HostDeviceTraffic(torch.overrides.TorchFunctionMode):
+    """Counts host-to-device copies a CUDA run would make under ``meta_as_cuda``: tensors made
+    from host data on the device (``torch.tensor(..., device=cuda)``) and ``.to(cuda)`` / copies
+    of CPU tensors into device tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        device = kwargs.get("device")
+        if func in (torch.tensor, torch.as_tensor) and device is not None and "cuda" in str(device):
+            self.copies.append(name)
+        elif func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) and args and isinstance(args[0], torch.Tensor):
+            src = args[1] if func is torch.Tensor.copy_ else args[0]
+            dst_cuda = args[0].is_meta if func is torch.Tensor.copy_ else ("cuda" in str(args[1:]) or "cuda" in str(kwargs)
+                                                                          or func is torch.Tensor.cuda)
+            if isinstance(src, torch.Tensor) and src.device.type == "cpu" and src.numel() and dst_cuda:
+                self.copies.append(name)
+        return func(*args, **kwargs)
+
+
+def _count_host_syncs(fn):
+    """(host reads of device values, host-to-device copies) of ``fn`` run on meta tensors that
+    play CUDA ones: every branch a CUDA run takes, nothing computed."""
+    from fastcse.memory import meta_as_cuda, stub_kernel_launches
+
+    with meta_as_cuda() as mode, stub_kernel_launches():
+        traffic = _HostDeviceTraffic()
+        with traffic:
+            fn()
+    return mode.scalar_reads, traffic.copies
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked", "eager"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_host_synchronisation_on_the_cuda_hot_path(backend, reduction):
+    """A CUDA training step of the loss (every feature on: hard negatives + weight, queue,
+    symmetric, learnable temperature) reads no device value on the host and copies nothing from
+    it: forward, backward, the input checks, the deferred value check."""
+
+    def step():
+        a, p, h = (torch.empty(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q = torch.empty(50, 64, device="cuda", dtype=torch.bfloat16)
+        log_t = torch.full((), -3.0, device="cuda", requires_grad=True)
+        loss = info_nce(a, p, h, queue=q, temperature=log_t.exp(), hard_negative_weight=0.3, symmetric=True,
+                        reduction=reduction, backend=backend)
+        loss.sum().backward()
+        with torch.no_grad():
+            info_nce(a, p, h, temperature=0.05, backend=backend)
+
+    reads, copies = _count_host_syncs(step)
+    assert reads == 0 and copies == [], f"{reads} host reads, copies {copies}"
+
+
+def test_the_host_sync_counter_sees_what_the_old_checks_did():
+    """The counter above can fail: the value checks as they ran on every call before (they run
+    now for CPU tensors only) read device values, and a temperature made with torch.tensor on the
+    device is a host-to-device copy."""
+    from fastcse.infonce import check_values
+
+    def old_checks():
+        a = torch.empty(8, 16, device="cuda")
+        check_values([("anchors", a), ("positives", a)], torch.empty((), device="cuda"))
+        torch.tensor(1 / 0.05, device="cuda")
+
+    reads, copies = _count_host_syncs(old_checks)
+    assert reads >= 3 and copies == ["tensor"]
+
+
+def test_deferred_value_flag():
+    """The flag a CUDA call copies back (its logic runs on any device): set by a non-finite loss or
+    a temperature tensor <= 0, clear otherwise."""
+    from fastcse.infonce import _value_flag
+
+    assert not bool(_value_flag(torch.tensor(1.5), 0.05))
+    assert not bool(_value_flag(torch.tensor([1.0, 2.0]), torch.tensor(0.1)))
+    assert bool(_value_flag(torch.tensor([1.0, float("nan")]), 0.05))
+    assert bool(_value_flag(torch.tensor(float("inf")), 0.05))
+    assert bool(_value_flag(torch.tensor(float("-inf")), 0.05))
+    assert bool(_value_flag(torch.tensor(1.0), torch.tensor(-0.1)))
+    assert bool(_value_flag(torch.tensor(1.0), torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("name", ["anchors", "positives", "hard_negatives", "queue"])
+def test_non_finite_inputs_reach_the_loss(name):
+    """What the deferred CUDA check relies on: a NaN or inf anywhere in the inputs makes the fused
+    loss non-finite (both fused backends, mean and none)."""
+    for backend in ("chunked", "triton"):
+        for value in (float("nan"), float("inf")):
+            anchors, positives, hard_negatives, queue = _inputs(9, 12, True, 5)
+            bad = dict(anchors=anchors, positives=positives, hard_negatives=hard_negatives, queue=queue)[name]
+            bad[3, 4] = value
+            from fastcse.infonce import _direction_loss, _value_flag
+
+            for reduction in ("mean", "none"):
+                parts = [positives, hard_negatives, queue]
+                loss = _direction_loss(backend, anchors, parts, torch.tensor(20.0), hn_weight=0.0, hn_offset=0,
+                                       target_offset=0, n_grad_parts=2, reduction=reduction, chunk_rows=4)
+                assert bool(_value_flag(loss, 0.05)), f"{backend} {name}={value} {reduction}: {loss}"
+
+
+@pytest.mark.cuda
+def test_cuda_bad_values_raise_at_the_next_call():
+    from fastcse.infonce import raise_deferred_input_errors
+
+    a, p = torch.randn(64, 32, device="cuda"), torch.randn(64, 32, device="cuda")
+    bad = a.clone()
+    bad[5, 1] = float("nan")
+    info_nce(bad, p)  # no host synchronisation: nothing raised yet
+    with pytest.raises(ValueError, match="non-finite"):
+        raise_deferred_input_errors()
+    info_nce(a, p, temperature=torch.tensor(-0.1, device="cuda"))
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(a, p)
+    info_nce(a, p)
+    raise_deferred_input_errors()  # a good call leaves nothing behind
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_accumulation_inside_the_gemm():
+    """On this PyTorch, addmm accumulates fp32 out of bf16 operands in place (else the loop falls
+    back to a product and an add, correct but slower: reported here)."""
+    acc = torch.randn(256, 128, device="cuda")
+    a, b = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16), torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    want = acc + a.float() @ b.float()
+    chunks.addmm_into_(acc, a, b)
+    assert rel_error(acc, want) <= 1e-3
+    assert chunks._ADDMM_FP32_INTO_SELF is True, "torch.addmm(out_dtype=fp32, out=acc) refused: fallback path"
