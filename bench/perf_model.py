@@ -318,6 +318,72 @@ def _index_cost(func, args, kwargs, out, card) -> Cost:
     return Cost(str(func), "memory", bytes=2 * _written_bytes(out) + sum(touched_bytes(t) for t in indices))
 
 
+# PyTorch's fused attention kernels (FlashAttention-2 and the CUTLASS memory-efficient kernel),
+# which SDPA on CUDA and fastcse's aten_flash varlen kernel launch. Each program owns a BLOCK_M
+# query tile of one (sequence, head) and streams BLOCK_N key tiles, so a short sequence costs whole
+# tiles: FLOPs are counted over the padded tiles, 4 L^2 D forward (S = QK^T, O = PV), 10 L^2 D
+# backward (S again, dV, dP, dQ, dK), exponentials over the tiles (forward and the backward's
+# recomputation). Efficiency: FA2 reaches ~335 TFLOP/s forward on an H100 at head_dim 64-128 (its
+# paper; FA3 is not in PyTorch), 0.42 of the 788 TFLOP/s cuBLAS ceiling, times the waves of programs
+# over the multiprocessors. The varlen ops read their lengths from cu_seqlens, which a meta trace has
+# no values of: :data:`VARLEN_LENGTHS` holds the real lengths while an encoder is traced (else every
+# sequence is taken at max_seqlen, an upper bound).
+FLASH_EFFICIENCY = 0.42
+FLASH_TILES = {"flash": (128, 128), "efficient": (64, 64)}  # (BLOCK_M, BLOCK_N) for head_dim <= 128
+VARLEN_LENGTHS: dict = {"lengths": None}
+
+
+def _attention_tile_cost(name: str, kind: str, lengths: list, heads: int, dim: int, dtype, moved: float,
+                         backward: bool, card: Card) -> Cost:
+    block_m, block_n = FLASH_TILES[kind]
+    tiles = sum(math.ceil(n / block_m) * block_m * math.ceil(n / block_n) * block_n for n in lengths) * heads
+    programs = sum(math.ceil(n / block_m) for n in lengths) * heads
+    waves = math.ceil(programs / card.sm_count) if card.gpu else 1
+    wave_eff = programs / (waves * card.sm_count) if card.gpu else 1.0
+    flops = (10.0 if backward else 4.0) * tiles * dim
+    return Cost(name, "matmul", flops=flops, bytes=moved, dtype=dtype, efficiency=FLASH_EFFICIENCY * wave_eff,
+                exps=float(tiles))
+
+
+def _seq_lengths(cu, max_len: int) -> list:
+    known = VARLEN_LENGTHS["lengths"]
+    batch = cu.numel() - 1
+    return list(known) if known is not None and len(known) == batch else [max_len] * batch
+
+
+def _flash_varlen_fwd_cost(func, args, kwargs, out, card) -> Cost:
+    q, k, v, cu_q, _cu_k, max_q = args[:6]
+    if cu_q is None:  # padded (batch, seq, heads, dim) layout
+        lengths, heads = [q.shape[1]] * q.shape[0], q.shape[2]
+    else:
+        lengths, heads = _seq_lengths(cu_q, max_q), q.shape[1]
+    moved = sum(touched_bytes(t) for t in (q, k, v)) + _written_bytes(out)
+    return _attention_tile_cost(str(func), "flash", lengths, heads, q.shape[-1], q.dtype, moved, False, card)
+
+
+def _flash_varlen_bwd_cost(func, args, kwargs, out, card) -> Cost:
+    grad_out, q, k, v, o, lse, cu_q, _cu_k, max_q = args[:9]
+    if cu_q is None:
+        lengths, heads = [q.shape[1]] * q.shape[0], q.shape[2]
+    else:
+        lengths, heads = _seq_lengths(cu_q, max_q), q.shape[1]
+    # reads dO, q, k, v, O, lse; writes dq, dk, dv; the fp32 dQ accumulator (atomics) read + written
+    moved = (sum(touched_bytes(t) for t in (grad_out, q, k, v, o, lse)) + _written_bytes(out)
+             + 2 * 4 * q.numel())
+    return _attention_tile_cost(str(func), "flash", lengths, heads, q.shape[-1], q.dtype, moved, True, card)
+
+
+def _sdpa_fused_cost(kind: str, backward: bool):
+    # padded (batch, heads, seq, dim): every sequence at the padded length (the kernels skip no
+    # masked tile); the attention bias, when given, read once (broadcast dimensions once)
+    def cost(func, args, kwargs, out, card) -> Cost:
+        q = args[1] if backward else args[0]
+        lengths, heads = [q.shape[2]] * q.shape[0], q.shape[1]
+        moved = sum(touched_bytes(t) for t in _tensors((args, kwargs))) + _written_bytes(out)
+        return _attention_tile_cost(str(func), kind, lengths, heads, q.shape[-1], q.dtype, moved, backward, card)
+    return cost
+
+
 # ATen ops whose bytes are not "every tensor input read once, every output written once"
 ATEN_RULES: dict = {
     aten.logsumexp.default: _logsumexp_cost,
@@ -327,6 +393,12 @@ ATEN_RULES: dict = {
     aten.index_put_.default: _index_put_cost,
     aten.index_put.default: _index_put_cost,
     aten.index.Tensor: _index_cost,
+    aten._flash_attention_forward.default: _flash_varlen_fwd_cost,
+    aten._flash_attention_backward.default: _flash_varlen_bwd_cost,
+    aten._scaled_dot_product_flash_attention.default: _sdpa_fused_cost("flash", False),
+    aten._scaled_dot_product_flash_attention_backward.default: _sdpa_fused_cost("flash", True),
+    aten._scaled_dot_product_efficient_attention.default: _sdpa_fused_cost("efficient", False),
+    aten._scaled_dot_product_efficient_attention_backward.default: _sdpa_fused_cost("efficient", True),
 }
 
 
@@ -845,20 +917,158 @@ def attention_bars(card: Card) -> list:
     return specs
 
 
+ENCODER_WORKLOADS = {
+    # bench_encoder's workloads: 64 SimCSE sentences of wiki lengths (bench_encoder.wiki_lengths:
+    # WordPiece when the MiniLM tokenizer is installed, else 1.3 x words + 2; capped at 32, padded
+    # to the longest, drawn with bench_one's seed), and 8 full 512-token sequences
+    "wiki32": dict(batch=64, max_len=32),
+    "long512": dict(batch=8, max_len=512),
+}
+
+
+def encoder_lengths(workload: str) -> list:
+    import random
+
+    from bench.bench_encoder import wiki_lengths
+
+    spec = ENCODER_WORKLOADS[workload]
+    if workload == "long512":
+        return [spec["max_len"]] * spec["batch"]
+    pool, _ = wiki_lengths(spec["max_len"])
+    rng = random.Random(1)  # bench_one's draw
+    return [rng.choice(pool) for _ in range(spec["batch"])]
+
+
+def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as CUDA dispatches it (sm80+, fp16 / bf16, head_dim <= 256):
+    FlashAttention without a mask, the memory-efficient kernel with one (a boolean mask turned into
+    an additive bias first, as SDPA does). The meta device would take SDPA's math path instead."""
+    if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16):
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                        scale=scale)[0]
+    bias = attn_mask
+    if bias is not None and bias.dtype == torch.bool:
+        bias = torch.where(bias, 0.0, float("-inf")).to(query.dtype)
+    if bias is not None:
+        bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    return aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p, is_causal,
+                                                        scale=scale)[0]
+
+
+def encoder_trace(card: Card, model: str, backend: str, workload: str, *, varlen_kernel: str = "auto") -> Trace:
+    """bench_encoder's training step (train mode: the configs' dropout; forward, CLS pooling, a
+    scalar loss, backward into every parameter) of the base-size model in bf16 on meta.
+
+    The varlen path's unpadding reads lengths from the device (``nonzero``, ``tolist``), which meta
+    tensors have none of: the trace hands it the :class:`~fastcse.models.unpad.PackedBatch` of the
+    real lengths instead (built on the host, moved to meta; the real path's ``nonzero``, cumsum and
+    one host sync are added as costs), and :data:`VARLEN_LENGTHS` gives the flash cost its lengths.
+    """
+    key = (card.name, "encoder", model, backend, workload, varlen_kernel)
+    if key in _TRACES:
+        return _TRACES[key]
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from bench.bench_encoder import model_config
+    from fastcse.models import SentenceEncoder
+    from fastcse.models import attention as attn_mod
+    from fastcse.models.unpad import PackedBatch, unpad_input
+
+    lengths = encoder_lengths(workload)
+    seqlen = max(lengths)
+    cpu_mask = (torch.arange(seqlen)[None] < torch.tensor(lengths)[:, None]).long()
+    host_packed = unpad_input(cpu_mask)
+
+    def setup():
+        config = model_config(model, tiny=False)
+        # built on meta (no init time); the builder's .cpu() of an unused head (BERT's pooler) is a
+        # no-op there, the head stays on meta and outside the step
+        with torch.device("meta"), mock.patch.object(torch.nn.Module, "cpu", lambda module: module):
+            enc = SentenceEncoder.from_config(config, pooling="cls", attn_backend=backend, dtype=torch.bfloat16,
+                                              max_seq_length=512)
+        enc.varlen_kernel = varlen_kernel
+        enc.to(device=_device(card)).train()
+        ids = torch.randint(5, 1000, (len(lengths), seqlen), device=_device(card))
+        mask = torch.ones(len(lengths), seqlen, dtype=torch.long, device=_device(card))
+        params = list(enc.parameters())
+
+        def fake_unpad(attention_mask):
+            # the real unpad_input's device work: sum, nonzero, cumsum, the positions, one host read
+            attention_mask.bool().sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            torch.arange(host_packed.total_tokens, device=attention_mask.device).sub_(1)
+            torch.stack([attention_mask.sum(), attention_mask.sum()]).tolist()
+            fields = {name: getattr(host_packed, name).to(attention_mask.device)
+                      for name in ("indices", "cu_seqlens", "seq_ids", "positions")}
+            return PackedBatch(**fields, max_seqlen=host_packed.max_seqlen, min_seqlen=host_packed.min_seqlen,
+                               batch=host_packed.batch, seqlen=host_packed.seqlen)
+
+        import contextlib
+
+        import transformers.masking_utils as masking
+
+        padded = min(lengths) < seqlen
+
+        def step():
+            for p in params:
+                p.grad = None
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(mock.patch.object(attn_mod, "unpad_input", fake_unpad))
+                if card.gpu:
+                    stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention", _cuda_sdpa))
+                if hasattr(masking, "_ignore_bidirectional_mask_sdpa"):
+                    # HF drops an all-ones mask (a host read of mask.all(), which meta answers True);
+                    # the real batch's answer decides whether SDPA gets a mask
+                    stack.enter_context(mock.patch.object(masking, "_ignore_bidirectional_mask_sdpa",
+                                                          lambda *a, **k: not padded))
+                enc(ids, mask).float().pow(2).mean().backward()
+        return step
+
+    VARLEN_LENGTHS["lengths"] = lengths
+    try:
+        _TRACES[key] = trace(setup, card)
+    finally:
+        VARLEN_LENGTHS["lengths"] = None
+    return _TRACES[key]
+
+
 ENCODER_BARS = [
-    ("BERT-base 64 sentences <= 32 tokens: varlen vs padded SDPA time", 1.5),
-    ("BERT-base 64 sentences <= 32 tokens: varlen vs HF eager time", 2.0),
-    ("DeBERTa-v3-base L=512 batch 8 (whole encoder): biased vs HF eager time", 1.5),
-    ("T5-base encoder L=512 (whole encoder): biased vs eager time", 1.3),
+    # (name, (model, workload), fast backend, baseline backend, target)
+    ("BERT-base 64 sentences <= 32 tokens: varlen vs padded SDPA time", ("bert", "wiki32"), "varlen", "sdpa", 1.5),
+    ("BERT-base 64 sentences <= 32 tokens: varlen vs HF eager time", ("bert", "wiki32"), "varlen", "eager", 2.0),
+    ("DeBERTa-v3-base L=512 batch 8 (whole encoder): biased vs HF eager time", ("deberta-v3", "long512"), "biased",
+     "eager", 1.5),
+    ("T5-base encoder L=512 batch 8 (whole encoder): biased vs eager time", ("t5", "long512"), "biased", "eager", 1.3),
 ]
 
 
+def device_only_seconds(tr: Trace, card: Card) -> float:
+    """The trace's device time alone: the figure a step gets when the host never waits (CUDA graphs,
+    or torch.compile's fused launches, which also fuse the elementwise ops, not modelled)."""
+    return sum(device_seconds(c, card) for c in tr.costs)
+
+
 def encoder_bars(card: Card) -> list:
-    detail = ("not modelled yet: needs the whole encoder traced on meta (bench_encoder), SDPA costed as the "
-              "flash kernel CUDA would pick, and the varlen path's data-dependent unpadding and nested-tensor "
-              "per-op host cost")
-    return [(name, lambda name=name, target=target: Bar(name, None, target, "x", None, ">=", detail=detail))
-            for name, target in ENCODER_BARS]
+    if not card.gpu:
+        name = "encoder bars: GPU cards only (bf16 flash / Triton paths)"
+        return [(name, lambda: Bar(name, None, None, "", None, detail="not applicable"))]
+    specs = []
+    for name, (model, workload), fast, base, target in ENCODER_BARS:
+        name = f"{name}, fwd+bwd, bf16, train"
+
+        def compute(name=name, model=model, workload=workload, fast=fast, base=base, target=target):
+            f, b = encoder_trace(card, model, fast, workload), encoder_trace(card, model, base, workload)
+            tf, tb = f.seconds(card), b.seconds(card)
+            df, db = device_only_seconds(f, card), device_only_seconds(b, card)
+            ops_f, ops_b = len(f.costs), len(b.costs)
+            return _bar(name, tb / tf, target, "x", ">=",
+                        detail=f"{fast} {tf * 1e3:.2f} ms ({ops_f} ops, device alone {df * 1e3:.2f} ms), "
+                               f"{base} {tb * 1e3:.2f} ms ({ops_b} ops, device alone {db * 1e3:.2f} ms): "
+                               f"device-only ratio {db / df:.2f}x; peak {f.peak_bytes / MIB:.0f} vs "
+                               f"{b.peak_bytes / MIB:.0f} MiB")
+        specs.append((name, compute))
+    return specs
 
 
 def bar_specs(card: Card) -> list:

@@ -180,3 +180,51 @@ def test_biased_attention_trace_counts_the_kernels_flops():
     assert kernel_flops == {"_biased_attn_fwd_kernel": 4 * unit, "_biased_attn_bwd_delta_kernel": 0,
                             "_biased_attn_bwd_kernel": 14 * unit}
     assert all(c.kind != "unknown" for c in tr.costs)
+
+
+def test_flash_cost_counts_padded_tiles_of_the_real_lengths():
+    """The varlen flash op is costed over whole 128 x 128 tiles of each real sequence (lengths from
+    VARLEN_LENGTHS, since meta cu_seqlens have no values; max_seqlen per sequence without them);
+    the backward does 10 / 4 of the forward's FLOPs."""
+    card = pm.CARDS["h200"]
+    heads, dim = 2, 64
+    q = torch.empty(135, heads, dim, dtype=torch.bfloat16, device="meta")
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    out = torch.ops.aten._flash_attention_forward(q, q, q, cu, cu, 130, 130, 0.1, False, False, scale=0.125)
+    args = (q, q, q, cu, cu, 130, 130, 0.1, False, False)
+    pm.VARLEN_LENGTHS["lengths"] = [5, 130]
+    try:
+        fwd = pm.aten_cost(torch.ops.aten._flash_attention_forward.default, args, {}, out, card)
+        bwd_args = (q, q, q, q, out[0], out[1], cu, cu, 130, 130, 0.1, False, out[2], out[3])
+        grads = torch.ops.aten._flash_attention_backward(*bwd_args, scale=0.125)
+        bwd = pm.aten_cost(torch.ops.aten._flash_attention_backward.default, bwd_args, {}, grads, card)
+    finally:
+        pm.VARLEN_LENGTHS["lengths"] = None
+    tiles = (1 * 1 + 2 * 2) * 128 * 128 * heads
+    assert fwd.kind == "matmul" and fwd.flops == 4.0 * tiles * dim and fwd.exps == tiles
+    assert bwd.flops == 10.0 * tiles * dim
+    upper = pm.aten_cost(torch.ops.aten._flash_attention_forward.default, args, {}, out, card)
+    assert upper.flops == 4.0 * (2 * 2 * 2) * 128 * 128 * heads * dim  # both at max_seqlen
+
+
+def test_encoder_traces_take_the_cuda_attention_kernels():
+    """BERT-base on a wiki batch: varlen runs the flash varlen ops once per layer each way; HF's
+    SDPA gets a padding mask (the batch has padding) and so the memory-efficient kernel; both
+    traces' matmul FLOPs scale with the tokens they run on (packed vs padded)."""
+    card = pm.CARDS["h200"]
+    lengths = pm.encoder_lengths("wiki32")
+    varlen = pm.encoder_trace(card, "bert", "varlen", "wiki32")
+    sdpa = pm.encoder_trace(card, "bert", "sdpa", "wiki32")
+    names = [c.name for c in varlen.costs]
+    assert names.count("aten._flash_attention_forward.default") == 12
+    assert names.count("aten._flash_attention_backward.default") == 12
+    sdpa_names = [c.name for c in sdpa.costs]
+    assert sdpa_names.count("aten._scaled_dot_product_efficient_attention.default") == 12
+    assert "aten._flash_attention_forward.default" not in sdpa_names
+
+    def mm_flops(tr):
+        return sum(c.flops for c in tr.costs if c.name in ("aten.mm.default", "aten.addmm.default"))
+
+    ratio = mm_flops(sdpa) / mm_flops(varlen)
+    tokens = len(lengths) * max(lengths) / sum(lengths)
+    assert abs(ratio - tokens) / tokens < 0.1, (ratio, tokens)
