@@ -101,8 +101,9 @@ def _biased_attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    # int64: b * stride_qb reaches B * H * L * D, past 2**31 for long batches (int32 would wrap)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -163,7 +164,7 @@ def _biased_attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    tl.store(LSE + bh * seqlen + offs_m, lse, mask=m_valid)
+    tl.store(LSE + bh.to(tl.int64) * seqlen + offs_m, lse, mask=m_valid)
 
 
 @triton.jit
@@ -175,8 +176,9 @@ def _biased_attn_bwd_delta_kernel(
     # delta_i = sum_j P_ij dP_ij = <dO_i, O_i> (also with dropout, since O = dropout(P) V)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    # int64: b * stride_qb reaches B * H * L * D, past 2**31 for long batches (int32 would wrap)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -184,7 +186,7 @@ def _biased_attn_bwd_delta_kernel(
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * seqlen + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen)
+    tl.store(DELTA + bh.to(tl.int64) * seqlen + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen)
 
 
 @triton.jit
@@ -215,8 +217,9 @@ def _biased_attn_bwd_kernel(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    # int64: b * stride_qb reaches B * H * L * D, past 2**31 for long batches (int32 would wrap)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     qk_scale = sm_scale * 1.4426950408889634
@@ -251,8 +254,8 @@ def _biased_attn_bwd_kernel(
         if UPCAST_DOT:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(LSE + bh * seqlen + offs_m, mask=m_valid, other=float("inf"))
-        delta = tl.load(DELTA + bh * seqlen + offs_m, mask=m_valid, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start in range(0, seqlen, LOOP_BLOCK):
@@ -269,8 +272,8 @@ def _biased_attn_bwd_kernel(
             if UPCAST_DOT:
                 q_t = q_t.to(tl.float32)
                 do = do.to(tl.float32)
-            lse = tl.load(LSE + bh * seqlen + offs_m, mask=m_valid, other=float("inf"))
-            delta = tl.load(DELTA + bh * seqlen + offs_m, mask=m_valid, other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
+            delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
 
             mask_nm = n_valid[:, None] & m_valid[None, :]
             s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
@@ -350,7 +353,7 @@ def _dropout_mask_kernel(MASK, SEED, dropout_p, seqlen, BLOCK_M: tl.constexpr, B
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
     mask = (offs_m < seqlen)[:, None] & (offs_n < seqlen)[None, :]
-    tl.store(MASK + bh * seqlen * seqlen + offs_m[:, None] * seqlen + offs_n[None, :],
+    tl.store(MASK + bh.to(tl.int64) * seqlen * seqlen + offs_m[:, None] * seqlen + offs_n[None, :],
              keep.to(tl.int8), mask=mask)
 
 

@@ -402,3 +402,29 @@ def test_chunked_attention_matches_float64_reference():
         assert_close(out, ref, rtol=1e-12, atol=1e-12, name="chunked out")
         for g, r in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out)):
             assert_close(g, r, rtol=1e-12, atol=1e-12, name="chunked grad")
+
+
+def test_kernel_offsets_are_int64():
+    """Every biased-attention kernel turns its (batch, head) program index into int64 before the
+    pointer arithmetic: b * stride_qb reaches B * H * L * D (and the dropout mask's bh * L * L),
+    past 2**31 at e.g. B=64, H=16, L=4096, D=64, where int32 offsets wrap. Read from the kernels'
+    source (the interpreter cannot allocate a tensor that large to show the wrap)."""
+    import ast
+    import inspect
+
+    import kernels.biased_attention as kb
+
+    tree = ast.parse(inspect.getsource(kb))
+    kernels = [f for f in tree.body if isinstance(f, ast.FunctionDef)
+               and any("jit" in ast.unparse(d) for d in f.decorator_list) and "program_id" in ast.unparse(f)]
+    assert len(kernels) >= 4
+    for fn in kernels:
+        src = ast.unparse(fn)
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] in (["b"], ["h"]):
+                assert "tl.int64" in ast.unparse(node.value), f"{fn.name}: {ast.unparse(node)} stays int32"
+        for node in ast.walk(fn):
+            # bh in pointer offsets (LSE, DELTA, MASK rows) widened too
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and ast.unparse(node.left) == "bh":
+                raise AssertionError(f"{fn.name}: int32 offset {ast.unparse(node)}")
+        assert "bh // num_heads" not in src or ".to(tl.int64)" in src
