@@ -362,6 +362,7 @@ def engine_measurements(tmp_path_factory) -> tuple[Path, list[dict]]:
     return folder, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_model_states_match_deepspeed(engine_measurements, name, stage):
@@ -376,6 +377,7 @@ def test_model_states_match_deepspeed(engine_measurements, name, stage):
             assert _close(got[key], want, 0.10), f"{name} ZeRO-{stage} rank {rank} {key}: {got[key]} vs {want:.0f}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, batch", LOSS_CASES)
 def test_loss_gather_simulation_matches_two_ranks(engine_measurements, method, batch):
     """The planner runs one rank's loss in one process with the gather simulated; on CPU (chunked
