@@ -103,6 +103,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -112,7 +113,8 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CachedStep", "ChunkedEncoder", "NoGradChunks", "RNGState", "cached_method_step", "cached_step",
+    "CachedStep", "ChunkedEncoder", "DeepSpeedCachedBackward", "NoGradChunks", "RNGState",
+    "cached_method_step", "cached_step",
     "chunk_ranges", "deepspeed_can_coalesce", "deepspeed_reduction_window", "embed_no_grad",
     "feature_rows", "grad_cache", "slice_features",
 ]
@@ -577,3 +579,58 @@ def deepspeed_reduction_window(engine):
     logger.warning("this DeepSpeed engine cannot coalesce gradient reductions (needs DeepSpeed >= 0.18 and "
                    "the ZeRO optimizer): each cached chunk's backward reduces its gradients")
     return contextlib.nullcontext()
+
+
+class DeepSpeedCachedBackward:
+    """Phase 3 of cached micro-steps on a DeepSpeed engine, in place of ``engine.backward(loss);
+    engine.step()`` per micro-batch (what ``fastcse.step.DeepSpeedStep.backward`` does uncached).
+
+    Call ``backward(step, finite=..., last=...)`` once per micro-batch of an accumulation window,
+    ``last`` on its final one; ``finite=False`` (some rank's loss was not finite) ends the window
+    there with a poisoned chunk, so DeepSpeed drops the whole window as it does uncached. The
+    engine's optimizer step runs inside the call that ends the window; read
+    ``engine.was_step_applied()`` after it, as uncached.
+
+    ``coalesce`` (default: where :func:`deepspeed_can_coalesce`): the window's micro-batches and
+    chunks all run inside one ``engine.coalesce_grad_reduction()`` block, entered at the window's
+    first micro-batch and left at its last, then one ``engine.step()``: one gradient reduction per
+    optimizer step. ``coalesce=False``: the accumulation boundary is set on the window's last chunk
+    only and ``engine.step()`` follows every micro-batch, as uncached; ZeRO-2 / ZeRO-3 then reduce
+    at every chunk's backward (same gradients, more traffic; the gradients stay partitioned).
+    """
+
+    def __init__(self, engine, *, coalesce: Optional[bool] = None):
+        can = deepspeed_can_coalesce(engine)
+        if coalesce and not can:
+            raise ValueError("coalesce=True needs engine.coalesce_grad_reduction() (DeepSpeed >= 0.18, "
+                             "ZeRO 1-3 on DeepSpeed's ZeRO optimizer)")
+        self.engine = engine
+        self.coalesce = can if coalesce is None else coalesce
+        self._window = None
+
+    def backward(self, step: CachedStep, *, finite: bool, last: bool) -> None:
+        engine = self.engine
+        ends_window = last or not finite
+        if not self.coalesce:
+            step.backward(backward=engine.backward, poison=not finite,
+                          boundary=lambda last_chunk: engine.set_gradient_accumulation_boundary(
+                              ends_window and last_chunk))
+            engine.step()  # an optimizer step only at the accumulation boundary
+            return
+        if self._window is None:
+            self._window = engine.coalesce_grad_reduction()
+            self._window.__enter__()
+        try:
+            step.backward(backward=engine.backward, poison=not finite)
+        except BaseException:
+            self._close(*sys.exc_info())
+            raise
+        if ends_window:
+            self._close(None, None, None)  # the window's one reduction
+            engine.set_gradient_accumulation_boundary(True)
+            engine.step()
+
+    def _close(self, *exc) -> None:
+        window, self._window = self._window, None
+        if window is not None:
+            window.__exit__(*exc)
