@@ -33,3 +33,28 @@ def test_benchmark_appends_rows_and_plots(tmp_path):
     assert peaks[("eager", 64)] > peaks[("eager", 32)]
     pngs = bench_infonce.plot(str(out))
     assert pngs and all(p.exists() and p.stat().st_size > 0 for p in pngs)
+
+
+def test_a_cut_run_keeps_every_point_it_finished(tmp_path, monkeypatch):
+    """Rows reach the CSV as each point is measured: a run stopped on its third point (as a
+    timeout's SIGINT stops it) leaves the first two points' rows, whole, in the file."""
+    out = tmp_path / "cut.csv"
+    real = bench_infonce._bench_mode
+    calls = []
+
+    def bench_mode(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_infonce, "_bench_mode", bench_mode)
+    with pytest.raises(KeyboardInterrupt):
+        bench_infonce.main(["--device", "cpu", "--ns", "16", "--dims", "8", "--reps", "1",
+                            "--providers", "eager,chunked", "--modes", "fwd,full", "--csv", str(out)])
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    # two points (eager fwd, eager full), each: time, throughput, peak memory
+    assert [(r["provider"], r["mode"], r["metric"]) for r in rows] == [
+        ("eager", mode, metric) for mode in ("fwd", "full") for metric in ("time", "throughput", "peak_memory")]
+    assert all(json.loads(r["extra_config"])["timing"] == "wall" for r in rows)
