@@ -343,9 +343,10 @@ def activation_bytes(arch: Architecture, sequences: int, seq: int, attention: At
     Without checkpointing: every layer's saved bytes and the embeddings' / output's, plus the
     larger of what runs after the layers (T5's final norm) and one layer's backward workspace.
     With checkpointing (each layer recomputed in backward): each layer keeps only its input
-    (2th); one layer's full activations exist again while it is recomputed, plus the workspace. ``no_grad_sequences``: a second encoder's forward without
-    gradient (ESimCSE's momentum encoder) after the model's forward, while its activations are
-    saved; it holds at most one layer's activations at a time.
+    (2th); one layer's full activations exist again while it is recomputed, plus the workspace.
+    ``no_grad_sequences``: a second encoder's forward without gradient (ESimCSE's momentum
+    encoder) after the model's forward, while its activations are saved; it holds at most one
+    layer's activations at a time.
     """
     layer = sum(layer_activation_terms(arch, sequences, seq, attention, mask_bytes=mask_bytes).values())
     before, after = _outside_layers_bytes(arch, sequences, seq, mask_bytes)
@@ -385,7 +386,7 @@ def loss_bytes(dim: int, batch: int, gpus: int, method: Method, *, queue_size: i
                temperature: float = 0.05, as_cuda: bool = True, round_to: int = 512) -> int:
     """Peak bytes of :func:`fastcse.info_nce` forward + backward on one of ``gpus`` ranks.
 
-    The rank holds ``batch / gpus`` anchors (bf16, ``dim`` wide) and gathers every rank's positives
+    The rank holds ``batch / gpus`` (rounded up) anchors (bf16, ``dim`` wide) and gathers every rank's positives
     (and, supervised, hard negatives): M = batch (unsup), 2 batch (sup), batch + queue (ESimCSE)
     candidates. Run on the meta device as CUDA (``fastcse.memory.meta_as_cuda``: the loss takes
     its CUDA backend, Triton launches stubbed) under ``StorageCounter(round_to=512)``; the gather is
@@ -400,7 +401,7 @@ def loss_bytes(dim: int, batch: int, gpus: int, method: Method, *, queue_size: i
     from fastcse.infonce import info_nce
     from fastcse.memory import StorageCounter, meta_run, stub_kernel_launches
 
-    n = max(1, batch // gpus)
+    n = math.ceil(batch / gpus)
     device = "cuda" if as_cuda else "meta"
     with meta_run(as_cuda=as_cuda), stub_kernel_launches(), \
             mock.patch.object(distributed, "world_info", lambda: (0, gpus)), \
@@ -466,7 +467,7 @@ class GpuPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _buffer_bytes(arch: Architecture, zero: int, offload: bool, momentum_gathered: bool) -> float:
+def _buffer_bytes(arch: Architecture, zero: int, momentum_gathered: bool) -> float:
     """DeepSpeed's working buffers with fastcse.train's bucket sizes (h^2 reduce bucket,
     0.9 h^2 ZeRO-3 prefetch): without ZeRO the gradients are flattened for all-reduce in
     buckets of up to 5e8 elements; ZeRO-1/2 reduce through two buckets (overlap_comm); ZeRO-3
@@ -483,7 +484,7 @@ def _buffer_bytes(arch: Architecture, zero: int, offload: bool, momentum_gathere
     return gathered
 
 
-def plan_for(arch: Architecture, gpus: int, opts: PlanOptions, *, loss: Optional[float] = None) -> GpuPlan:
+def plan_for(arch: Architecture, gpus: int, opts: PlanOptions) -> GpuPlan:
     """The memory of one GPU among ``gpus`` (see the module docstring and docs/SCALE.md)."""
     notes = []
     if opts.batch % gpus:
@@ -506,9 +507,8 @@ def plan_for(arch: Architecture, gpus: int, opts: PlanOptions, *, loss: Optional
         else:
             momentum += shard
         momentum += FP32 * opts.queue_size * arch.hidden
-    if loss is None:
-        loss = loss_bytes(arch.hidden, opts.batch, gpus, opts.method, queue_size=opts.queue_size)
-    buffers = _buffer_bytes(arch, opts.zero, opts.offload, esimcse and opts.zero == 3)
+    loss = loss_bytes(arch.hidden, opts.batch, gpus, opts.method, queue_size=opts.queue_size)
+    buffers = _buffer_bytes(arch, opts.zero, esimcse and opts.zero == 3)
     # the optimizer step turns this rank's gradient partition into fp32 (on the CPU when offloaded),
     # after the activations are freed
     step = 0.0
