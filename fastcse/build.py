@@ -17,7 +17,7 @@ from fastcse.config import ConfigError, ModelConfig, read_json_object
 from fastcse.data import fallback_tokenizer, minilm_path
 from fastcse.distributed import barrier
 from fastcse.files import atomic_replace_dir
-from fastcse.models.folders import ModelFolderError, detect_model_kind
+from fastcse.models.folders import ModelFolderError, detect_model_kind, model_max_length
 
 # the embedded default's random model when all-MiniLM-L6-v2 is not installed (BERT-small-like)
 DEFAULT_RANDOM_BERT = dict(model_type="bert", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -35,21 +35,76 @@ class ModelChoice(NamedTuple):
 
 
 def _read_model_config(value: Any) -> dict:
+    where = "--model-config" if isinstance(value, dict) else f"model config {value}"
     data = dict(value) if isinstance(value, dict) else read_json_object(str(value), "model config")
     data.setdefault("model_type", "bert")
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if data["model_type"] not in CONFIG_MAPPING:
+        raise ConfigError(f"{where}: unknown model_type {data['model_type']!r} (this transformers knows e.g. "
+                          "bert, roberta, deberta-v2, t5, roformer, modernbert)")
+    try:
+        AutoConfig.for_model(**data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
     return data
+
+
+def _check_weights(folder: Path) -> None:
+    """Every safetensors file below ``folder`` has a complete header and covers its data (a truncated
+    download is caught here, reading only the header)."""
+    from safetensors import safe_open
+
+    for weights in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except Exception as e:  # safetensors' SafetensorError: truncated, not a safetensors file
+            raise ConfigError(f"cannot read the weights {weights}: {' '.join(str(e).split())}") from None
 
 
 def _check_model_folder(model_path: str) -> None:
     folder = Path(model_path).expanduser()
+    if folder.is_file():
+        raise ConfigError(f"--model {model_path} is a file; expected a model folder (config.json and weights, "
+                          "or a sentence-transformers / fastcse export)")
     if not folder.is_dir():
         raise ConfigError(f"model folder not found: {model_path}")
+    for config in sorted(folder.glob("*/config.json")) + [folder / "config.json"]:
+        if config.is_file():
+            read_json_object(config, "model config")  # a corrupt config.json is one line, not a traceback
     try:
         detect_model_kind(folder)
     except ModelFolderError as e:
         # a config.json without weights is named as such; any other folder keeps the short line
         raise ConfigError(str(e) if (folder / "config.json").is_file()
                           else f"{model_path} is not a model folder (no config.json / modules.json)") from None
+    _check_weights(folder)
+
+
+def _check_hub_name(name: str) -> None:
+    """A hub name is usable only when cached or the hub is reachable (checked quickly: no 20 s of retries)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str) or isinstance(
+                try_to_load_from_cache(name, "modules.json"), str):
+            return
+    except Exception:  # an invalid repo name: the hub check below decides
+        pass
+    hint = (f"--model {name}: not a local folder, and the Hugging Face hub cannot be reached ({{why}}); "
+            "pass a local model folder (--model /path/to/model)")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the cache"))
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(hint.format(why=f"{host}: {e}")) from None
 
 
 def choose_model(m: ModelConfig) -> ModelChoice:
@@ -57,12 +112,17 @@ def choose_model(m: ModelConfig) -> ModelChoice:
     if m.config is not None:
         if m.tokenizer is not None and not Path(m.tokenizer).exists():
             raise ConfigError(f"tokenizer folder not found: {m.tokenizer}")
+        if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer {m.tokenizer} is a file; expected a tokenizer folder "
+                              "(tokenizer.json / vocab.txt, as save_pretrained writes it)")
         return ModelChoice("config", m.name_or_path, _read_model_config(m.config))
     if m.name_or_path is not None:
         path = m.name_or_path
         # a hub name is "name" or "org/name"; anything else is a local folder that must exist
         if path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).expanduser().exists():
             _check_model_folder(path)
+        else:
+            _check_hub_name(path)
         return ModelChoice("pretrained", path, None)
     path = minilm_path()
     return ModelChoice("minilm", path, None) if path else ModelChoice("random-default", None, dict(DEFAULT_RANDOM_BERT))
@@ -119,10 +179,18 @@ def build_encoder(m: ModelConfig, *, model_path: str | None, model_config: dict 
         encoder = SentenceEncoder.from_config(hf_config, tokenizer=tokenizer, pooling=m.pooling or "cls",
                                               attn_backend=m.attn_backend, max_seq_length=m.max_seq_length)
     else:
-        encoder = SentenceEncoder.from_pretrained(model_path, pooling=m.pooling, attn_backend=m.attn_backend,
-                                                  max_seq_length=m.max_seq_length)
+        try:
+            encoder = SentenceEncoder.from_pretrained(model_path, pooling=m.pooling, attn_backend=m.attn_backend,
+                                                      max_seq_length=m.max_seq_length)
+        except (OSError, ValueError, ModelFolderError) as e:  # what a pre-flight check could not see
+            raise ConfigError(f"cannot load the model {model_path}: {' '.join(str(e).split())[:300]}") from None
         if encoder.tokenizer is None:
             raise ConfigError(f"{model_path} has no tokenizer files")
+    limit = model_max_length(encoder.backbone.config, encoder.tokenizer)
+    if m.max_seq_length > limit:
+        # before any step: otherwise the first long batch fails with an IndexError in the position table
+        raise ConfigError(f"--max-seq-length {m.max_seq_length} exceeds the model's limit of {limit} tokens "
+                          f"(its position table / tokenizer); pass --max-seq-length {limit} or less")
     if m.dropout is not None:
         set_dropout(encoder, m.dropout)
     return encoder

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,15 @@ class RunConfig:
     save_steps: int = field(default=125, metadata=_opt("Checkpoint every N steps (0: only at the end)."))
     save_total_limit: int = field(default=2, metadata=_opt("Checkpoints kept (oldest deleted first)."))
     output_dir: str = field(default="runs/fastcse", metadata=_opt("Folder of checkpoints, logs and exports."))
-    resume: bool = field(default=False, metadata=_opt("Continue from the last checkpoint in output_dir."))
+    resume: bool = field(default=False, metadata=_opt(
+        "Continue from the last complete checkpoint in output_dir (the options that shape the trajectory "
+        "must match the checkpoint's; --max-steps, --epochs, eval/save cadence may change)."))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "Start a new run in an output_dir that holds another run: the old one is moved aside to "
+        "<output_dir>.old-<timestamp> (without it, such a folder is refused)."))
+    override_lr: bool = field(default=False, metadata=_opt(
+        "With --resume: apply this run's --lr instead of refusing a learning rate that differs from the "
+        "checkpoint's."))
     max_bad_steps: int = field(default=5, metadata=_opt(
         "Stop after this many consecutive steps with a non-finite loss or gradient."))
     tensorboard: bool = field(default=False, metadata=_opt("Also log to TensorBoard (needs `tensorboard`)."))
@@ -223,12 +232,47 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+# Hugging Face TrainingArguments names accepted in config files where the meaning is the same
+HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad-accum"}
+HF_PRECISION = ("bf16", "fp16")
+
+
+def _from_hf_names(data: dict, source: str) -> dict:
+    """``data`` with Hugging Face TrainingArguments names turned into fastcse's (flat keys only)."""
+    out = {}
+    for key, value in data.items():
+        if key in HF_NAMES:
+            out[HF_NAMES[key]] = value
+        elif key in HF_PRECISION:
+            if _coerce(value, bool, f"{source}: {key}"):
+                out["precision"] = key
+        elif key == "report_to":
+            targets = [value] if isinstance(value, str) else list(value or [])
+            unknown = [t for t in targets if t not in ("tensorboard", "none", "all")]
+            if unknown:
+                raise ConfigError(f"{source}: report_to {', '.join(map(str, unknown))} is not supported "
+                                  "(tensorboard or none)")
+            out["tensorboard"] = "tensorboard" in targets or "all" in targets
+        elif key == "per_device_train_batch_size":
+            import os
+
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            out["batch-size"] = _coerce(value, int, f"{source}: {key}") * world  # fastcse's batch is global
+        else:
+            out[key] = value
+    return out
+
+
 def apply_mapping(cfg: TrainConfig, data: dict, *, source: str) -> None:
-    """Set fields of ``cfg`` from a nested ({section: {field: v}}) or flat ({flag: v}) mapping."""
+    """Set fields of ``cfg`` from a nested ({section: {field: v}}) or flat ({flag: v}) mapping.
+
+    Flat keys may also be the Hugging Face TrainingArguments names of the same options
+    (``learning_rate``, ``num_train_epochs``, ``per_device_train_batch_size`` (times the world
+    size: fastcse's --batch-size counts all ranks), ``bf16``, ``report_to``, ...)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     table = _flag_table()
-    for key, value in data.items():
+    for key, value in _from_hf_names(data, source).items():
         if key in SECTIONS and isinstance(value, dict):
             section_obj = getattr(cfg, key)
             hints = _hints(key)
@@ -305,6 +349,36 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "fp32"
 
 
+# the encoder's attention backends (fastcse.models.attention.ATTN_BACKENDS), listed here so that a
+# config is checked without importing the models; tests/test_robustness.py checks the two agree
+ATTN_BACKENDS = ("auto", "eager", "sdpa", "varlen", "biased", "rotary")
+
+
+def _device_problem(device: str | None) -> str:
+    """Why ``--device`` cannot be used here ("" when it can)."""
+    if device is None:
+        return ""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "not a device (cpu, cuda, cuda:N)"
+    if dev.type == "cpu":
+        return ""
+    if dev.type != "cuda":
+        return "only cpu and cuda devices are supported"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available on this machine"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return ""
+
+
+def _device_ok(device: str) -> bool:
+    return _device_problem(device) == ""
+
+
 def validate(cfg: TrainConfig) -> None:
     """Value checks that need more than a type (positive sizes, ranges)."""
     r, o, m = cfg.run, cfg.optim, cfg.method
@@ -314,6 +388,19 @@ def validate(cfg: TrainConfig) -> None:
         (r.max_steps is None or r.max_steps >= 1, "--max-steps must be at least 1"),
         (cfg.model.max_seq_length >= 4, "--max-seq-length must be at least 4"),
         (o.lr > 0, "--lr must be positive"),
+        (o.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (o.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (0 <= o.adam_beta1 < 1, "--adam-beta1 must be in [0, 1)"),
+        (0 <= o.adam_beta2 < 1, "--adam-beta2 must be in [0, 1)"),
+        (o.adam_eps > 0, "--adam-eps must be positive"),
+        (cfg.data.max_examples is None or cfg.data.max_examples >= 1, "--max-examples must be at least 1"),
+        (r.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
+        (r.save_total_limit >= 0, "--save-total-limit must be >= 0 (0 keeps every checkpoint)"),
+        (cfg.model.attn_backend in ATTN_BACKENDS,
+         f"--attn-backend {cfg.model.attn_backend!r} is not one of {', '.join(ATTN_BACKENDS)}"),
+        (r.device is None or _device_ok(r.device), f"--device {r.device!r}: {_device_problem(r.device)}"),
+        (not (r.resume and r.overwrite), "give either --resume (continue the run) or --overwrite (start anew)"),
+        (not r.override_lr or r.resume, "--override-lr applies with --resume only"),
         (o.grad_accum >= 1, "--grad-accum must be at least 1"),
         (o.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
         (0 <= o.warmup_ratio <= 1, "--warmup-ratio must be in [0, 1]"),
@@ -366,10 +453,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``: argparse takes "-1e-3" for an option, not a value; joined,
+    the value reaches the range checks, which name the option."""
+    takes_value = {s for a in parser._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{token}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults <- --config file <- CLI flags, validated; raises :class:`ConfigError` on any problem."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv), parser))
     cfg = TrainConfig()
     if ns.config:
         apply_mapping(cfg, load_config_file(ns.config), source=str(ns.config))

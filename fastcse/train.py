@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from fastcse.build import build_encoder, choose_model
-from fastcse.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastcse.checkpoint import (DamagedCheckpoint, check_compatible, list_checkpoints,
+                               load_checkpoint, read_meta, save_checkpoint)
 from fastcse.config import ConfigError, TrainConfig, parse_args, read_json_object, resolve_precision
 from fastcse.data import BatchSchedule, DataError, read_training_data
 from fastcse.distributed import all_finite, barrier, join, mean_over_ranks
@@ -106,6 +107,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
         embedded_note = (f"embedded default: {r.max_steps} steps, STS-B dev every {r.eval_steps}, lr {cfg.optim.lr:g} "
                          "(--max-steps / --epochs / --train-file / --model train longer or on other data)")
 
+    check_output_dir(cfg, world)  # before the data is read: a folder that cannot be used fails first
     examples, report = read_training_data(cfg.method.name, cfg.data.train_file,
                                           on_bad_row=cfg.data.on_bad_row, max_examples=cfg.data.max_examples)
     if len(examples) < cfg.run.batch_size:
@@ -115,9 +117,89 @@ def preflight(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg, examples, summary, source, model_path, model_config, ds_config, rank, world)
 
 
+# options that shape the trajectory: a resume refuses any difference from the checkpoint's config
+# (the learning rate too, unless --override-lr); the rest of the run section may change
+RESUME_FREE = {"method": {"loss_backend"}, "model": {"attn_backend"}, "data": set(), "optim": set(),
+               "run": {"epochs", "max_steps", "evaluate", "eval_steps", "eval_batch_size", "save_steps",
+                       "save_total_limit", "output_dir", "resume", "overwrite", "override_lr", "max_bad_steps",
+                       "tensorboard", "progress", "export", "device", "ds"}}
+RUN_FILES = ("checkpoints", "train_log.jsonl", "final", "best")
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``--flag: checkpoint X, now Y`` for each trajectory option of ``cfg`` that differs from ``saved``."""
+    from fastcse.config import _flag_table
+
+    now = _plain(cfg.to_dict())
+    flags = {(section, f.name): flag for flag, (section, f) in _flag_table().items()}
+    diffs = []
+    for section, free in RESUME_FREE.items():
+        for name, value in now.get(section, {}).items():
+            if name in free or (section, name) == ("optim", "lr") and cfg.run.override_lr:
+                continue
+            old = saved.get(section, {}).get(name, value)
+            if old != value:
+                diffs.append(f"--{flags[(section, name)]} {old} in the checkpoint, {value} now")
+    return diffs
+
+
+def _holds_a_run(out: Path) -> list[str]:
+    return [name for name in RUN_FILES if (out / name).exists()
+            and not ((out / name).is_dir() and not any((out / name).iterdir()))]
+
+
+def check_output_dir(cfg: TrainConfig, world: int) -> None:
+    """``--output-dir`` can be written, and holds no other run unless --resume / --overwrite says what
+    to do with it; a resume's trajectory options match its checkpoint. ConfigError otherwise."""
+    out = Path(cfg.run.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out} cannot be written ({existing}: permission denied)")
+    used = _holds_a_run(out) if out.is_dir() else []
+    if used and not cfg.run.resume and not cfg.run.overwrite:
+        raise ConfigError(f"--output-dir {out} holds another run ({', '.join(used)}); pass --resume to continue "
+                          "it, --overwrite to move it aside and start anew, or another --output-dir")
+    if not cfg.run.resume:
+        return
+    for path in reversed(list_checkpoints(out / "checkpoints")):
+        try:
+            meta = read_meta(path)
+        except DamagedCheckpoint:
+            continue  # reported (and skipped) when the trainer loads
+        check_compatible(path, meta, world=world, deepspeed=cfg.run.ds is not None)
+        saved = meta.get("config")
+        if saved is None and (out / "config.json").is_file():  # checkpoints from before meta held it
+            saved = read_json_object(out / "config.json", "run config")
+        diffs = resume_differences(saved or {}, cfg)
+        if diffs:
+            raise ConfigError(f"--resume from {path}: options differ from the checkpoint's: {'; '.join(diffs)} "
+                              "(use the checkpoint's values, or start a new run in another --output-dir"
+                              + (", or --override-lr to change the learning rate" if any(
+                                  d.startswith("--lr ") for d in diffs) else "") + ")")
+        return
+
+
 # ------------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------------
+
+def _finite_inputs(inputs):
+    """(a 0-d bool tensor: every embedding of ``inputs`` is finite, ``inputs`` with non-finite values zeroed)."""
+    fields = {k: v for k, v in inputs._asdict().items() if v is not None}
+    ok = torch.stack([torch.isfinite(v.detach()).all() for v in fields.values()]).all()
+    cleaned = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in fields.items()}
+    return ok, inputs._replace(**cleaned)
+
 
 class StepOutput(NamedTuple):
     loss: float
@@ -180,6 +262,16 @@ class Trainer:
         # under --ds the DeepSpeed config decides (it was filled from the same flag); see below
         self.precision = resolve_precision(cfg.run.precision, self.device.type)
         if self.is_main:
+            if cfg.run.overwrite and _holds_a_run(self.out):
+                aside = Path(f"{self.out}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                n = 1
+                while aside.exists():
+                    aside, n = Path(f"{self.out}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+                try:
+                    os.rename(self.out, aside)
+                except OSError as e:
+                    raise ConfigError(f"--overwrite: cannot move {self.out} aside to {aside}: {e}") from e
+                print(f"--overwrite: moved the previous run in {self.out} to {aside}", flush=True)
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
         # same seed on every rank: identical initial weights and identical dropout streams per rank
@@ -216,21 +308,55 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_bad = 0
         self.last_checkpoint = None
+        resumed_at = None
         if cfg.run.resume:
-            path = latest_checkpoint(self.ckpt_root)
-            if path is None:
-                self.say(f"--resume: no checkpoint in {self.ckpt_root}; starting from scratch")
-            else:
-                state = load_checkpoint(path, **self._checkpointed())
-                self.method.load_state_dict(state["method"])
-                self.step = state["step"]
-                self.best = state["best"]
-                self.skipped_steps = state["skipped_steps"]
-                self.last_checkpoint = path
-                self.say(f"resumed from {path} at step {self.step}")
-        self.runlog = RunLog(self.out, enabled=self.is_main, tensorboard=cfg.run.tensorboard)
-        if self.is_main:
+            resumed_at = self._resume()
+        self.runlog = RunLog(self.out, enabled=self.is_main, tensorboard=cfg.run.tensorboard,
+                             truncate_after=resumed_at)
+        if self.is_main:  # what this run actually runs (a resume's options were checked against it)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+
+    def _resume(self) -> int:
+        """Load the newest complete checkpoint, skipping (and reporting) damaged ones; the step resumed at."""
+        cfg = self.cfg
+        for path in reversed(list_checkpoints(self.ckpt_root)):
+            try:
+                state = load_checkpoint(path, **self._checkpointed())
+            except DamagedCheckpoint as e:
+                self.say(f"--resume: skipping damaged checkpoint {e}")
+                continue
+            self.method.load_state_dict(state["method"])
+            self.step = state["step"]
+            self.best = state["best"]
+            self.skipped_steps = state["skipped_steps"]
+            self.last_checkpoint = path
+            self._reschedule(cfg.optim.lr if cfg.run.override_lr else None)
+            self.say(f"resumed from {path} at step {self.step}")
+            return self.step
+        self.say(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from scratch")
+        return 0
+
+    def _reschedule(self, lr: float | None) -> None:
+        """After a resume: the schedule over this run's steps (a changed --max-steps applies; LambdaLR's
+        state dict restored the checkpoint's), and with --override-lr the peak rate ``lr``."""
+        from fastcse.optim import LinearWarmupDecay, warmup_steps
+
+        sched = self.stepper.scheduler
+        groups = self.stepper.optimizer.param_groups
+        if not (hasattr(sched, "base_lrs") and hasattr(sched, "lr_lambdas")):
+            if lr is not None:
+                raise ConfigError("--override-lr: this run's learning-rate scheduler cannot be changed on resume")
+            return
+        for fn in sched.lr_lambdas:
+            if isinstance(fn, LinearWarmupDecay):
+                fn.warmup, fn.total = warmup_steps(self.cfg.optim, self.total_steps), self.total_steps
+        if lr is not None:
+            sched.base_lrs = [lr] * len(groups)
+        for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(sched.last_epoch)
+        if lr is not None:
+            self.say(f"--override-lr: peak learning rate now {lr:g}")
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -275,7 +401,8 @@ class Trainer:
         state = {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps,
                  "method": self.method.state_dict(), "config": self.cfg.to_dict()}
         self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, trainer_state=state,
-                                               keep=self.cfg.run.save_total_limit, **self._checkpointed())
+                                               keep=self.cfg.run.save_total_limit, config=self.cfg.to_dict(),
+                                               **self._checkpointed())
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -303,13 +430,18 @@ class Trainer:
             batch = {key: v.to(self.device) for key, v in batch.items()}
             with self.stepper.autocast():
                 inputs = self.method.loss_inputs(self.stepper.model, batch)  # the encoder's forward
+                # a diverged encoder gives non-finite embeddings, which the loss refuses: checked here on
+                # the device (no host sync), zeroed so every rank still runs the loss's collectives, and
+                # folded into the loss's one all-rank finiteness check below
+                embeddings_ok, inputs = _finite_inputs(inputs)
                 loss = info_nce(inputs.anchors, inputs.positives, inputs.hard_negatives,
                                 temperature=cfg.method.temperature,
                                 hard_negative_weight=cfg.method.hard_negative_weight,
                                 queue=inputs.queue,
                                 gather_across_ranks=self.world > 1,  # every rank's negatives, with gradient
                                 backend=cfg.method.loss_backend)
-            finite = all_finite(loss)  # all ranks skip together, or the collectives would hang
+            # all ranks skip together, or the collectives would hang
+            finite = all_finite(torch.where(embeddings_ok, loss.detach(), float("nan")))
             self.stepper.backward(loss, finite=finite, last=k == accum - 1)
             if not finite:
                 self.method.discard_pending()
@@ -405,18 +537,23 @@ class Trainer:
             self.runlog.close()
 
 
+def _report(e: Exception) -> int:
+    # under DeepSpeed every rank meets the same bad input: one line, from rank 0
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fastcse.train: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         prep = preflight(cfg)
     except (ConfigError, DataError) as e:
-        print(f"fastcse.train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _report(e)
     try:
         return Trainer(prep).run()
     except (ConfigError, DataError) as e:
-        print(f"fastcse.train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _report(e)
 
 
 if __name__ == "__main__":
