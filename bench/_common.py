@@ -198,15 +198,15 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     if method not in TIMING_METHODS:
         raise ValueError(f"timing method must be one of {TIMING_METHODS}, got {method!r}")
     device = torch.device(device)
-    host_ms = 0.0
     for _ in range(max(warmup, 1 if method != "sync" else 0)):
-        t0 = time.perf_counter()
         fn()
-        host_ms = max(host_ms, (time.perf_counter() - t0) * 1e3)
     synchronize(device)
     if device.type == "cuda" and method != "sync":
+        # one call after the warm-up (compilation done), on an idle GPU: the enqueue time is the
+        # host's work per call, the time to the sync the whole call
         t0 = time.perf_counter()
         fn()
+        host_ms = (time.perf_counter() - t0) * 1e3
         synchronize(device)
         call_ms = (time.perf_counter() - t0) * 1e3
         reps = max(1, min(reps, int(max_seconds * 1e3 / max(call_ms, 1e-3))))
@@ -422,7 +422,7 @@ def measure_card(device: torch.device | str, *, matmul_size: int | None = None,
             x.add(1)
         torch.cuda.synchronize(device)
         # the host's cost per op, measured while the GPU sleeps (so the queue never blocks it)
-        torch.cuda._sleep(int(200 * _sleep_cycles_per_ms(device)))
+        torch.cuda._sleep(int(50 * _sleep_cycles_per_ms(device)))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
@@ -446,6 +446,7 @@ def measure_card(device: torch.device | str, *, matmul_size: int | None = None,
         "name": device_name(device), "matmul_tflops": tflops, "copy_gbps": copy_gbps,
         "launch_us": launch_us, "kernel_us": kernel_us, "sm_count": sm_count, "memory_gb": memory_gb,
         "gpu": cuda, "matmul_size": size, "copy_bytes": 2 * n_bytes,
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
         "timing": "device (queued behind a GPU sleep), median" if cuda else "wall clock, median",
         "versions": versions(), "commit": git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -214,7 +214,7 @@ def rope_bars(rows: list[dict], ceilings: Optional[dict]) -> list[Measured]:
                 Measured(bw_name, None, 0.75, ">=", "", "no fused (triton) rows")]
     method = fused[2]
     sync = points.get(("triton", "time", shape), timing="sync")
-    host = (f"; as one call ({'sync'}): fused {sync[0]:.3f} ms, host work adds {sync[0] - fused[0]:+.3f} ms"
+    host = (f"; as one call (sync): fused {sync[0]:.3f} ms, host work adds {sync[0] - fused[0]:+.3f} ms"
             if sync and method != "sync" else "")
     eager = points.get(("eager", "time", shape), timing=method)
     if eager is None:
