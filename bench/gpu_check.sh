@@ -32,7 +32,7 @@
 # The device image has torch 2.11, triton 3.6, transformers 5.17, sentence-transformers 6.0.1 and
 # `python3` only (no `python`), no DeepSpeed, no flash-attn and no network: fastcse is installed
 # with `pip install --no-deps --no-build-isolation --no-index -e .` (the image's setuptools); if
-# that fails, a symlink tree in /tmp gives `fastcse` + `fastcse.kernels` on PYTHONPATH instead.
+# that fails, PYTHONPATH gets the checkout plus a sitecustomize.py that maps fastcse.kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -93,14 +93,32 @@ run_step() {
   STATUS+=("$name rc=$rc ${took}s")
 }
 
-# fastcse.kernels maps to kernels/ (pyproject's package-dir), so a bare PYTHONPATH=. lacks it:
-# without an install, a tree of links in /tmp gives the same package layout.
-link_tree() {
-  local root=/tmp/fastcse_src
-  rm -rf "$root" && mkdir -p "$root/fastcse"
-  local entry
-  for entry in "$REPO"/fastcse/*; do ln -s "$entry" "$root/fastcse/"; done
-  ln -s "$REPO/kernels" "$root/fastcse/kernels"
+# fastcse.kernels maps to kernels/ (pyproject's package-dir), so PYTHONPATH=<repo> alone lacks it
+# (and the repository's own fastcse/ shadows anything else on the path whenever the working folder
+# is the repository, as for `python3 -m` and pytest). Without an install, a sitecustomize.py on
+# PYTHONPATH maps fastcse.kernels to kernels/ as the editable install's finder does; prints the
+# folder to put first on PYTHONPATH.
+kernels_finder() {
+  local root=/tmp/fastcse_path
+  mkdir -p "$root"
+  cat > "$root/sitecustomize.py" <<PY
+import importlib.abc, importlib.util, os, sys
+
+_KERNELS = os.path.join("$REPO", "kernels")
+
+
+class _FastcseKernels(importlib.abc.MetaPathFinder):
+    """fastcse.kernels -> kernels/ of the checkout (its submodules follow through __path__)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "fastcse.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(_KERNELS, "__init__.py"), submodule_search_locations=[_KERNELS])
+
+
+sys.meta_path.insert(0, _FastcseKernels())
+PY
   echo "$root"
 }
 
@@ -159,8 +177,8 @@ export -f install_fastcse
 export MODE
 run_step install 20 90 bash -c install_fastcse
 if [[ $MODE != plan ]] && ! imports_ok; then
-  echo "fastcse does not import after the install step: using a link tree on PYTHONPATH"
-  export PYTHONPATH="$(link_tree)${PYTHONPATH:+:$PYTHONPATH}"
+  echo "fastcse does not import after the install step: mapping fastcse.kernels through PYTHONPATH"
+  export PYTHONPATH="$(kernels_finder):$REPO${PYTHONPATH:+:$PYTHONPATH}"
   imports_ok || echo "fastcse still does not import: the steps below will fail"
 fi
 

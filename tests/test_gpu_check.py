@@ -54,6 +54,22 @@ def test_plan_fits_the_device_window():
     assert calls == ['timeout -s INT -k 10 "$t" "${RESET_INT[@]}" "$@"'], calls
 
 
+def test_fallback_without_an_install_maps_fastcse_kernels(tmp_path):
+    """The script's fallback when `pip install -e .` fails on the card: PYTHONPATH=<checkout> plus
+    the sitecustomize.py of kernels_finder(), run from the repository root (where its own fastcse/
+    folder comes first on sys.path and has no kernels/)."""
+    text = SCRIPT.read_text()
+    function = re.search(r"^kernels_finder\(\) \{\n.*?^\}\n", text, re.M | re.S).group(0)
+    probe = ("import sys, fastcse, fastcse.kernels.rope as rope, fastcse.rotary; "
+             "print(type(sys.meta_path[0]).__name__, fastcse.__file__, rope.__file__)")
+    shell = f'{function}\nREPO="{REPO}"\nroot=$(kernels_finder)\nPYTHONPATH="$root:$REPO" "{sys.executable}" -c "{probe}"'
+    done = subprocess.run(["bash", "-c", shell], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    finder, fastcse_file, rope_file = done.stdout.split()
+    assert finder == "_FastcseKernels"
+    assert Path(fastcse_file) == REPO / "fastcse" / "__init__.py" and Path(rope_file) == REPO / "kernels" / "rope.py"
+
+
 def _files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
