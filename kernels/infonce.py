@@ -38,6 +38,7 @@ import triton.language as tl
 
 from fastcse.kernels._triton_utils import interpreted
 from fastcse.kernels.infonce_chunks import (
+    ChunkOps,
     Problem,
     anticipated_row_weight,
     backward_recompute,
@@ -211,6 +212,46 @@ def _rows_softmax_kernel(
             tl.store(xt_rows + offs_d[None, :], (xv * factor[:, None]).to(xt_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _finish_rows_kernel(
+    u_ptr, w_ptr, z_ptr, out_ptr, radial_ptr, a_ptr, b_ptr, c_ptr, col_scale_ptr,
+    n_rows, dim, stride_u_row, stride_w_row, stride_z_row, stride_out_row, stride_a, z_lo, z_rows,
+    HAS_COL_SCALE: tl.constexpr, HAS_Z: tl.constexpr, RADIAL_KNOWN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """BLOCK_R whole rows (BLOCK_D >= dim) per program: the contract of
+    ``infonce_chunks.torch_finish_rows_``, ``out_i = a_i (u'_i - c_i rho_i w_i)`` with
+    ``u'_i = u_i / kappa - b z`` (the target term) and ``rho_i`` given or ``<w_i, u'_i>``: one read
+    of u, w (and z), one write of out; ``out`` may be ``u`` (each program reads its rows whole
+    before it writes them)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    offs = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (offs < dim)[None, :]
+    rows64 = rows.to(tl.int64)
+    u = tl.load(u_ptr + rows64[:, None] * stride_u_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        u = u / tl.load(col_scale_ptr).to(tl.float32)
+    if HAS_Z:
+        z_row = rows - z_lo
+        z_mask = row_mask & (z_row >= 0) & (z_row < z_rows)
+        z_row = tl.where(z_mask, z_row, 0)
+        b = tl.load(b_ptr + z_row, mask=z_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + z_row.to(tl.int64)[:, None] * stride_z_row + offs[None, :],
+                    mask=z_mask[:, None] & (offs < dim)[None, :], other=0.0).to(tl.float32)
+        u -= b[:, None] * z
+    w = tl.load(w_ptr + rows64[:, None] * stride_w_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RADIAL_KNOWN:
+        rho = tl.load(radial_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    else:
+        rho = tl.sum(u * w, axis=1)
+        tl.store(radial_ptr + rows, rho, mask=row_mask)
+    c = tl.load(c_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + rows * stride_a, mask=row_mask, other=0.0).to(tl.float32)
+    out = a[:, None] * (u - (c * rho)[:, None] * w)
+    tl.store(out_ptr + rows64[:, None] * stride_out_row + offs[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
@@ -321,6 +362,29 @@ def rows_softmax_(prob: Problem, dots: torch.Tensor, weights: Optional[torch.Ten
     return write
 
 
+def finish_rows_(u: torch.Tensor, w: torch.Tensor, out: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
+                 radial: torch.Tensor, radial_known: bool, col_scale: Optional[torch.Tensor],
+                 z: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, z_lo: int = 0) -> None:
+    """Triton twin of :func:`fastcse.kernels.infonce_chunks.torch_finish_rows_` (same contract):
+    one launch instead of five elementwise passes over (rows, D)."""
+    n, dim = u.shape
+    if n == 0:
+        return
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, 2048 // block_d) if u.is_cuda else 4
+    _finish_rows_kernel[(triton.cdiv(n, block_r),)](
+        u, w, z if z is not None else w, out, radial, a, b if b is not None else c, c,
+        col_scale if col_scale is not None else c,
+        n, dim, u.stride(0), w.stride(0), (z if z is not None else w).stride(0), out.stride(0),
+        a.stride(0) if a.dim() else 0, z_lo, z.shape[0] if z is not None else 0,
+        HAS_COL_SCALE=col_scale is not None, HAS_Z=z is not None, RADIAL_KNOWN=radial_known,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+TRITON_OPS = ChunkOps(rows_softmax_, finish_rows_, False)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.library ops: opaque custom ops with fake (meta) implementations, so a torch.compile'd
 # training step keeps them in one graph with symbolic batch sizes (no graph break, no recompile
@@ -365,7 +429,7 @@ def infonce_loss(anchors: torch.Tensor, parts: List[torch.Tensor], scale: torch.
     prob = _problem(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts)
     if precompute_grads:
         lse, tgt, dx, grads, dscale = forward_with_grads(
-            prob, _rows(chunk_rows, prob), rows_softmax_,
+            prob, _rows(chunk_rows, prob), TRITON_OPS,
             row_weight=anticipated_row_weight(reduction, anchors.shape[0]))
         return [reduce_rows(lse - tgt, reduction), lse, dscale, dx, *grads]
     lse, tgt = tile_lse(prob)
@@ -393,7 +457,7 @@ def infonce_loss_backward(anchors: torch.Tensor, parts: List[torch.Tensor], scal
     around the fused row-softmax kernel): ``[dscale () fp32, grad_anchors, grads of the grad
     parts]``, gradients in their inputs' dtype."""
     prob = _problem(anchors, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts)
-    dx, grads, dscale = backward_recompute(prob, lse, grad_rows, _rows(chunk_rows, prob), rows_softmax_)
+    dx, grads, dscale = backward_recompute(prob, lse, grad_rows, _rows(chunk_rows, prob), TRITON_OPS)
     return [dscale, dx, *grads]
 
 

@@ -34,7 +34,7 @@ into the engine, and in its own module, with no Triton import, so that the chunk
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -188,9 +188,6 @@ def same_memory(a: Tensor, b: Tensor) -> bool:
             and a.storage_offset() == b.storage_offset()
             and a.untyped_storage()._cdata == b.untyped_storage()._cdata)
 
-RowsSoftmax = Callable[..., bool]
-
-
 def torch_rows_softmax_(prob: Problem, dots: Tensor, weights: Optional[Tensor], row0: int, lse: Tensor,
                         tgt: Optional[Tensor], grad_rows: Optional[Tensor], x_tilde: Optional[Tensor],
                         compute_lse: bool, radial: Optional[Tensor] = None) -> bool:
@@ -234,6 +231,44 @@ def torch_rows_softmax_(prob: Problem, dots: Tensor, weights: Optional[Tensor], 
     return False
 
 
+def torch_finish_rows_(u: Tensor, w: Tensor, out: Tensor, a: Tensor, c: Tensor, radial: Tensor,
+                       radial_known: bool, col_scale: Optional[Tensor], z: Optional[Tensor] = None,
+                       b: Optional[Tensor] = None, z_lo: int = 0) -> None:
+    """Rows of a gradient through the normalisation, from accumulated rows ``u`` (fp32, in place)::
+
+        u'_i  = u_i / kappa - b_(i - z_lo) z_(i - z_lo)      (rows z_lo .. z_lo + len(z); the target term)
+        rho_i = radial_i if radial_known, else <w_i, u'_i> (written to radial)
+        out_i = a_i (u'_i - c_i rho_i w_i)
+
+    ``w``: the rows' own raw inputs; ``a``: (rows,) or a 0-d tensor; ``out`` may be ``u``. The
+    Triton twin is ``fastcse.kernels.infonce.finish_rows_``.
+    """
+    if col_scale is not None:
+        u.div_(col_scale)
+    if z is not None:
+        u[z_lo:z_lo + z.shape[0]].addcmul_(z, b[:, None], value=-1.0)
+    if not radial_known:
+        block = 4096
+        for j0 in range(0, u.shape[0], block):
+            j1 = min(u.shape[0], j0 + block)
+            torch.bmm(w[j0:j1].to(u.dtype).unsqueeze(1), u[j0:j1].unsqueeze(2), out=radial[j0:j1].view(-1, 1, 1))
+    u.addcmul_(w, (c * radial)[:, None], value=-1.0)
+    torch.mul(u, a[:, None] if a.dim() else a, out=out)
+
+
+class ChunkOps(NamedTuple):
+    """The device pieces of the loop: the row softmax, the row finish, and whether the
+    candidates' gradients may be views of one accumulator (not for custom-op outputs, which may
+    not alias each other)."""
+
+    softmax_: Callable[..., bool]
+    finish_rows_: Callable[..., None]
+    views_ok: bool
+
+
+TORCH_OPS = ChunkOps(torch_rows_softmax_, torch_finish_rows_, True)
+
+
 # --------------------------------------------------------------------------------------------
 # the loops
 # --------------------------------------------------------------------------------------------
@@ -245,8 +280,7 @@ def _chunk_dots(prob: Problem, dots: Tensor, r0: int, r1: int) -> None:
         mm_into(dots[:, prob.columns(k)], xr, part.T)
 
 
-def loss_rows(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax = torch_rows_softmax_
-              ) -> tuple[Tensor, Tensor]:
+def loss_rows(prob: Problem, chunk_rows: int, ops: ChunkOps = TORCH_OPS) -> tuple[Tensor, Tensor]:
     """``(lse, tgt)``, (N,) each in the accumulation dtype, chunk by chunk (2NMD FLOPs, one
     R x M buffer): ``loss_i = lse_i - tgt_i``."""
     n = prob.x.shape[0]
@@ -258,22 +292,23 @@ def loss_rows(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax = torch_rows
         r1 = min(n, r0 + rows)
         chunk = dots[:r1 - r0]
         _chunk_dots(prob, chunk, r0, r1)
-        softmax_(prob, chunk, None, r0, lse, tgt, None, None, True)
+        ops.softmax_(prob, chunk, None, r0, lse, tgt, None, None, True)
     return lse, tgt
 
 
-def gradient_pass(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax, *, lse: Tensor,
-                  tgt: Optional[Tensor], grad_rows: Optional[Tensor], row_weight: float,
-                  compute_lse: bool) -> tuple[Tensor, List[Tensor], Tensor]:
+def gradient_pass(prob: Problem, chunk_rows: int, ops: ChunkOps, *, lse: Tensor, tgt: Optional[Tensor],
+                  grad_rows: Optional[Tensor], row_weight: float, compute_lse: bool
+                  ) -> tuple[Tensor, List[Tensor], Tensor]:
     """Gradients of ``sum_i g_i loss_i`` (``g = grad_rows``, or the constant ``row_weight``):
     ``(dx, [dy_k for the grad parts], dscale)``, dx and dy in their inputs' dtypes, dscale 0-d in
     the accumulation dtype. With ``compute_lse`` it also writes ``lse`` and ``tgt`` (the forward
     pass of a mean / sum reduction: 6NMD FLOPs in all); otherwise it reads ``lse`` (a backward
     that recomputes: 4NMD).
 
-    Memory: dx, the fp32 accumulators of the grad parts' gradients and one set of chunk buffers
-    (R x M dot products, overwritten by the weights; R x D for x~ and W y), reused by every chunk
-    and freed before the candidates' gradients are finished.
+    Memory: dx, one fp32 accumulator for all grad parts' gradients (their columns are contiguous:
+    one GEMM per chunk) and one set of chunk buffers (R x M dot products, overwritten by the
+    weights; R x D for x~ and W y), reused by every chunk and freed before the candidates'
+    gradients are finished.
     """
     x, acc, dev = prob.x, prob.acc, prob.x.device
     n, dim = x.shape
@@ -289,93 +324,68 @@ def gradient_pass(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax, *, lse:
     # dx_i = a_i (u_i - r_i^2 <x_i, u_i> x_i), a_i = g_i scale r_i (times a mean's 1 / N)
     row_factor = g_r * (prob.scale * row_weight)
     rx_sq = prob.rx * prob.rx
-    accum: List[Optional[Tensor]] = [None] * prob.n_grad_parts
+    accum: Optional[Tensor] = None  # sum over chunks of W_g^T x~, (M_g, D): the grad parts' rows
+    grad_cols = slice(0, prob.offsets[prob.n_grad_parts])
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        _gradient_chunk(prob, softmax_, r0, r1, dots_buf[:r1 - r0], weights_buf[:r1 - r0], x_tilde_buf[:r1 - r0],
-                        u_buf[:r1 - r0], accum, lse, tgt, grad_rows, compute_lse, radial, rx_sq, row_factor, dx)
-    del dots_buf, weights_buf, x_tilde_buf, u_buf  # the chunk buffers die before the finish below
+        dots, weights = dots_buf[:r1 - r0], weights_buf[:r1 - r0]
+        x_tilde, u = x_tilde_buf[:r1 - r0], u_buf[:r1 - r0]
+        _chunk_dots(prob, dots, r0, r1)
+        rad = radial[r0:r1]
+        known = ops.softmax_(prob, dots, weights, r0, lse, tgt, grad_rows, x_tilde, compute_lse, radial=rad)
+        for k, part in enumerate(prob.parts_m):
+            if k == 0:
+                mm_into(u, weights[:, prob.columns(k)], part)
+            else:
+                addmm_into_(u, weights[:, prob.columns(k)], part)
+        if prob.n_grad_parts:
+            if accum is None:  # the first chunk writes the accumulator: no zero fill
+                accum = mm_new(weights[:, grad_cols].T, x_tilde, acc)
+            else:
+                addmm_into_(accum, weights[:, grad_cols].T, x_tilde)
+        t0 = prob.target_offset + r0
+        ops.finish_rows_(u, prob.x[r0:r1], dx[r0:r1], row_factor[r0:r1], rx_sq[r0:r1], rad, known, prob.col_scale,
+                         z=prob.parts[0][t0:t0 + r1 - r0], b=prob.q[t0:t0 + r1 - r0])
+    del dots_buf, weights_buf, x_tilde_buf, u_buf, dots, weights, x_tilde, u  # chunk buffers die here
     dscale = torch.dot(g_r, radial).mul_(row_weight)
-    grads = [_finish_candidates(prob, k, accum, g_r, row_weight, rows) for k in range(prob.n_grad_parts)]
+    grads = _finish_candidates(prob, ops, accum, g_r, row_weight) if prob.n_grad_parts else []
     return dx, grads, dscale
 
 
-def _gradient_chunk(prob: Problem, softmax_: RowsSoftmax, r0: int, r1: int, dots: Tensor, weights: Tensor,
-                    x_tilde: Tensor, u: Tensor, accum: List[Optional[Tensor]], lse: Tensor, tgt: Optional[Tensor],
-                    grad_rows: Optional[Tensor], compute_lse: bool, radial: Tensor, rx_sq: Tensor,
-                    row_factor: Tensor, dx: Tensor) -> None:
-    """Anchors r0..r1: dot products, row softmax, ``u = W y`` finished into dx rows, and
-    ``V_k += W_k^T x~`` for the grad parts."""
-    _chunk_dots(prob, dots, r0, r1)
-    rad = radial[r0:r1]
-    wrote_radial = softmax_(prob, dots, weights, r0, lse, tgt, grad_rows, x_tilde, compute_lse, radial=rad)
-    for k, part in enumerate(prob.parts_m):
-        w_k = weights[:, prob.columns(k)]
-        if k == 0:
-            mm_into(u, w_k, part)
-        else:
-            addmm_into_(u, w_k, part)
-        if k < prob.n_grad_parts:
-            if accum[k] is None:  # the first chunk writes the accumulator: no zero fill
-                accum[k] = mm_new(w_k.T, x_tilde, prob.acc)
-            else:
-                addmm_into_(accum[k], w_k.T, x_tilde)
-    n = r1 - r0
-    if prob.col_scale is not None:
-        u.div_(prob.col_scale)
-    t0 = prob.target_offset + r0
-    u.addcmul_(prob.parts[0][t0:t0 + n], prob.q[t0:t0 + n, None], value=-1.0)  # minus the target term
-    x_rows = prob.x[r0:r1]
-    if not wrote_radial:  # <x_i, u_i> from u itself (the PyTorch twin)
-        torch.bmm(x_rows.to(prob.acc).unsqueeze(1), u.unsqueeze(2), out=rad.view(n, 1, 1))
-    u.addcmul_(x_rows, (rx_sq[r0:r1] * rad)[:, None], value=-1.0)  # radial part of d(x / |x|)
-    torch.mul(u, row_factor[r0:r1, None], out=dx[r0:r1])
+def _finish_candidates(prob: Problem, ops: ChunkOps, accum: Tensor, g_r: Tensor, row_weight: float) -> List[Tensor]:
+    """The accumulated ``W_g^T x~`` into each grad part's gradient, in the part's dtype (views of
+    the accumulator itself where ``ops.views_ok`` and the dtypes match)."""
+    t0, n = prob.target_offset, prob.x.shape[0]
+    q_sq = prob.q[:accum.shape[0]] * prob.q[:accum.shape[0]]
+    factor = prob.scale * row_weight
+    radial = torch.empty(accum.shape[0], dtype=prob.acc, device=accum.device)
+    grads = []
+    for k in range(prob.n_grad_parts):
+        y, cols = prob.parts[k], prob.columns(k)
+        v = accum[cols]
+        out = v if (ops.views_ok and v.dtype == y.dtype) else torch.empty_like(y)
+        # part 0 holds the targets: column t(i) = target_offset + i loses q_t g_i r_i x_i
+        target = dict(z=prob.x, b=prob.q[t0:t0 + n] * g_r, z_lo=t0) if k == 0 else {}
+        ops.finish_rows_(v, y, out, factor, q_sq[cols], radial[cols], False, prob.col_scale, **target)
+        grads.append(out)
+    return grads
 
 
-def _finish_candidates(prob: Problem, k: int, accum: List[Optional[Tensor]], g_r: Tensor, row_weight: float,
-                       block_rows: int) -> Tensor:
-    """The accumulated ``W^T x~`` of part k into its gradient, in the part's dtype; drops the
-    caller's reference to the accumulator, so that it dies at the last copy."""
-    y, v = prob.parts[k], accum[k]
-    accum[k] = None
-    acc, m = prob.acc, y.shape[0]
-    if prob.col_scale is not None:
-        v.div_(prob.col_scale)
-    if k == 0:  # minus the target term: column t(i) = target_offset + i of part 0
-        t0, n = prob.target_offset, prob.x.shape[0]
-        v[t0:t0 + n].addcmul_(prob.x, (prob.q[t0:t0 + n] * g_r)[:, None], value=-1.0)
-    q = prob.q[prob.columns(k)]
-    # <y_j, Vc_j> in blocks through one scratch buffer no larger than the freed chunk buffer
-    radial = torch.empty(m, dtype=acc, device=y.device)
-    block = max(1, min(m, block_rows * max(1, prob.n_cols * prob.mm_dtype.itemsize // (y.shape[1] * acc.itemsize))))
-    scratch = torch.empty((block, y.shape[1]), dtype=acc, device=y.device)
-    for j0 in range(0, m, block):
-        j1 = min(m, j0 + block)
-        torch.mul(v[j0:j1], y[j0:j1], out=scratch[:j1 - j0])
-        torch.sum(scratch[:j1 - j0], dim=1, out=radial[j0:j1])
-    del scratch
-    v.addcmul_(y, (radial.mul_(q * q))[:, None], value=-1.0)  # radial part of d(y / |y|)
-    v.mul_(prob.scale * row_weight)
-    return v if v.dtype == y.dtype else v.to(y.dtype)
-
-
-def forward_with_grads(prob: Problem, chunk_rows: int, softmax_: RowsSoftmax = torch_rows_softmax_, *,
-                       row_weight: float = 1.0):
+def forward_with_grads(prob: Problem, chunk_rows: int, ops: ChunkOps = TORCH_OPS, *, row_weight: float = 1.0):
     """One pass: ``(lse, tgt, dx, [dy_k], dscale)``, the gradients of ``row_weight * sum_i loss_i``
     (6NMD FLOPs with the backward, which only scales them)."""
     n = prob.x.shape[0]
     lse = torch.empty(n, dtype=prob.acc, device=prob.x.device)
     tgt = torch.empty_like(lse)
-    dx, grads, dscale = gradient_pass(prob, chunk_rows, softmax_, lse=lse, tgt=tgt, grad_rows=None,
+    dx, grads, dscale = gradient_pass(prob, chunk_rows, ops, lse=lse, tgt=tgt, grad_rows=None,
                                       row_weight=row_weight, compute_lse=True)
     return lse, tgt, dx, grads, dscale
 
 
-def backward_recompute(prob: Problem, lse: Tensor, grad_rows: Tensor, chunk_rows: int,
-                       softmax_: RowsSoftmax = torch_rows_softmax_):
+def backward_recompute(prob: Problem, lse: Tensor, grad_rows: Tensor, chunk_rows: int, ops: ChunkOps = TORCH_OPS):
     """Gradients of ``sum_i grad_rows_i * loss_i`` from the saved ``lse``, recomputing each chunk
     (4NMD FLOPs on top of the forward's 2NMD): ``(dx, [dy_k], dscale)``."""
-    return gradient_pass(prob, chunk_rows, softmax_, lse=lse, tgt=None, grad_rows=grad_rows.to(prob.acc),
+    return gradient_pass(prob, chunk_rows, ops, lse=lse, tgt=None, grad_rows=grad_rows.to(prob.acc),
                          row_weight=1.0, compute_lse=False)
 
 

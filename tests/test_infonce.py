@@ -485,15 +485,45 @@ def test_row_softmax_contract(softmax, dots_dtype, weights_dtype, tol):
             assert rel_error(radial, ref["radial"]) <= 10 * tol, describe_mismatch(radial, ref["radial"])
 
 
-@pytest.mark.parametrize("softmax", ["triton", "torch"])
+@pytest.mark.parametrize("finish", ["triton", "torch"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_finish_rows_contract(finish, out_dtype):
+    """Both row finishes against float64: the target rows subtracted over a window of rows
+    (z_lo > 0), the radial dot given or computed (and written), kappa, a per-row or 0-d factor,
+    out in place (fp32) or in the inputs' dtype."""
+    from fastcse.kernels.infonce import finish_rows_
+
+    fn = finish_rows_ if finish == "triton" else chunks.torch_finish_rows_
+    rows, d, z_lo, z_rows = 23, 37, 5, 11
+    w = torch.randn(rows, d).to(out_dtype)
+    z = torch.randn(z_rows, d).to(out_dtype)
+    b, c, kappa = torch.randn(z_rows), torch.rand(rows), torch.tensor(3.0)
+    for radial_known, a in ((True, torch.randn(rows)), (False, torch.tensor(-1.7))):
+        u0 = torch.randn(rows, d)
+        u1 = u0.double() / 3.0
+        u1[z_lo:z_lo + z_rows] -= b.double()[:, None] * z.double()
+        given = torch.randn(rows)
+        rho = given.double() if radial_known else (u1 * w.double()).sum(1)
+        ref = (a.double()[:, None] if a.dim() else a.double()) * (u1 - (c.double() * rho)[:, None] * w.double())
+        u = u0.clone()
+        out = u if out_dtype == torch.float32 else torch.full((rows, d), float("nan"), dtype=out_dtype)
+        radial = given.clone() if radial_known else torch.full((rows,), float("nan"))
+        fn(u, w, out, a, c, radial, radial_known, kappa, z=z, b=b, z_lo=z_lo)
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        assert out.dtype == out_dtype
+        assert rel_error(out, ref) <= tol, describe_mismatch(out, ref)
+        assert rel_error(radial, rho) <= 1e-5
+
+
+@pytest.mark.parametrize("ops", ["triton", "torch"])
 @pytest.mark.parametrize("mm_dtype", [torch.bfloat16, torch.float16])
-def test_chunk_loop_in_the_cuda_dtypes(softmax, mm_dtype):
+def test_chunk_loop_in_the_cuda_dtypes(ops, mm_dtype):
     """The training path as it runs on CUDA (half-precision matmul operands, bf16 dots written
     over by the weights / fp32 dots and fp16 weights), here on CPU: loss and every gradient
     within twice PyTorch eager's own error in that dtype, gradients in the inputs' dtype."""
-    from fastcse.kernels.infonce import rows_softmax_
+    from fastcse.kernels.infonce import TRITON_OPS
 
-    fn = rows_softmax_ if softmax == "triton" else chunks.torch_rows_softmax_
+    ops = TRITON_OPS if ops == "triton" else chunks.TORCH_OPS
     n, d = 37, 48
     x32, p32, h32 = (torch.randn(n, d) * (1 + torch.rand(n, 1)) for _ in range(3))
     x, p, h = (t.to(mm_dtype) for t in (x32, p32, h32))
@@ -503,7 +533,7 @@ def test_chunk_loop_in_the_cuda_dtypes(softmax, mm_dtype):
     ref_loss, ref_grads = _loss_and_grads(reference_loss, x.double(), p.double(), h.double(), None, t, upstream, **kw)
     eager_loss, eager_grads = _loss_and_grads(info_nce, x, p, h, None, t, upstream, backend="eager", **kw)
     prob = _problem(x, [p, h], 20.0, hn_weight=0.5, hn_offset=n, mm_dtype=mm_dtype)
-    lse, tgt, dx, (dp, dh), dscale = chunks.forward_with_grads(prob, 16, fn)
+    lse, tgt, dx, (dp, dh), dscale = chunks.forward_with_grads(prob, 16, ops)
     loss = (lse - tgt).sum()
     assert rel_error(loss, ref_loss) <= 2 * rel_error(eager_loss, ref_loss) + 1e-6
     for name, g, ge, r in zip(("anchors", "positives", "hard_negatives"), (dx, dp, dh), eager_grads, ref_grads):
