@@ -200,7 +200,7 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfEs "${PYTEST_MODE[@]}")
 run_step tests_loss_rope 45 90 "${PYTEST[@]}" tests/test_infonce.py tests/test_rope.py \
   tests/test_gpu_check.py::test_queued_timing_hides_host_work_on_cuda
 run_step tests_biased 45 90 "${PYTEST[@]}" tests/test_biased_attention.py tests/test_biased_models.py
-run_step tests_encoders 40 90 "${PYTEST[@]}" tests/test_rope_models.py tests/test_encoder.py
+run_step tests_encoders 40 90 "${PYTEST[@]}" tests/test_rope_models.py tests/test_encoder.py tests/test_encoder_varlen.py
 
 if [[ $MODE == plan ]]; then
   run_step report 20 90 true

@@ -78,7 +78,8 @@ def _is_engine(name: str) -> bool:
 
 # The training program: the trainer itself (and anything named after it: fastcse.training...),
 # its configuration and checkpoints, the methods that drive the loss, and DeepSpeed.
-_TRAINING_MODULES = ("fastcse.config", "fastcse.checkpoint", "fastcse.methods")
+_TRAINING_MODULES = ("fastcse.config", "fastcse.checkpoint", "fastcse.methods", "fastcse.step",
+                     "fastcse.optim", "fastcse.ds_config", "fastcse.build", "fastcse.runlog")
 
 
 def _is_training_program(name: str) -> bool:
