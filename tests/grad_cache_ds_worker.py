@@ -182,7 +182,7 @@ def run_deepspeed(stage: int, name: str, dropout: float, mode: str, rank: int, w
                     loss = cstep.loss
                     cached.backward(cstep, finite=finite, last=k == ACCUM - 1)
                 counter.active = False
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if last:
                     applied.append(bool(engine.was_step_applied()))
                     break

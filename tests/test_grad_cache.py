@@ -703,3 +703,92 @@ def test_fused_cached_mnrl_is_a_gradient_cache_loss(st_model):
         FusedCachedMultipleNegativesRankingLoss(st_model, scale=20.0, temperature=0.05)
     with pytest.raises(ValueError, match="columns"):
         loss([st_model.tokenize(ANCHORS)], None)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2 / ZeRO-3, 2 CPU ranks (tests/grad_cache_ds_worker.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    import importlib.util
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("grad_cache_ds")
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(root / "tests" / "grad_cache_ds_worker.py"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, f"deepspeed run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return ranks, torch.load(out / "single.pt")
+
+
+def _global_losses(ranks, key):
+    return [sum(r[key]["losses"][i] for r in ranks) / WORLD for i in range(len(ranks[0][key]["losses"]))]
+
+
+def _assert_params_close(got, want, *, rel, what):
+    # parameter values, same rule as gradients: a vector at rounding-noise level (the attention
+    # key biases: initialised to 0, gradient 0 in exact arithmetic) is only required to stay there
+    assert_grads_close(got, want, rel=rel, what=what)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_cached_steps_equal_uncached_and_one_process(deepspeed_runs, stage):
+    """Dropout 0: per-step losses and final parameters of the cached runs (coalesced and per-chunk
+    reductions) equal the uncached DeepSpeed run and one process over the global batches; the
+    coalesced run reduces gradients once per optimizer step, fewer times than the uncached run
+    (once per micro-batch), whatever the number of chunks; per-chunk reductions cost more."""
+    ranks, single = deepspeed_runs
+    for name in ("simcse-unsup", "simcse-sup"):
+        plain = f"zero{stage}/{name}/p0.0/plain"
+        ref_losses = _global_losses(ranks, plain)
+        assert len(set(round(v, 4) for v in ref_losses)) > 1, ref_losses  # training moved
+        for i, (a, b) in enumerate(zip(ref_losses, single[name]["losses"])):
+            assert abs(a - b) <= 1e-5, f"ZeRO-{stage} {name} uncached micro-batch {i}: {a} vs one process {b}"
+        modes = ["cached-coalesce"] + (["cached-boundary"] if name == "simcse-unsup" else [])
+        for mode in modes:
+            key = f"zero{stage}/{name}/p0.0/{mode}"
+            assert ranks[0][key]["coalesced"] == (mode == "cached-coalesce")
+            for i, (a, b, c) in enumerate(zip(_global_losses(ranks, key), ref_losses, single[name]["losses"])):
+                assert abs(a - b) <= 1e-5 and abs(a - c) <= 1e-5, f"{key} micro-batch {i}: {a} vs {b} / one process {c}"
+            for r in ranks:
+                assert r[key]["applied"] == [True] * 3
+                _assert_params_close(r[key]["params"], r[plain]["params"], rel=1e-5, what=f"{key} vs uncached")
+                _assert_params_close(r[key]["params"], single[name]["params"], rel=1e-5, what=f"{key} vs one process")
+    counts = {mode: ranks[0][f"zero{stage}/simcse-unsup/p0.0/{mode}"]["reductions"]
+              for mode in ("plain", "cached-coalesce", "cached-boundary")}
+    assert counts["cached-coalesce"] < counts["plain"] < counts["cached-boundary"], counts
+    # 3 chunks (unsupervised, 8 rows) or 4 (supervised, 12 rows): the same reductions when coalesced
+    assert ranks[0][f"zero{stage}/simcse-sup/p0.0/cached-coalesce"]["reductions"] == counts["cached-coalesce"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_cached_steps_with_dropout_and_a_bad_window(deepspeed_runs, stage):
+    """Dropout on: the cached runs equal the uncached computation over the same chunks (same RNG
+    streams per micro-batch and rank). A non-finite micro-batch drops its window in the cached run
+    as in the uncached one, and training goes on to the same parameters."""
+    ranks, _ = deepspeed_runs
+    ref = f"zero{stage}/simcse-unsup/p0.1/chunks"
+    for mode in ("cached-coalesce", "cached-boundary"):
+        key = f"zero{stage}/simcse-unsup/p0.1/{mode}"
+        for a, b in zip(_global_losses(ranks, key), _global_losses(ranks, ref)):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (key, a, b)
+        for r in ranks:
+            _assert_params_close(r[key]["params"], r[ref]["params"], rel=1e-5, what=f"{key} vs the chunks")
+    plain, cached_run = (f"zero{stage}/simcse-unsup/p0.0/{m}" for m in ("plain-poison", "cached-coalesce-poison"))
+    for r in ranks:
+        assert r[plain]["applied"] == r[cached_run]["applied"] == [True, False, True]
+        _assert_params_close(r[cached_run]["params"], r[plain]["params"], rel=1e-5, what="after a dropped window")
+    # the dropped window changed the outcome (so the comparison above is not that of two normal runs)
+    normal = ranks[0][f"zero{stage}/simcse-unsup/p0.0/plain"]["params"]
+    assert max(rel_error(ranks[0][plain]["params"][n], normal[n]) for n in normal) > 1e-3
