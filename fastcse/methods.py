@@ -9,7 +9,8 @@ encoder). ``state_dict`` holds whatever must survive a resume.
 - ``simcse-unsup``: the batch twice in one forward of 2N sequences (independent dropout masks);
   positive = the other copy.
 - ``simcse-sup``: ``[sent0; sent1; hard_neg]`` in one forward of 3N; positive = sent1, hard negative
-  = hard_neg (weighted by ``hard_negative_weight`` inside the loss).
+  = hard_neg (weighted by ``hard_negative_weight`` inside the loss). Pairs (``Triplet(sent0, sent1,
+  None)``, data without a negative column): ``[sent0; sent1]`` in one forward of 2N, no hard negatives.
 - ``esimcse``: anchor = the sentence, positive = its word-repetition view (both through the model in
   one forward); a momentum encoder (EMA of the model) embeds the positive view, and those embeddings
   enter a FIFO queue after the step: extra negatives, without gradient, for the next steps.
@@ -147,7 +148,15 @@ class SimCSEUnsup(Method):
         return LossInputs(anchors, positives)
 
 
+# the key of a pair batch's part count: an int, not a feature (the model never sees it)
+PARTS_KEY = "num_parts"
+
+
 class SimCSESup(Method):
+    """Triplets: one forward of ``[sent0; sent1; hard_neg]``. Pairs (every ``hard_neg`` None): one
+    forward of ``[sent0; sent1]``, no hard negatives; the batch then says so under :data:`PARTS_KEY`
+    (a batch without it has three parts)."""
+
     name = "simcse-sup"
     uses_triplets = True
 
@@ -155,10 +164,20 @@ class SimCSESup(Method):
         sent0 = [t[0] for t in examples]
         sent1 = [t[1] for t in examples]
         hard = [t[2] for t in examples]
+        if all(h is None for h in hard):
+            return {**self.tokenize(sent0 + sent1), PARTS_KEY: 2}  # one forward of 2N
+        if any(h is None for h in hard):
+            raise ValueError(f"simcse-sup: a batch mixes pairs and triplets ({sum(h is None for h in hard)} of "
+                             f"{len(hard)} examples have no hard negative); each batch must be one or the other")
         return self.tokenize(sent0 + sent1 + hard)  # one padded batch: one forward of 3N
 
     def loss_inputs(self, model, batch):
-        anchors, positives, hard_negatives = _split(model(**batch), 3)
+        features = {k: v for k, v in batch.items() if k != PARTS_KEY}
+        parts = batch.get(PARTS_KEY, 3)
+        if parts == 2:
+            anchors, positives = _split(model(**features), 2)
+            return LossInputs(anchors, positives, None)
+        anchors, positives, hard_negatives = _split(model(**features), 3)
         return LossInputs(anchors, positives, hard_negatives)
 
 

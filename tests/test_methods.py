@@ -113,3 +113,19 @@ def test_esimcse_collate_is_the_same_on_any_split(tokenizer):
     half_rows = [rows(h, 4) for h in halves]
     assert whole_rows[8:] == half_rows[0][4:] + half_rows[1][4:]  # repeated views
     assert whole_rows[8:] != whole_rows[:8]
+
+
+def test_simcse_sup_pairs_are_one_forward_of_two_without_hard_negatives(tokenizer):
+    from fastcse.data import Triplet
+
+    enc = make_encoder(tokenizer, dropout=0.0)
+    method = build_method(MethodConfig(name="simcse-sup"), enc, seed=0)
+    pairs = [Triplet(t.sent0, t.sent1, None) for t in TRIPLETS]
+    batch = method.collate(pairs, micro_step=0, rank=0)
+    assert batch["input_ids"].shape[0] == 12
+    out = method.loss_inputs(enc, batch)
+    assert out.hard_negatives is None
+    for got, column in zip((out.anchors, out.positives), zip(*[p[:2] for p in pairs])):
+        assert_close(got, enc(**enc.tokenize(list(column))), rtol=1e-5, atol=1e-5, name="2N forward vs separate")
+    with pytest.raises(ValueError, match="mixes pairs and triplets"):
+        method.collate(pairs[:3] + list(TRIPLETS[3:]), micro_step=0, rank=0)
