@@ -321,7 +321,10 @@ class _ChunkedLoss(torch.autograd.Function):
             prob = Problem(x, parts, scale, hn_weight, hn_offset, target_offset, n_grad_parts,
                            fused_matmul_dtype(x))
             rows = chunk_rows or default_chunk_rows(x.shape[0], prob.n_cols, x.is_cuda)
-            dx, dparts, dscale = backward_recompute(prob, lse, grad_loss.to(lse.dtype).expand(x.shape[0]), rows)
+            grad_rows = grad_loss.to(lse.dtype).expand(x.shape[0])
+            if reduction == "mean":
+                grad_rows = grad_rows / x.shape[0]
+            dx, dparts, dscale = backward_recompute(prob, lse, grad_rows, rows)
         needs = ctx.needs_input_grad
         n_parts = len(needs) - 3
         part_grads = [d if need else None for d, need in zip(dparts, needs[3:])]

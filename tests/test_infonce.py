@@ -370,14 +370,14 @@ def _reference_rows(x, parts, scale, hn_weight, hn_offset, target_offset):
     a = F.normalize(x.double(), dim=-1)
     c = F.normalize(torch.cat(parts).double(), dim=-1)
     s = float(scale) * a @ c.T
-    idx = torch.arange(x.shape[0])
+    idx = torch.arange(x.shape[0], device=x.device)
     if hn_weight:
         s[idx, idx + hn_offset] += hn_weight
     return torch.logsumexp(s, dim=1), s[idx, idx + target_offset]
 
 
 def _problem(x, parts, scale, hn_weight=0.0, hn_offset=0, target_offset=0, n_grad_parts=None, mm_dtype=None):
-    scale_t = torch.tensor(scale, dtype=chunks.accumulation_dtype(x.dtype))
+    scale_t = torch.tensor(scale, dtype=chunks.accumulation_dtype(x.dtype), device=x.device)
     return chunks.Problem(x, parts, scale_t, hn_weight, hn_offset, target_offset,
                           len(parts) if n_grad_parts is None else n_grad_parts,
                           mm_dtype or chunks.fused_matmul_dtype(x))
@@ -393,8 +393,8 @@ def test_tile_kernel_split_columns_combine_to_the_reference(dtype, tol):
     from fastcse.kernels.infonce import _tile_config, tile_lse
 
     n, d = 45, 70
-    x = torch.randn(n, d).to(dtype)
-    parts = [torch.randn(n, d).to(dtype), (3 * torch.randn(n + 31, d)).to(dtype)]
+    x = torch.randn(n, d, device=DEVICE).to(dtype)
+    parts = [torch.randn(n, d, device=DEVICE).to(dtype), (3 * torch.randn(n + 31, d, device=DEVICE)).to(dtype)]
     hn = dict(hn_weight=0.7, hn_offset=n + 5, target_offset=0)
     ref_lse, ref_tgt = _reference_rows(x, parts, 14.0, **hn)
     block_n = _tile_config(x)["BLOCK_N"]
@@ -430,13 +430,13 @@ def _softmax_reference(x, parts, scale, row0, rows, lse_given=None, grad_rows=No
     y = torch.cat(parts).double()
     q = 1 / y.norm(dim=1)
     s = scale * a @ c.T
-    idx = torch.arange(x.shape[0])
+    idx = torch.arange(x.shape[0], device=x.device)
     if hn.get("hn_weight"):
         s[idx, idx + hn["hn_offset"]] += hn["hn_weight"]
     use = lse if lse_given is None else lse_given.double()
     p = torch.exp(s - use[:, None])
     sl = slice(row0, row0 + rows)
-    g = torch.ones(x.shape[0], dtype=torch.float64) if grad_rows is None else grad_rows.double()
+    g = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if grad_rows is None else grad_rows.double()
     x_tilde = (g / x.double().norm(dim=1))[:, None] * x.double()
     dots = x.double() @ y.T
     t = idx + hn.get("target_offset", 0)
@@ -457,21 +457,22 @@ def test_row_softmax_contract(softmax, dots_dtype, weights_dtype, tol):
 
     fn = rows_softmax_ if softmax == "triton" else chunks.torch_rows_softmax_
     n, d, row0, rows = 21, 40, 6, 9
-    x = torch.randn(n, d) * (1 + torch.rand(n, 1))
-    parts = [torch.randn(n, d), 2 * torch.randn(n + 13, d)]
+    x = torch.randn(n, d, device=DEVICE) * (1 + torch.rand(n, 1, device=DEVICE))
+    parts = [torch.randn(n, d, device=DEVICE), 2 * torch.randn(n + 13, d, device=DEVICE)]
     hn = dict(hn_weight=0.4, hn_offset=n + 3, target_offset=0)
     prob = _problem(x, parts, 12.0, mm_dtype=weights_dtype, **hn)
     y = torch.cat(parts)
     for compute_lse in (True, False):
-        grad_rows = None if compute_lse else torch.randn(n)
+        grad_rows = None if compute_lse else torch.randn(n, device=DEVICE)
         lse_in = None if compute_lse else _reference_rows(x, parts, 12.0, **hn)[0].float()
         ref = _softmax_reference(x, parts, 12.0, row0, rows, lse_given=lse_in, grad_rows=grad_rows, **hn)
         dots = (x[row0:row0 + rows] @ y.T).to(dots_dtype)
-        weights = dots if weights_dtype == dots_dtype else torch.full(dots.shape, float("nan"), dtype=weights_dtype)
-        lse = torch.full((n,), float("nan")) if compute_lse else lse_in.clone()
-        tgt = torch.full((n,), float("nan"))
-        x_tilde = torch.full((rows, d), float("nan"), dtype=weights_dtype)
-        radial = torch.full((rows,), float("nan"))
+        nan = dict(fill_value=float("nan"), device=DEVICE)
+        weights = dots if weights_dtype == dots_dtype else torch.full(dots.shape, dtype=weights_dtype, **nan)
+        lse = torch.full((n,), **nan) if compute_lse else lse_in.clone()
+        tgt = torch.full((n,), **nan)
+        x_tilde = torch.full((rows, d), dtype=weights_dtype, **nan)
+        radial = torch.full((rows,), **nan)
         wrote = fn(prob, dots, weights, row0, lse, tgt, grad_rows, x_tilde, compute_lse, radial=radial)
         scale_w = float(prob.col_scale) if prob.col_scale is not None else 1.0
         assert rel_error(weights.double() / scale_w, ref["weights"]) <= tol, describe_mismatch(weights, ref["weights"])
@@ -495,19 +496,20 @@ def test_finish_rows_contract(finish, out_dtype):
 
     fn = finish_rows_ if finish == "triton" else chunks.torch_finish_rows_
     rows, d, z_lo, z_rows = 23, 37, 5, 11
-    w = torch.randn(rows, d).to(out_dtype)
-    z = torch.randn(z_rows, d).to(out_dtype)
-    b, c, kappa = torch.randn(z_rows), torch.rand(rows), torch.tensor(3.0)
-    for radial_known, a in ((True, torch.randn(rows)), (False, torch.tensor(-1.7))):
-        u0 = torch.randn(rows, d)
+    dev = dict(device=DEVICE)
+    w = torch.randn(rows, d, **dev).to(out_dtype)
+    z = torch.randn(z_rows, d, **dev).to(out_dtype)
+    b, c, kappa = torch.randn(z_rows, **dev), torch.rand(rows, **dev), torch.tensor(3.0, **dev)
+    for radial_known, a in ((True, torch.randn(rows, **dev)), (False, torch.tensor(-1.7, **dev))):
+        u0 = torch.randn(rows, d, **dev)
         u1 = u0.double() / 3.0
         u1[z_lo:z_lo + z_rows] -= b.double()[:, None] * z.double()
-        given = torch.randn(rows)
+        given = torch.randn(rows, **dev)
         rho = given.double() if radial_known else (u1 * w.double()).sum(1)
         ref = (a.double()[:, None] if a.dim() else a.double()) * (u1 - (c.double() * rho)[:, None] * w.double())
         u = u0.clone()
-        out = u if out_dtype == torch.float32 else torch.full((rows, d), float("nan"), dtype=out_dtype)
-        radial = given.clone() if radial_known else torch.full((rows,), float("nan"))
+        out = u if out_dtype == torch.float32 else torch.full((rows, d), float("nan"), dtype=out_dtype, **dev)
+        radial = given.clone() if radial_known else torch.full((rows,), float("nan"), **dev)
         fn(u, w, out, a, c, radial, radial_known, kappa, z=z, b=b, z_lo=z_lo)
         tol = 1e-5 if out_dtype == torch.float32 else 1e-2
         assert out.dtype == out_dtype
@@ -525,10 +527,10 @@ def test_chunk_loop_in_the_cuda_dtypes(ops, mm_dtype):
 
     ops = TRITON_OPS if ops == "triton" else chunks.TORCH_OPS
     n, d = 37, 48
-    x32, p32, h32 = (torch.randn(n, d) * (1 + torch.rand(n, 1)) for _ in range(3))
+    x32, p32, h32 = (torch.randn(n, d, device=DEVICE) * (1 + torch.rand(n, 1, device=DEVICE)) for _ in range(3))
     x, p, h = (t.to(mm_dtype) for t in (x32, p32, h32))
     kw = dict(hard_negative_weight=0.5, reduction="sum")
-    t = torch.tensor(0.05)
+    t = torch.tensor(0.05, device=DEVICE)
     upstream = torch.ones((), dtype=torch.float64)
     ref_loss, ref_grads = _loss_and_grads(reference_loss, x.double(), p.double(), h.double(), None, t, upstream, **kw)
     eager_loss, eager_grads = _loss_and_grads(info_nce, x, p, h, None, t, upstream, backend="eager", **kw)
@@ -548,7 +550,7 @@ def test_chunk_loop_in_the_cuda_dtypes(ops, mm_dtype):
 def test_gradients_come_back_in_the_input_dtype(backend, dtype):
     anchors, positives, hard_negatives, queue = _inputs(10, 24, True, 4, dtype=dtype)
     leaves = [x.clone().requires_grad_() for x in (anchors, positives, hard_negatives)]
-    t = torch.tensor(0.07, requires_grad=True)
+    t = torch.tensor(0.07, device=DEVICE, requires_grad=True)
     for reduction in ("mean", "none"):
         loss = info_nce(*leaves, queue=queue, temperature=t, backend=backend, reduction=reduction)
         grads = torch.autograd.grad(loss.sum(), leaves + [t])
@@ -687,7 +689,7 @@ def test_non_finite_inputs_reach_the_loss(name):
 
             for reduction in ("mean", "none"):
                 parts = [positives, hard_negatives, queue]
-                loss = _direction_loss(backend, anchors, parts, torch.tensor(20.0), hn_weight=0.0, hn_offset=0,
+                loss = _direction_loss(backend, anchors, parts, torch.tensor(20.0, device=DEVICE), hn_weight=0.0, hn_offset=0,
                                        target_offset=0, n_grad_parts=2, reduction=reduction, chunk_rows=4)
                 assert bool(_value_flag(loss, 0.05)), f"{backend} {name}={value} {reduction}: {loss}"
 
