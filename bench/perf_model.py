@@ -253,21 +253,25 @@ def _written_bytes(out) -> int:
 
 def _matmul_dims(func, args) -> tuple[int, int, int, int]:
     """(batch, m, n, k) of a matmul-family op."""
-    if func in (aten.bmm.default, aten.baddbmm.default, aten.bmm.dtype):
+    if func in _BMMS:
         a, b = (args[0], args[1]) if func is not aten.baddbmm.default else (args[1], args[2])
         return a.shape[0], a.shape[1], b.shape[2], a.shape[2]
-    if func in (aten.addmm.default, aten.addmm_.default, aten.addmm.dtype):
+    if func in _ADDMMS:
         a, b = args[1], args[2]
     else:
         a, b = args[0], args[1]
     return 1, a.shape[0], b.shape[1], a.shape[1]
 
 
-_MATMULS = {aten.mm.default, aten.addmm.default, aten.addmm_.default, aten.bmm.default,
-            aten.baddbmm.default}
-for _name in ("mm", "addmm", "bmm"):
-    if hasattr(getattr(aten, _name), "dtype"):  # out_dtype overloads (fp32 out of bf16 operands)
-        _MATMULS.add(getattr(aten, _name).dtype)
+def _overloads(packet, *names) -> set:
+    return {getattr(packet, n) for n in names if hasattr(packet, n)}
+
+
+# every overload of the matmul family: out_dtype ones (fp32 out of bf16 operands) and the out=
+# ones the loss accumulates through (addmm(..., out_dtype=fp32, out=acc))
+_ADDMMS = {aten.addmm_.default} | _overloads(aten.addmm, "default", "dtype", "out", "dtype_out")
+_BMMS = {aten.baddbmm.default} | _overloads(aten.bmm, "default", "dtype", "out", "dtype_out")
+_MATMULS = _ADDMMS | _BMMS | _overloads(aten.mm, "default", "dtype", "out", "dtype_out")
 _ALLOCS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
            aten.new_empty.default, aten.new_empty_strided.default}
 # in-place ops that change metadata only
@@ -422,7 +426,7 @@ def aten_cost(func, args, kwargs, out, card: Card) -> Cost:
     read = sum(touched_bytes(t) for t in inputs)
     if func in _MATMULS:
         batch, m, n, k = _matmul_dims(func, args)
-        operand = args[1] if func in (aten.addmm.default, aten.addmm_.default, aten.baddbmm.default) else args[0]
+        operand = args[1] if func in _ADDMMS or func is aten.baddbmm.default else args[0]
         return Cost(name, "matmul", flops=2.0 * batch * m * n * k, bytes=read + _written_bytes(out),
                     dtype=operand.dtype, efficiency=_wave_efficiency(batch, m, n, k, card))
     return Cost(name, "memory", bytes=read + _written_bytes(out))
@@ -467,14 +471,31 @@ def _lse_fwd_cost(launch: Launch, card: Card) -> Cost:
 
 
 def _rows_softmax_cost(launch: Launch, card: Card) -> Cost:
-    # one program per row: COMPUTE_LSE reads the row's fp32 dot products twice (online max/sum,
-    # then the write pass: a row of 64K fp32 is 256 KB, and the rows in flight exceed L2), else once;
-    # writes the weights in the output dtype.
+    # BLOCK_R rows per program (rows from the buffer, not the grid). COMPUTE_LSE makes an online
+    # max/sum pass over the row's dot products; WRITE_WEIGHTS a second pass that writes the
+    # weights in the output dtype (in place or not). With both, the dots are read twice (rows in
+    # flight exceed L2). Exponentials: one per element per pass that needs them.
     dots, out = _arg(launch, "dots_ptr"), _arg(launch, "out_ptr")
-    rows, n_cols = launch.grid[0], _arg(launch, "n_cols")
-    passes = 2 if _arg(launch, "COMPUTE_LSE") else 1
-    return Cost(launch.name, "memory",
-                bytes=rows * n_cols * (passes * dots.element_size() + out.element_size()) + 8 * rows)
+    rows, n_cols = dots.shape[0], _arg(launch, "n_cols")
+    if "n_rows" in launch.arguments:
+        rows = _arg(launch, "n_rows")
+    lse, weights = bool(_arg(launch, "COMPUTE_LSE")), bool(_arg(launch, "WRITE_WEIGHTS"))
+    reads = 2 if (lse and weights) else 1
+    written = out.element_size() if weights else 0
+    exps = ((2 if lse else 0) + (1 if weights else 0)) * rows * n_cols
+    return Cost(launch.name, "memory", bytes=rows * n_cols * (reads * dots.element_size() + written) + 8 * rows,
+                exps=float(exps))
+
+
+def _finish_rows_cost(launch: Launch, card: Card) -> Cost:
+    # the loss's row finish: reads u (fp32 GEMM result) and w, (z's rows when HAS_Z), writes out;
+    # per-row vectors are a few bytes a row
+    u, w, out = _arg(launch, "u_ptr"), _arg(launch, "w_ptr"), _arg(launch, "out_ptr")
+    rows, dim = _arg(launch, "n_rows"), _arg(launch, "dim")
+    moved = rows * dim * (u.element_size() + w.element_size() + out.element_size()) + 16 * rows
+    if _arg(launch, "HAS_Z"):
+        moved += _arg(launch, "z_rows") * dim * _arg(launch, "z_ptr").element_size()
+    return Cost(launch.name, "memory", bytes=moved)
 
 
 def _rotary_cost(launch: Launch, card: Card) -> Cost:
@@ -544,6 +565,7 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
 KERNEL_COSTS: dict = {
     "_lse_fwd_kernel": _lse_fwd_cost,
     "_rows_softmax_kernel": _rows_softmax_cost,
+    "_finish_rows_kernel": _finish_rows_cost,
     "_rotary_kernel": _rotary_cost,
     "_biased_attn_fwd_kernel": _biased_fwd_cost,
     "_biased_attn_bwd_delta_kernel": _biased_bwd_delta_cost,

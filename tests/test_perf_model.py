@@ -81,15 +81,17 @@ def test_cpu_memory_prediction_matches_the_measured_chunked_run():
 
 
 def test_gpu_trace_reproduces_the_review_memory_figures():
-    """The review measured (bench_infonce, whose baseline holds the previous step's .grad):
-    N=4096 fused 252 MiB vs eager 204 MiB; N=32768 eager 12.1 GiB and 18.4x less fused."""
+    """The review measured eager (bench_infonce, whose baseline then held the previous step's
+    .grad): N=4096 204 MiB, N=32768 12.1 GiB; the eager code is unchanged, so the trace must still
+    give those. The fused path was rebuilt since (it was 252 MiB at N=4096, 18.4x less at 32768):
+    it must now sit below eager at N=4096 and 25x below it at N=32768 (the issue's bar)."""
     card = pm.CARDS["h200"]
     grads = lambda n: 3 * n * 768 * 2  # noqa: E731  (bf16 .grad of anchors, positives, hard negatives)
     bench_view = lambda provider, n: (pm.loss_trace(card, provider, n).peak_bytes - grads(n))  # noqa: E731
-    assert bench_view("triton", 4096) / MIB == pytest.approx(252, abs=1)
     assert bench_view("eager", 4096) / MIB == pytest.approx(204, abs=1)
     assert bench_view("eager", 32768) / 2 ** 30 == pytest.approx(12.1, abs=0.05)
-    assert bench_view("eager", 32768) / bench_view("triton", 32768) == pytest.approx(18.4, abs=0.05)
+    assert bench_view("triton", 4096) < bench_view("eager", 4096)
+    assert bench_view("eager", 32768) / bench_view("triton", 32768) >= 25
 
 
 @pytest.mark.parametrize("provider", ["eager", "triton"])
@@ -161,7 +163,7 @@ def test_cli_json_and_csv(tmp_path, monkeypatch, capsys):
     memory = by_name["loss memory eager/triton, fwd+bwd, bfloat16, N=32768"]
     assert memory["pass"] is (memory["predicted"] >= 25)
     unmodelled = [b for b in bars if b["pass"] is None]
-    assert unmodelled and all(b["predicted"] is None and "not modelled" in b["detail"] for b in unmodelled)
+    assert all(b["predicted"] is None and "not modelled" in b["detail"] for b in unmodelled)
     assert all(isinstance(b["pass"], bool) for b in bars if b["predicted"] is not None)
     with (tmp_path / pm.CSV_NAME).open() as f:
         rows = list(csv.DictReader(f))
