@@ -53,9 +53,15 @@ class ModelConfig:
 class DataConfig:
     """Training data."""
 
-    train_file: str | None = field(default=None, metadata=_opt(
-        "Text file (one sentence per line) for simcse-unsup/esimcse; CSV or JSONL with sent0, sent1, "
-        "hard_neg for simcse-sup. None: the bundled wiki sample / SNLI triplets."))
+    train_files: list[str] | None = field(default=None, metadata=_opt(
+        "Training files or datasets folders, one or several: text (one sentence per line), CSV, JSONL or "
+        "parquet; sentences for simcse-unsup/esimcse, anchor/positive[/negative] (or sent0/sent1[/hard_neg]) "
+        "for simcse-sup. None: the bundled wiki sample / SNLI triplets.", "train-file"))
+    mix: Literal["proportional", "round_robin"] = field(default="proportional", metadata=_opt(
+        "Several --train-file sources: batches drawn in proportion to their sizes (shuffled), or one "
+        "from each in turn. Each global batch comes from one source."))
+    no_duplicates: bool = field(default=False, metadata=_opt(
+        "No text twice in one batch (a repeated text would be a false in-batch negative)."))
     on_bad_row: Literal["skip", "error"] = field(default="skip", metadata=_opt(
         "A malformed row or undecodable line: report file:line and skip it, or stop."))
     max_examples: int | None = field(default=None, metadata=_opt(
@@ -126,7 +132,12 @@ class RunConfig:
         "checkpoint's."))
     max_bad_steps: int = field(default=5, metadata=_opt(
         "Stop after this many consecutive steps with a non-finite loss or gradient."))
-    tensorboard: bool = field(default=False, metadata=_opt("Also log to TensorBoard (needs `tensorboard`)."))
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(default="none", metadata=_opt(
+        "Also write the logged scalars to TensorBoard / Weights & Biases / MLflow (the package must be "
+        "installed)."))
+    tensorboard: bool = field(default=False, metadata=_opt("Alias of --report-to tensorboard."))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = field(default="INFO", metadata=_opt(
+        "Level of the `fastcse` logger; WARNING hides the progress and info lines."))
     progress: bool = field(default=True, metadata=_opt("Show a progress bar."))
     export: bool = field(default=True, metadata=_opt(
         "Export the final and best models as sentence-transformers folders."))
@@ -193,6 +204,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        items = [value] if isinstance(value, (str, Path)) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ConfigError(f"{where}: expected one or more values, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, where) for v in items]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -235,6 +251,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 # Hugging Face TrainingArguments names accepted in config files where the meaning is the same
 HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad-accum"}
 HF_PRECISION = ("bf16", "fp16")
+REPORT_TARGETS = ("none", "tensorboard", "wandb", "mlflow")
+# section keys renamed since: config files (and checkpoints' configs) written before still read
+FIELD_ALIASES = {"train_file": "train_files"}
 
 
 def _from_hf_names(data: dict, source: str) -> dict:
@@ -248,11 +267,15 @@ def _from_hf_names(data: dict, source: str) -> dict:
                 out["precision"] = key
         elif key == "report_to":
             targets = [value] if isinstance(value, str) else list(value or [])
-            unknown = [t for t in targets if t not in ("tensorboard", "none", "all")]
+            unknown = [t for t in targets if t not in REPORT_TARGETS + ("all",)]
             if unknown:
                 raise ConfigError(f"{source}: report_to {', '.join(map(str, unknown))} is not supported "
-                                  "(tensorboard or none)")
-            out["tensorboard"] = "tensorboard" in targets or "all" in targets
+                                  f"({' / '.join(REPORT_TARGETS)})")
+            targets = ["tensorboard" if t == "all" else t for t in targets if t != "none"]
+            if len(set(targets)) > 1:
+                raise ConfigError(f"{source}: report_to {', '.join(targets)}: fastcse reports to one of "
+                                  f"{', '.join(REPORT_TARGETS)} at a time")
+            out["report-to"] = targets[0] if targets else "none"
         elif key == "per_device_train_batch_size":
             import os
 
@@ -277,7 +300,7 @@ def apply_mapping(cfg: TrainConfig, data: dict, *, source: str) -> None:
             section_obj = getattr(cfg, key)
             hints = _hints(key)
             for name, v in value.items():
-                name_u = str(name).replace("-", "_")
+                name_u = FIELD_ALIASES.get(str(name).replace("-", "_"), str(name).replace("-", "_"))
                 if name_u not in hints:
                     raise ConfigError(f"{source}: unknown option {key}.{name}")
                 setattr(section_obj, name_u, _coerce(v, hints[name_u], f"{source}: {key}.{name}"))
@@ -419,6 +442,11 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if r.tensorboard:  # the alias
+        if r.report_to not in ("none", "tensorboard"):
+            raise ConfigError(f"--tensorboard and --report-to {r.report_to}: choose one")
+        r.report_to = "tensorboard"
+    r.tensorboard = r.report_to == "tensorboard"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,9 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
             hint = hints[f.name]
             flag = "--" + _flag(f)
             dest = f"{section}.{f.name}"
+            if hint is bool and flag.startswith("--no-"):  # already a negation: no --no-no-... form
+                group.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
+                                   help=f.metadata["doc"])
+                continue
             if hint is bool:
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=f.metadata["doc"])
+                continue
+            if typing.get_origin(hint) is list or list in map(typing.get_origin, typing.get_args(hint)):
+                # several values after one flag, or the flag repeated: --train-file a.csv b.jsonl
+                group.add_argument(flag, dest=dest, action="extend", nargs="+", default=argparse.SUPPRESS,
+                                   metavar="PATH", help=f"{f.metadata['doc']} (default: {f.default})")
                 continue
             choices = None
             args = typing.get_args(hint)

