@@ -40,7 +40,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils._pytree import tree_flatten
 
+from bench._common import device_name
 from fastcse.memory import CUDA_BLOCK_BYTES, Launch, StorageCounter, meta_run, stub_kernel_launches
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -129,15 +129,7 @@ _CPU_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "f
 
 
 def _cpu_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    return device_name("cpu")  # the benchmarks' own name for this machine, so their rows join
 
 
 def measure_cpu_card(*, refresh: bool = False) -> Card:
