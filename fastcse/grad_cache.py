@@ -10,11 +10,13 @@ Callan 2021) splits the *encoder* instead and keeps the loss whole, in three pha
    to them (the loss's graph is small: the embeddings, not the encoder's activations);
 3. **replay** each chunk with a graph, under the RNG state recorded for it in phase 1, and
    backpropagate ``<emb_chunk, G_chunk>`` (a surrogate whose gradient is ``G_chunk``) through the
-   encoder. Only one chunk's activations are alive at a time.
+   encoder. Only one chunk's activations are alive at a time. The last chunk is not replayed: phase
+   1 runs it with its graph, and phase 3 backpropagates it first (``keep_last``).
 
 The parameter gradients are those of ``loss.backward()`` on the uncached graph with the same dropout
-masks. The price is a second forward of every chunk (about a third more encoder FLOPs than forward
-+ backward; bench/bench_grad_cache.py measures it).
+masks. The price is a second forward of every chunk but one (with n chunks, (n - 1) / n of a
+forward more than the uncached step, itself about forward + 2 x forward; with one chunk, nothing:
+bench/bench_grad_cache.py measures it).
 
 API
 ---
@@ -300,18 +302,29 @@ class _Forward:
     rng: list[RNGState]
     autocast: _AutocastState
     embeddings: Tensor  # (rows, D) leaf with requires_grad, the concatenated chunk embeddings
+    kept: Optional[Tensor] = None  # the last chunk's embeddings with their graph (see ChunkedEncoder)
 
 
 class ChunkedEncoder:
     """Stands in for the encoder in phase 1: ``proxy(**features)`` embeds the rows in chunks
     without a graph, records each chunk's RNG state, and returns the embeddings as a leaf tensor
     that requires grad. Any number of calls; each one is replayed as it ran. Attributes
-    (``training``, ``embedding_dim``, ...) are the encoder's."""
+    (``training``, ``embedding_dim``, ...) are the encoder's.
 
-    def __init__(self, encoder: Callable[..., Tensor], chunk_size: int, *, trim_padding: bool = True):
+    ``keep_last`` (default): the last chunk of the last call runs *with* its graph, which phase 3
+    then backpropagates first instead of replaying it: one chunk's forward less per step (with a
+    single chunk, none: the cached step costs what the uncached one does). Its activations are
+    alive through phase 2, as one replayed chunk's are in phase 3, so the peak stays one chunk's
+    activations plus the loss. A later call drops the graph an earlier call kept (that chunk is
+    replayed), so at most one chunk's graph is ever held.
+    """
+
+    def __init__(self, encoder: Callable[..., Tensor], chunk_size: int, *, trim_padding: bool = True,
+                 keep_last: bool = True):
         self.encoder = encoder
         self.chunk_size = _check_chunk_size(chunk_size)
         self.trim_padding = trim_padding
+        self.keep_last = keep_last
         self.forwards: list[_Forward] = []
 
     @property
@@ -322,17 +335,25 @@ class ChunkedEncoder:
         return getattr(self.__dict__["encoder"], name)
 
     def __call__(self, **features) -> Tensor:
+        if self.forwards:
+            self.forwards[-1].kept = None  # only the last call's last chunk keeps its graph
         rows = feature_rows(features)
         ranges = chunk_ranges(rows, self.chunk_size)
         devices = _cuda_devices(features)
         autocast = _AutocastState.capture()
-        states, parts = [], []
-        with torch.no_grad():
-            for a, b in ranges:
-                states.append(RNGState.capture(devices))
-                parts.append(_call(self.encoder, slice_features(features, a, b, trim_padding=self.trim_padding)))
+        keep = self.keep_last and torch.is_grad_enabled()
+        states, parts, kept = [], [], None
+        for i, (a, b) in enumerate(ranges):
+            states.append(RNGState.capture(devices))
+            chunk = slice_features(features, a, b, trim_padding=self.trim_padding)
+            if keep and i == len(ranges) - 1:
+                kept = _call(self.encoder, chunk)
+                parts.append(kept.detach())
+            else:
+                with torch.no_grad():
+                    parts.append(_call(self.encoder, chunk))
         embeddings = (torch.cat(parts) if len(parts) > 1 else parts[0]).detach().requires_grad_(True)
-        self.forwards.append(_Forward(dict(features), ranges, states, autocast, embeddings))
+        self.forwards.append(_Forward(dict(features), ranges, states, autocast, embeddings, kept))
         return embeddings
 
 
@@ -390,26 +411,37 @@ class CachedStep:
         both itself). The loss's own parameters (``loss_parameters`` of phase 2) join the last
         chunk's surrogate, so they get the same scaling.
 
-        ``poison=True`` (the loss was not finite on some rank): replay only the first chunk, with a
-        NaN surrogate and ``boundary(True)``, so that the gradients of this accumulation window are
-        non-finite and the optimizer step is dropped, as ``backward(loss * nan)`` does uncached.
+        ``poison=True`` (the loss was not finite on some rank): backpropagate only one chunk (the
+        kept one, else the first, replayed), with a NaN surrogate and ``boundary(True)``, so that
+        the gradients of this accumulation window are non-finite and the optimizer step is
+        dropped, as ``backward(loss * nan)`` does uncached.
         """
         if self._done:
             raise RuntimeError("CachedStep.backward() already ran: a cached step replays its chunks once")
         self._done = True
         backward = backward or _default_backward
-        work = [(f, g, i) for f, g in zip(self._forwards, self._grads) for i in range(len(f.ranges))]
+        # (forward, its gradient, chunk index, the chunk's embeddings if phase 1 kept their graph):
+        # the kept chunk first, so its activations die before any replay
+        work = [(f, g, i, None) for f, g in zip(self._forwards, self._grads) for i in range(len(f.ranges))]
+        kept = [n for n, (f, _, i, _) in enumerate(work) if f.kept is not None and i == len(f.ranges) - 1]
+        if kept:
+            f, g, i, _ = work.pop(kept[0])
+            work.insert(0, (f, g, i, f.kept))
+            f.kept = None
         if poison:
             work = work[:1]
         try:
             with torch.enable_grad():
-                for n, (fwd, grad, i) in enumerate(work):
+                for n in range(len(work)):
+                    fwd, grad, i, emb = work[n]
+                    work[n] = None  # the list lets go: the kept chunk's graph dies with its backward
                     last = n == len(work) - 1
                     a, b = fwd.ranges[i]
-                    fwd.rng[i].restore()
-                    chunk = slice_features(fwd.features, a, b, trim_padding=self._trim_padding)
-                    with fwd.autocast.entered():
-                        emb = _call(self._encoder, chunk)
+                    if emb is None:
+                        fwd.rng[i].restore()
+                        chunk = slice_features(fwd.features, a, b, trim_padding=self._trim_padding)
+                        with fwd.autocast.entered():
+                            emb = _call(self._encoder, chunk)
                     surrogate = _surrogate(emb, grad[a:b])
                     if last:
                         for p, g in self._loss_params:
@@ -422,20 +454,23 @@ class CachedStep:
                     del emb, surrogate  # this chunk's activations die before the next chunk's forward
         finally:
             self._end_rng.restore()
+            for f in self._forwards:
+                f.kept = None
             self._forwards, self._grads, self._loss_params = [], [], []
 
 
 def cached_step(encoder: Callable[..., Tensor], run: Callable[[ChunkedEncoder], Any],
                 loss_fn: Callable[[Any], Tensor], *, chunk_size: int, loss_parameters: Sequence[Tensor] = (),
-                trim_padding: bool = True) -> CachedStep:
+                trim_padding: bool = True, keep_last: bool = True) -> CachedStep:
     """Phases 1 and 2 for any computation: ``inputs = run(proxy)`` (the proxy embeds in chunks
     without a graph), ``loss = loss_fn(inputs)``, and the loss's gradient with respect to every
     embedding the proxy returned (and to ``loss_parameters``, e.g. a learnable temperature).
+    ``keep_last``: see :class:`ChunkedEncoder` (False: every chunk is replayed).
 
     Raises ``ValueError`` when the loss did not use some forward's embeddings, ``TypeError`` when
     it is not a scalar.
     """
-    proxy = ChunkedEncoder(encoder, chunk_size, trim_padding=trim_padding)
+    proxy = ChunkedEncoder(encoder, chunk_size, trim_padding=trim_padding, keep_last=keep_last)
     inputs = run(proxy)
     if not proxy.forwards:
         raise ValueError("the computation never called the encoder: nothing to cache")
@@ -459,7 +494,8 @@ def cached_step(encoder: Callable[..., Tensor], run: Callable[[ChunkedEncoder], 
 
 def cached_method_step(model: Callable[..., Tensor], method, batch: Features,
                        loss_fn: Callable[[Any], Tensor], *, chunk_size: int,
-                       loss_parameters: Sequence[Tensor] = (), trim_padding: bool = True) -> CachedStep:
+                       loss_parameters: Sequence[Tensor] = (), trim_padding: bool = True,
+                       keep_last: bool = True) -> CachedStep:
     """Phases 1 and 2 of a fastcse training method's micro-step, with chunks of ``chunk_size`` rows.
 
     Args:
@@ -475,6 +511,8 @@ def cached_method_step(model: Callable[..., Tensor], method, batch: Features,
         chunk_size: rows per encoder chunk (rows of the method's forward: SimCSE forwards 2N rows).
         loss_parameters: trainable tensors inside ``loss_fn`` (a learnable temperature).
         trim_padding: drop each chunk's all-padding trailing columns (:func:`slice_features`).
+        keep_last: keep the last chunk's graph from phase 1 instead of replaying it
+            (:class:`ChunkedEncoder`).
 
     Returns a :class:`CachedStep`: check ``step.loss``, then call ``step.backward(...)``.
     """
@@ -491,13 +529,14 @@ def cached_method_step(model: Callable[..., Tensor], method, batch: Features,
                 method.momentum_encoder = momentum
 
     return cached_step(model, run, loss_fn, chunk_size=chunk_size, loss_parameters=loss_parameters,
-                       trim_padding=trim_padding)
+                       trim_padding=trim_padding, keep_last=keep_last)
 
 
 def grad_cache(encoder: Callable[..., Tensor], features: Union[Features, Sequence[Features]],
                loss_fn: Callable[..., Tensor], *, chunk_size: int, split: Optional[int] = None,
                backward: Optional[Backward] = None, boundary: Optional[Boundary] = None,
-               loss_parameters: Sequence[Tensor] = (), trim_padding: bool = True) -> Tensor:
+               loss_parameters: Sequence[Tensor] = (), trim_padding: bool = True,
+               keep_last: bool = True) -> Tensor:
     """One gradient-cached loss and backward: returns the loss (detached) with the encoder's
     parameter gradients accumulated as ``loss.backward()`` on the uncached graph would (same
     dropout masks, see the module docstring).
@@ -545,7 +584,7 @@ def grad_cache(encoder: Callable[..., Tensor], features: Union[Features, Sequenc
         return parts
 
     step = cached_step(encoder, run, lambda parts: loss_fn(*parts), chunk_size=chunk_size,
-                       loss_parameters=loss_parameters, trim_padding=trim_padding)
+                       loss_parameters=loss_parameters, trim_padding=trim_padding, keep_last=keep_last)
     step.backward(backward=backward, boundary=boundary)
     return step.loss
 

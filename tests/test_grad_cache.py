@@ -167,13 +167,13 @@ def plain_step(encoder, method, batch, loss_fn):
     return loss.detach()
 
 
-def cached(encoder, method, batch, loss_fn, chunk_size, **backward_kwargs):
-    step = cached_method_step(encoder, method, batch, loss_fn, chunk_size=chunk_size)
+def cached(encoder, method, batch, loss_fn, chunk_size, *, keep_last=True, **backward_kwargs):
+    step = cached_method_step(encoder, method, batch, loss_fn, chunk_size=chunk_size, keep_last=keep_last)
     step.backward(**backward_kwargs)
     return step.loss
 
 
-def run_pair(name, dropout, chunk_size, reference, *, n=6, seed=11):
+def run_pair(name, dropout, chunk_size, reference, *, n=6, seed=11, keep_last=True):
     """(cached loss, grads, pending, rng after) and the same for ``reference`` from one start."""
     torch.manual_seed(seed)
     enc = bert_encoder(dropout)
@@ -182,7 +182,8 @@ def run_pair(name, dropout, chunk_size, reference, *, n=6, seed=11):
     twin_method = copy.deepcopy(method)
     batch = tokens(BLOCKS[name] * n)
     out = []
-    for e, m, fn in ((enc, method, lambda: cached(enc, method, batch, loss_fn_for(method), chunk_size)),
+    for e, m, fn in ((enc, method, lambda: cached(enc, method, batch, loss_fn_for(method), chunk_size,
+                                                   keep_last=keep_last)),
                      (twin, twin_method, lambda: reference(twin, twin_method, batch, loss_fn_for(twin_method)))):
         torch.manual_seed(seed + 1)
         loss = fn()
@@ -224,11 +225,12 @@ def test_slice_features_trims_trailing_padding_only():
     ("simcse-sup", 4), ("simcse-sup", 7),
     ("esimcse", 5), ("esimcse", 8),
 ])
-def test_dropout_on_equals_the_uncached_chunks(name, chunk_size):
+@pytest.mark.parametrize("keep_last", [True, False], ids=["kept", "replayed"])
+def test_dropout_on_equals_the_uncached_chunks(name, chunk_size, keep_last):
     """The same masks as the chunks run with a graph: loss, every gradient, ESimCSE's momentum
     embeddings and the RNG state after the step."""
     (loss, g, pending, after), (ref_loss, ref_g, ref_pending, ref_after) = run_pair(
-        name, 0.1, chunk_size, lambda e, m, b, fn: reference_step(e, m, b, fn, chunk_size))
+        name, 0.1, chunk_size, lambda e, m, b, fn: reference_step(e, m, b, fn, chunk_size), keep_last=keep_last)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * max(1.0, abs(float(ref_loss)))
     assert_grads_close(g, ref_g, rel=1e-5, what=f"{name} K={chunk_size}")
     if ref_pending is not None:
@@ -265,10 +267,12 @@ def test_dropout_zero_equals_the_plain_step(name, chunk_size):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_one_chunk_with_dropout_is_the_plain_step(name):
-    """K >= rows: one encoder call, as without caching, so the very same masks."""
+@pytest.mark.parametrize("keep_last", [True, False], ids=["kept", "replayed"])
+def test_one_chunk_with_dropout_is_the_plain_step(name, keep_last):
+    """K >= rows: one encoder call, as without caching, so the very same masks; kept (no second
+    forward at all) or replayed under the restored RNG."""
     (loss, g, pending, after), (ref_loss, ref_g, ref_pending, ref_after) = run_pair(
-        name, 0.1, 64, plain_step)
+        name, 0.1, 64, plain_step, keep_last=keep_last)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * max(1.0, abs(float(ref_loss)))
     assert_grads_close(g, ref_g, rel=1e-5, what=f"{name} one chunk, dropout on")
     assert torch.equal(after, ref_after)
@@ -323,16 +327,19 @@ def test_biased_attention_dropout_is_replayed(family, tier, monkeypatch):
     batch = tokens(6, seq=8)
     chunk = 4
     torch.manual_seed(9)
-    loss = cached(enc, method, batch, loss_fn_for(method), chunk)
+    # the kernel tier replays every chunk (keep_last=False), the twin keeps the last one's graph
+    loss = cached(enc, method, batch, loss_fn_for(method), chunk, keep_last=tier == "twin")
     torch.manual_seed(9)
     ref = reference_step(twin, method, batch, loss_fn_for(method), chunk)
     assert abs(float(loss) - float(ref)) <= 1e-6 * max(1.0, abs(float(ref)))
     assert_grads_close(grads(enc), grads(twin), rel=1e-5, what=f"{family} biased {tier}")
     if tier == "kernel":
-        # per layer and chunk: phase 1 draws, phase 3 replays the same seed, the reference draws it too
+        # one seed per layer and chunk: drawn in phase 1, drawn again (the same) by the replay,
+        # and by the reference from the same starting state
         drawn = [s for p, s in seeds if p > 0]
-        assert drawn and len(drawn) == 3 * 2 * len(chunk_ranges(12, chunk)), seeds
-        assert sorted(drawn[:len(drawn) // 3]) == sorted(drawn[len(drawn) // 3:2 * len(drawn) // 3]), seeds
+        per_run = 2 * len(chunk_ranges(12, chunk))
+        assert len(drawn) == 3 * per_run and len(set(drawn[:per_run])) == per_run, seeds
+        assert drawn[:per_run] == drawn[per_run:2 * per_run] == drawn[2 * per_run:], seeds
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +403,7 @@ def test_backward_and_boundary_hooks():
     surrogates, boundaries = [], []
 
     def backward(s):
-        surrogates.append(float(s))
+        surrogates.append(float(s.detach()))
         (s / 3).backward()  # a 3-micro-batch accumulation window, as a plain PyTorch step scales
 
     step = cached_method_step(enc, method, batch, loss_fn_for(method), chunk_size=5)
@@ -408,6 +415,26 @@ def test_backward_and_boundary_hooks():
     ref = plain_step(twin, method, batch, lambda x: loss_fn_for(method)(x) / 3)
     assert abs(float(step.loss) / 3 - float(ref)) <= 1e-6
     assert_grads_close(grads(enc), grads(twin), rel=1e-5, what="scaled by 1/accum")
+
+
+@pytest.mark.parametrize("keep_last,calls", [(True, 3 + 2), (False, 3 + 3)], ids=["kept", "replayed"])
+def test_encoder_calls_per_step(keep_last, calls):
+    """12 rows in chunks of 5: three chunk forwards in phase 1, then a replay of every chunk but
+    the last (whose graph phase 1 kept), or of all three."""
+    torch.manual_seed(3)
+    enc = bert_encoder(0.1)
+    method = make_method("simcse-unsup", enc)
+    seen = []
+
+    def counting(**features):
+        seen.append((features["input_ids"].shape[0], torch.is_grad_enabled()))
+        return enc(**features)
+
+    step = cached_method_step(counting, method, tokens(6), loss_fn_for(method), chunk_size=5, keep_last=keep_last)
+    assert [r for r, _ in seen] == [5, 5, 2] and [g for _, g in seen] == [False, False, keep_last]
+    step.backward()
+    assert len(seen) == calls and all(g for _, g in seen[3:])
+    assert [r for r, _ in seen[3:]] == ([5, 5] if keep_last else [5, 5, 2])
 
 
 def test_poison_replays_one_chunk_with_nan():
