@@ -10,7 +10,8 @@ wiki1m lines, capped at 32: ``bench.bench_encoder.wiki_lengths``):
 
 each with the fused loss (``chunked`` on CPU, ``triton`` on CUDA) and the ``eager`` one. Rows of
 ``bench/results/grad_cache.csv`` (``--csv``: a file name there or a path): ``metric=throughput`` (sentences/s, p50/p20/p80 from the timing
-quantiles), ``latency`` (ms per step), ``peak_memory`` (bytes above what was live before the step:
+quantiles), ``latency`` (ms per step; on CPU by default the CPU time of one intra-op thread, which
+other processes on shared cores do not move, ``--clock wall`` for wall time), ``peak_memory`` (bytes above what was live before the step:
 the caching allocator's peak on CUDA, tensor storage on CPU), x = the chunk size (``all`` for
 uncached), and per configuration one ``cost_ratio`` row: the cached step's time per sentence over
 the uncached one's at the same batch (the CPU bar: at most 1.5 with chunks of at least a quarter
@@ -63,11 +64,15 @@ def simcse_method():
                        max_seq_length=32, seed=0)
 
 
-def interleaved_times(fns: list, device, *, warmup: int, reps: int, max_seconds: float) -> list[list[float]]:
+def interleaved_times(fns: list, device, *, warmup: int, reps: int, max_seconds: float,
+                      clock: str = "wall") -> list[list[float]]:
     """Milliseconds per call of each of ``fns``, timed round-robin (one call of each per round), so
-    that a machine whose speed drifts (shared CPU cores) slows every provider alike and their
-    ratios stay meaningful. Stops after ``reps`` rounds or ``max_seconds``."""
+    that a machine whose speed drifts slows every provider alike. ``clock="thread"``: the calling
+    thread's CPU time (``time.thread_time``), for CPU runs on one intra-op thread: what the step
+    costs, unmoved by other processes on shared cores (there, wall times of one step varied 8x
+    between rounds). Stops after ``reps`` rounds or ``max_seconds`` of wall time."""
     device = torch.device(device)
+    now = time.thread_time if clock == "thread" else time.perf_counter
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -76,10 +81,10 @@ def interleaved_times(fns: list, device, *, warmup: int, reps: int, max_seconds:
     for _ in range(reps):
         for fn, out in zip(fns, samples):
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             synchronize(device)
-            out.append((time.perf_counter() - t0) * 1e3)
+            out.append((now() - t0) * 1e3)
         if time.perf_counter() - start > max_seconds:
             break
     return samples
@@ -93,7 +98,8 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
 
 
 def bench_config(shape: str, batch: int, chunks: list[int], loss_backend: str, *, device, dtype, reps: int,
-                 max_seconds: float, lengths_pool: list[int], csv_name: str = CSV_NAME) -> list[dict]:
+                 max_seconds: float, lengths_pool: list[int], csv_name: str = CSV_NAME,
+                 clock: str = "wall") -> list[dict]:
     from fastcse.grad_cache import cached_method_step
     from fastcse.losses import info_nce
 
@@ -121,8 +127,10 @@ def bench_config(shape: str, batch: int, chunks: list[int], loss_backend: str, *
     extra_base = {"model": f"bert-{shape}", "batch": batch, "rows": 2 * batch, "method": "simcse-unsup",
                   "loss_backend": loss_backend, "dtype": str(dtype).replace("torch.", ""), "dropout": 0.1,
                   "real_tokens": int(mask.sum()), "padded_tokens": int(mask.numel()),
-                  "timing": "interleaved " + ("cuda-sync" if device.type == "cuda" else "wall")}
-    times = interleaved_times([fn for _, _, fn in points], device, warmup=1, reps=reps, max_seconds=max_seconds)
+                  "timing": "interleaved " + ("cuda-sync" if device.type == "cuda" else clock),
+                  "threads": torch.get_num_threads()}
+    times = interleaved_times([fn for _, _, fn in points], device, warmup=1, reps=reps, max_seconds=max_seconds,
+                              clock=clock)
     for (provider, k, fn), samples in zip(points, times):
         p50, p20, p80 = _quantiles(samples)
         peak = peak_memory_bytes(fn, device)
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--csv", default=CSV_NAME, help="a file name under bench/results/, or a path")
+    parser.add_argument("--clock", choices=("thread", "wall"), default=None,
+                        help="CPU: thread CPU time on one intra-op thread (default) or wall time")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1 with --clock thread)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -170,12 +181,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models, batch = args.models or models, args.batch or batch
     chunks, reps = args.chunks or chunks, args.reps or reps
     backends = args.loss_backends or [fused, "eager"]
+    clock = "wall" if device.type == "cuda" else (args.clock or "thread")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or (1 if clock == "thread" else torch.get_num_threads()))
+        if clock == "thread" and torch.get_num_threads() != 1:
+            parser.error("--clock thread measures one thread: use --threads 1")
     lengths_pool, _ = wiki_lengths(32)
     rows = []
     for shape in models:
         for backend in backends:
             rows += bench_config(shape, batch, chunks, backend, device=device, dtype=dtype, reps=reps,
-                                 max_seconds=args.max_seconds, lengths_pool=lengths_pool, csv_name=args.csv)
+                                 max_seconds=args.max_seconds, lengths_pool=lengths_pool, csv_name=args.csv,
+                                 clock=clock)
     return rows
 
 
