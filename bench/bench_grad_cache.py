@@ -9,10 +9,11 @@ wiki1m lines, capped at 32: ``bench.bench_encoder.wiki_lengths``):
   (of the 2N rows the method forwards), then ``step.backward()``;
 
 each with the fused loss (``chunked`` on CPU, ``triton`` on CUDA) and the ``eager`` one. Rows of
-``bench/results/grad_cache.csv`` (``--csv``: a file name there or a path): ``metric=throughput`` (sentences/s, p50/p20/p80 from the timing
-quantiles), ``latency`` (ms per step; on CPU by default the CPU time of one intra-op thread, which
-other processes on shared cores do not move, ``--clock wall`` for wall time), ``peak_memory`` (bytes above what was live before the step:
-the caching allocator's peak on CUDA, tensor storage on CPU), x = the chunk size (``all`` for
+``bench/results/grad_cache.csv`` (``--csv``: a file name there or a path): ``metric=throughput``
+(sentences/s, p50/p20/p80 from the timing quantiles), ``latency`` (ms per step; on CPU by default
+the CPU time of one intra-op thread, which other processes on shared cores do not move;
+``--clock wall`` for wall time), ``peak_memory`` (bytes above what was live before the step: the
+caching allocator's peak on CUDA, tensor storage on CPU), x = the chunk size (``all`` for
 uncached), and per configuration one ``cost_ratio`` row: the cached step's time per sentence over
 the uncached one's at the same batch (the CPU bar: at most 1.5 with chunks of at least a quarter
 of the rows).
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke: tiny BERT, batch 64, few reps")
     parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=None)
-    parser.add_argument("--batch", type=int, default=None, help="sentences per step (the method forwards twice as many rows)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="sentences per step (the method forwards twice as many rows)")
     parser.add_argument("--chunks", type=int, nargs="+", default=None, help="rows per chunk")
     parser.add_argument("--loss-backends", nargs="+", default=None, help="fused (chunked / triton) and/or eager")
     parser.add_argument("--reps", type=int, default=None)
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--csv", default=CSV_NAME, help="a file name under bench/results/, or a path")
     parser.add_argument("--clock", choices=("thread", "wall"), default=None,
                         help="CPU: thread CPU time on one intra-op thread (default) or wall time")
-    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1 with --clock thread)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default 1 with --clock thread)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -14,9 +14,10 @@ Callan 2021) splits the *encoder* instead and keeps the loss whole, in three pha
    1 runs it with its graph, and phase 3 backpropagates it first (``keep_last``).
 
 The parameter gradients are those of ``loss.backward()`` on the uncached graph with the same dropout
-masks. The price is a second forward of every chunk but one (with n chunks, (n - 1) / n of a
-forward more than the uncached step, itself about forward + 2 x forward; with one chunk, nothing:
-bench/bench_grad_cache.py measures it).
+masks. The price is a second forward of every chunk but one: with n chunks, (n - 1) / n of a
+forward on top of the uncached step's forward and backward (about three forwards' worth), so at
+most a third more FLOPs and nothing with one chunk; per-chunk overhead comes on top for small
+chunks (bench/bench_grad_cache.py measures both).
 
 API
 ---
@@ -36,7 +37,8 @@ API
 - :func:`embed_no_grad`: chunked embedding without a graph (momentum encoders, evaluation).
 - :func:`chunk_ranges` / :func:`slice_features`: how a batch is cut (also what a reference
   computation must use to draw the same dropout masks).
-- :func:`deepspeed_reduction_window`: one gradient reduction per optimizer step under ZeRO.
+- :class:`DeepSpeedCachedBackward`: phase 3 on a DeepSpeed engine, one gradient reduction per
+  optimizer step where the engine can coalesce (:func:`deepspeed_reduction_window`).
 
 What "the same batch without caching" means with dropout on
 --------------------------------------------------------
@@ -65,7 +67,11 @@ varlen / SDPA dropout) and in fastcse's own kernels, which take their Philox see
 one of them without any of them taking a seed argument; a seed-and-offset scheme would have to be
 threaded through each dropout site. The cost is small: 5 KiB (CPU Mersenne-Twister state) plus
 16 bytes per CUDA device (Philox seed and offset) per chunk. Autocast is recorded with the RNG and
-re-entered for the replayed forward, so phase 3 may run outside the caller's autocast block.
+re-entered for the replayed forward, so phase 3 may run outside the caller's autocast block. What
+replay needs of the model: a forward draws the same random numbers with and without a graph. That
+holds for ``nn.Dropout``, for fastcse's kernels and for every path tested here; a model whose
+attention picks a different dropout kernel when inputs require grad (PyTorch's SDPA can, for
+some head sizes on some GPUs) would break it, as it breaks activation checkpointing.
 
 DeepSpeed (ZeRO-2 / ZeRO-3)
 ---------------------------
@@ -85,8 +91,9 @@ The boundary flag alone does not stop ZeRO-2 / ZeRO-3 from reducing gradients at
 flag alone each chunk costs one reduction (correct gradients, K times the traffic). DeepSpeed
 >= 0.18's ``engine.coalesce_grad_reduction()`` keeps every backward's gradients local and reduces
 once when the block exits: :func:`deepspeed_reduction_window` returns it where the engine supports
-it. Wrap the whole accumulation window (every micro-batch of one optimizer step) in it and call
-``engine.step()`` once after it; inside, ``engine.step()`` raises. The gradients then live
+it, and :class:`DeepSpeedCachedBackward` uses it: the block spans the whole accumulation window
+(every micro-batch of one optimizer step) and ``engine.step()`` runs once after it (inside,
+``engine.step()`` raises). The gradients then live
 unpartitioned on every rank until the flush (ZeRO-2: a full gradient copy per rank; ZeRO-3: all
 of them, so for models near ZeRO-3's limit the per-chunk reduction is the one that fits).
 
