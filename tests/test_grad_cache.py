@@ -342,6 +342,35 @@ def test_biased_attention_dropout_is_replayed(family, tier, monkeypatch):
         assert drawn[:per_run] == drawn[per_run:2 * per_run] == drawn[2 * per_run:], seeds
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["bert-sdpa", "t5-biased"])
+def test_cuda_dropout_is_replayed(family):
+    """On CUDA the masks come from the device's Philox generator (SDPA's dropout; the biased
+    kernel's seed, drawn with torch.randint on the device): cached == the chunks with a graph,
+    and the CUDA generator is left where the uncached chunks leave it."""
+    with torch.device("cuda"):
+        torch.manual_seed(5)
+        if family == "t5-biased":
+            enc = biased_encoder("t5").cuda()
+        else:
+            cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=64)
+            enc = SentenceEncoder.from_config(cfg, pooling="mean", attn_backend="sdpa").cuda().train()
+        twin = copy.deepcopy(enc)
+        method = make_method("simcse-unsup", enc)
+        batch = {k: v.cuda() for k, v in tokens(12).items()}
+        results = []
+        for model, run in ((enc, lambda: cached(enc, method, batch, loss_fn_for(method), 5)),
+                           (twin, lambda: reference_step(twin, method, batch, loss_fn_for(method), 5))):
+            torch.manual_seed(9)
+            loss = run()
+            results.append((loss, grads(model), torch.rand(4, device="cuda")))
+    (loss, g, after), (ref, ref_g, ref_after) = results
+    assert abs(float(loss) - float(ref)) <= 1e-6 * max(1.0, abs(float(ref)))
+    assert_grads_close(g, ref_g, rel=1e-5, what=f"cuda {family}")
+    assert torch.equal(after, ref_after)
+
+
 # --------------------------------------------------------------------------------------------
 # the generic entry point, the hooks, a learnable temperature
 # --------------------------------------------------------------------------------------------
@@ -842,3 +871,23 @@ def test_deepspeed_cached_steps_with_dropout_and_a_bad_window(deepspeed_runs, st
     # the dropped window changed the outcome (so the comparison above is not that of two normal runs)
     normal = ranks[0][f"zero{stage}/simcse-unsup/p0.0/plain"]["params"]
     assert max(rel_error(ranks[0][plain]["params"][n], normal[n]) for n in normal) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_bench_grad_cache_writes_its_rows(tmp_path):
+    from bench._common import read_rows
+    from bench.bench_grad_cache import main
+
+    csv = tmp_path / "grad_cache.csv"
+    rows = main(["--models", "tiny", "--batch", "8", "--chunks", "4", "16", "--reps", "1", "--loss-backends",
+                 "chunked", "--clock", "wall", "--threads", str(torch.get_num_threads()), "--csv", str(csv)])
+    written = read_rows(csv)
+    assert len(written) == len(rows) == 3 * 3 + 2  # 3 points x (throughput, latency, memory) + 2 ratios
+    ratios = [r for r in written if r["metric"] == "cost_ratio"]
+    assert [r["x_value"] for r in ratios] == ["4", "16"] and all(float(r["p50"]) > 0 for r in ratios)
+    peaks = {r["x_value"]: float(r["p50"]) for r in written if r["metric"] == "peak_memory"}
+    assert peaks["4"] < peaks["all"]  # chunks of 4 of the 16 rows hold less than the whole batch
