@@ -31,6 +31,13 @@ def model():
     return m
 
 
+@pytest.fixture(scope="module")
+def model64(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
 def _features(model, columns):
     return [model.tokenize(col) for col in columns]
 
@@ -46,12 +53,18 @@ def _loss_and_grad(loss_fn, model, columns):
 @pytest.mark.parametrize("columns", [(ANCHORS, POSITIVES), (ANCHORS, POSITIVES, NEGATIVES)],
                          ids=["pairs", "triplets"])
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
-def test_same_loss_and_gradients_as_mnrl(model, columns, backend):
+def test_same_loss_and_gradients_as_mnrl(model, model64, columns, backend):
     ref_loss, ref_grad = _loss_and_grad(MultipleNegativesRankingLoss(model, scale=20.0), model, columns)
     loss, grad = _loss_and_grad(FusedMultipleNegativesRankingLoss(model, scale=20.0, backend=backend),
                                 model, columns)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    # fp32's own noise floor on these gradients is ~1e-7 (sentence-transformers' cached and plain
+    # losses differ by about that): judge the fused loss by the house rule instead, its error
+    # against float64 at most twice MNRL's own fp32 error
+    _, grad64 = _loss_and_grad(MultipleNegativesRankingLoss(model64, scale=20.0), model64, columns)
+    ours, theirs = (grad.double() - grad64).abs().max(), (ref_grad.double() - grad64).abs().max()
+    assert ours <= 2 * theirs, f"fused fp32 error {ours:.2e} vs MNRL's {theirs:.2e}"
 
 
 def test_symmetric_matches_per_direction_mnrl(model):
