@@ -412,7 +412,7 @@ def test_kernel_offsets_are_int64():
     import ast
     import inspect
 
-    import kernels.biased_attention as kb
+    import fastcse.kernels.biased_attention as kb  # never the top-level `kernels`: a second copy would register the custom ops again
 
     tree = ast.parse(inspect.getsource(kb))
     kernels = [f for f in tree.body if isinstance(f, ast.FunctionDef)
