@@ -509,8 +509,8 @@ def _attention_dims(launch: Launch) -> tuple[int, int, int]:
 
 
 def _table_bytes(launch: Launch) -> int:
-    # bias tables (DeBERTa's c2p / p2c: (batch, heads, seq, entries)) read once from HBM; their
-    # per-score gathers are served by L2
+    # bias tables (T5's distance row; the generic (batch, heads, seq, entries) tables) read once
+    # from HBM; their per-score gathers are served by L2
     total = 0
     for flag, name in (("HAS_ROW", "ROW_T"), ("HAS_COL", "COL_T")):
         if launch.arguments.get(flag):
@@ -518,14 +518,67 @@ def _table_bytes(launch: Launch) -> int:
     return total
 
 
+# Philox-4x32-10 costs about 60 integer ops per call (10 rounds of two 32x32->64 multiplies, the
+# xors and the key bumps), on lanes 4x as many as the special-function units that
+# Card.exp_per_s counts (64 vs 16 per SM on sm_80 / sm_90): one call costs 15 exponentials' time.
+# tl.rand spends one call per score (and drops three of its four words); tl.rand4x one per 4.
+# A lead, not measured: the issue's estimate (~90 us per pass at 8 x 12 x 512^2 scores with
+# tl.rand) is this figure on an H200.
+_PHILOX_EXP_EQUIVALENT = 15.0
+# fp32 atomic adds (red.global.add.f32, coalesced rows) per second on an H100 / H200's L2, a lead
+# (about 8 words per clock on each of ~96 L2 slices at ~1.7 GHz, derated): the table / dQ / window
+# gradients' atomics, costed at this rate instead of the exponentials' time (not overlapped)
+_ATOMICS_PER_S = 1.0e12
+
+
+def _serial_exps(card: Card, scores: float, philox_calls: float, atomics: float) -> float:
+    """A tile kernel's exponentials, Philox calls and atomics as one exponential count (Cost.exps:
+    special-function and integer work that the model does not overlap with the dots)."""
+    return scores + philox_calls * _PHILOX_EXP_EQUIVALENT + atomics * card.exp_per_s / _ATOMICS_PER_S
+
+
+def _philox_calls(launch: Launch, scores: float) -> float:
+    if not launch.arguments.get("HAS_DROPOUT"):
+        return 0.0
+    return scores / 4.0  # _dropout_keep: one tl.rand4x call per 4 adjacent keys
+
+
+def _window(launch: Launch) -> tuple[bool, bool, int, int, int]:
+    """DeBERTa in-kernel position terms: (c2p, p2c, BLOCK_M, BLOCK_N, BLOCK_W). Each tile of
+    BLOCK_M queries x BLOCK_N keys multiplies its queries (c2p) / keys (p2c) with the BLOCK_W
+    relative embeddings its distances reach, instead of reading a (batch, heads, seq, entries)
+    table."""
+    a = launch.arguments
+    return (bool(a.get("HAS_POSK")), bool(a.get("HAS_POSQ")), int(a["BLOCK_M"]), int(a["BLOCK_N"]),
+            int(a.get("BLOCK_W") or 0))
+
+
+def _pos_bytes(launch: Launch) -> int:
+    # pos_key / pos_query (heads, entries, head_dim) and their indices: read once from HBM, the
+    # windows' re-reads (every tile) served by L2 (768 KiB per table at DeBERTa-v3-base)
+    total = 0
+    for flag, name, index in (("HAS_POSK", "POSK", "C2P_I"), ("HAS_POSQ", "POSQ", "P2C_I")):
+        if launch.arguments.get(flag):
+            total += touched_bytes(launch.arguments[name]) + touched_bytes(launch.arguments[index])
+    return total
+
+
 def _biased_fwd_cost(launch: Launch, card: Card) -> Cost:
     # flash-style: S = Q K^T and O = P V per (batch, head): 4 L^2 D FLOPs, L^2 exponentials;
-    # q, k, v, out once (one head's K and V fit in L2 across its query tiles), lse, tables
+    # q, k, v, out once (one head's K and V fit in L2 across its query tiles), lse, tables.
+    # DeBERTa (HAS_POSK / HAS_POSQ): per tile also Q W_k^T (BLOCK_M x BLOCK_W) and W_q K^T
+    # (BLOCK_W x BLOCK_N), i.e. 2 L^2 D * BLOCK_W / BLOCK_N and * BLOCK_W / BLOCK_M more.
     bh, seq, dim = _attention_dims(launch)
     q, k, v, out = launch.args[:4]
-    moved = sum(touched_bytes(t) for t in (q, k, v, out)) + 4 * bh * seq + _table_bytes(launch)
-    return Cost(launch.name, "matmul", flops=4.0 * bh * seq * seq * dim, bytes=moved, dtype=q.dtype,
-                efficiency=TRITON_TILE_EFFICIENCY, exps=float(bh) * seq * seq)
+    c2p, p2c, bm, bn, bw = _window(launch)
+    unit = 2.0 * bh * seq * seq * dim
+    flops = 2 * unit + (unit * bw / bn if c2p else 0.0) + (unit * bw / bm if p2c else 0.0)
+    moved = (sum(touched_bytes(t) for t in (q, k, v, out)) + 4 * bh * seq + _table_bytes(launch)
+             + _pos_bytes(launch))
+    scores = float(bh) * seq * seq
+    return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=q.dtype,
+                efficiency=TRITON_TILE_EFFICIENCY,
+                exps=_serial_exps(card, scores, _philox_calls(launch, scores), 0.0))
 
 
 def _biased_bwd_delta_cost(launch: Launch, card: Card) -> Cost:
@@ -535,21 +588,47 @@ def _biased_bwd_delta_cost(launch: Launch, card: Card) -> Cost:
 
 
 def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
-    # both passes recompute S and P (2 L^2 D, L^2 exp); the column pass (KV_PASS) adds dV = P^T dO,
-    # dP = dO V^T, dK = dS^T Q (6 L^2 D), the row pass dP and dQ = dS K (4 L^2 D). Reads q, k, v,
-    # dO, lse, delta, tables; writes its gradients; the fp32 table-gradient buffer (atomics into
-    # DROW / DCOL) is read and written once from HBM (atomic throughput itself not modelled).
+    # Two-pass kernel (T5, the generic tables): both passes recompute S and P (2 L^2 D, L^2 exp);
+    # the column pass (KV_PASS) adds dV = P^T dO, dP = dO V^T, dK = dS^T Q (6 L^2 D), the row pass
+    # dP and dQ = dS K (4 L^2 D). Reads q, k, v, dO, lse, delta, tables; writes its gradients; the
+    # fp32 table-gradient buffer (one atomic per score into DROW / DCOL) is read and written once.
+    # Fused single pass (FUSED_DQ, DeBERTa): one column-parallel pass recomputes S once (plus the
+    # two window products, as the forward), dV, dP, dK, dQ = dS K (8 L^2 D in all), and per table
+    # the skewed dS times the window for dQ / dK and its transpose times Q / K for the window
+    # gradient (2 * 2 L^2 D * BLOCK_W / BLOCK). Atomics: dQ (BLOCK_M x D per tile, fp32 buffer)
+    # and each window gradient (BLOCK_W x D per tile) into a (heads, 2 seq - 1, D) fp32 buffer.
     bh, seq, dim = _attention_dims(launch)
     q, k, v, grad_out = launch.args[:4]
     kv_pass = bool(launch.arguments["KV_PASS"])
-    flops = (8.0 if kv_pass else 6.0) * bh * seq * seq * dim
-    written = 2 * touched_bytes(k) if kv_pass else touched_bytes(q)
-    grad_table = launch.arguments["DCOL" if kv_pass else "DROW"]
-    has_table = launch.arguments.get("HAS_COL" if kv_pass else "HAS_ROW")
-    moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + written + _table_bytes(launch)
-             + (2 * touched_bytes(grad_table) if has_table else 0))
+    fused = bool(launch.arguments.get("FUSED_DQ"))
+    c2p, p2c, bm, bn, bw = _window(launch)
+    unit = 2.0 * bh * seq * seq * dim
+    scores = float(bh) * seq * seq
+    tiles = bh * math.ceil(seq / bm) * math.ceil(seq / bn)
+    atomics = 0.0
+    if fused:
+        flops = 5 * unit
+        flops += 3 * unit * bw / bn if c2p else 0.0  # Q W_k^T recomputed, G W_k (dQ), G^T Q (dW_k)
+        flops += 3 * unit * bw / bm if p2c else 0.0  # W_q K^T recomputed, H^T W_q (dK), H K (dW_q)
+        written = 3 * touched_bytes(k)  # dK, dV, dQ (cast from the fp32 buffer by the host)
+        atomics = tiles * bm * dim + tiles * bw * dim * (int(c2p) + int(p2c))
+        moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + written
+                 + _pos_bytes(launch) + 2 * 4 * q.numel())  # the fp32 dQ buffer read + written
+        for flag, name in (("HAS_POSK", "DPOSK"), ("HAS_POSQ", "DPOSQ")):
+            if launch.arguments.get(flag):
+                moved += 2 * touched_bytes(launch.arguments[name])
+    else:
+        flops = (4.0 if kv_pass else 3.0) * unit
+        written = 2 * touched_bytes(k) if kv_pass else touched_bytes(q)
+        grad_table = launch.arguments["DCOL" if kv_pass else "DROW"]
+        has_table = launch.arguments.get("HAS_COL" if kv_pass else "HAS_ROW")
+        if has_table:
+            atomics = scores
+        moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + written
+                 + _table_bytes(launch) + (2 * touched_bytes(grad_table) if has_table else 0))
     return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=q.dtype,
-                efficiency=TRITON_TILE_EFFICIENCY, exps=float(bh) * seq * seq)
+                efficiency=TRITON_TILE_EFFICIENCY,
+                exps=_serial_exps(card, scores, _philox_calls(launch, scores), atomics))
 
 
 # fastcse's Triton kernels, by kernel name: what one launch reads, writes and computes
