@@ -107,6 +107,13 @@ class RunConfig:
 
     batch_size: int = field(default=64, metadata=_opt(
         "Sentences (anchors) per micro-step over all ranks; each rank gets batch_size / world_size."))
+    grad_cache_chunk: int | None = field(default=None, metadata=_opt(
+        "Gradient caching: each rank encodes its micro-batch in chunks of K sequences (SimCSE "
+        "forwards 2 per sentence, simcse-sup 3, esimcse 2) without their activations, takes the loss "
+        "over the whole batch, then re-runs each chunk with its dropout masks replayed and "
+        "backpropagates it: batches beyond activation memory for about a third more encoder compute. "
+        "Dropout masks are drawn per chunk, so K is part of the trajectory (--resume keeps it). "
+        "None: off."))
     epochs: int | None = field(default=None, metadata=_opt(
         "Passes over the data (None: 1; ignored when --max-steps is set)."))
     max_steps: int | None = field(default=None, metadata=_opt("Optimizer steps to run."))
@@ -425,6 +432,8 @@ def validate(cfg: TrainConfig) -> None:
         (not (r.resume and r.overwrite), "give either --resume (continue the run) or --overwrite (start anew)"),
         (not r.override_lr or r.resume, "--override-lr applies with --resume only"),
         (o.grad_accum >= 1, "--grad-accum must be at least 1"),
+        (r.grad_cache_chunk is None or r.grad_cache_chunk >= 1,
+         "--grad-cache-chunk must be at least 1 (sequences per encoder chunk)"),
         (o.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
         (0 <= o.warmup_ratio <= 1, "--warmup-ratio must be in [0, 1]"),
         (m.temperature > 0, "--temperature must be positive"),

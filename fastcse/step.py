@@ -9,6 +9,12 @@ Both have one small interface, which ``Trainer.train_step`` calls in this order 
     result = step.step(finite)                       # once: clip, apply or skip -> StepResult
     step.zero_grad()
 
+With gradient caching (``--grad-cache-chunk``) the forward is ``cached = cached_method_step(...)``
+(:mod:`fastcse.grad_cache`: the loss over the whole batch from chunks embedded without a graph) and
+``step.backward_cached(cached, finite=ok, last=...)`` takes the place of ``step.backward``: it
+replays the chunks and backpropagates them with the same scaling (1/accum, the fp16 loss scale) and
+the same accumulation boundaries as ``backward`` gives the uncached loss; ``step`` is unchanged.
+
 and both hold ``model`` (what the forward pass calls), ``optimizer``, ``scheduler``, ``scaler``,
 ``engine`` (the objects a checkpoint saves), ``precision`` and ``zero_stage``.
 
@@ -75,6 +81,13 @@ class PlainStep:
         scaled = loss / self.grad_accum  # the window's gradient is the mean over its micro-batches
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
+    def backward_cached(self, cached, *, finite: bool, last: bool) -> None:
+        """:meth:`backward` for a :class:`fastcse.grad_cache.CachedStep`: each chunk's surrogate is
+        scaled as :meth:`backward` scales the loss (the chunks' gradients sum to the loss's)."""
+        if not finite:
+            return  # as backward(): nothing replayed, step() drops the window
+        cached.backward(backward=lambda surrogate: self.backward(surrogate, finite=True, last=last))
+
     def step(self, finite: bool) -> StepResult:
         if not finite:
             return StepResult(False, None)
@@ -132,6 +145,7 @@ class DeepSpeedStep:
             kwargs["lr_scheduler"] = lambda opt: build_scheduler(opt, o, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=encoder, config=ds, **kwargs)
         self.model = self.engine
+        self._cached_backward = None  # built on the first cached micro-batch; holds the open window
         self.precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
 
     def autocast(self):
@@ -146,6 +160,19 @@ class DeepSpeedStep:
         self.engine.set_gradient_accumulation_boundary(last or not finite)
         self.engine.backward(loss if finite else loss * float("nan"))  # scales by 1/accum
         self.engine.step()  # an optimizer step only at the accumulation boundary
+
+    def backward_cached(self, cached, *, finite: bool, last: bool) -> None:
+        """:meth:`backward` for a :class:`fastcse.grad_cache.CachedStep`, through
+        :class:`fastcse.grad_cache.DeepSpeedCachedBackward`: every chunk's backward of the window's
+        micro-batches goes through ``engine.backward`` inside one ``coalesce_grad_reduction`` block
+        (one gradient reduction per optimizer step, where this DeepSpeed supports it), and the
+        engine's ``step()`` runs once, when the window ends (``last``, or a bad micro-batch, whose
+        poisoned chunk makes DeepSpeed drop the window as :meth:`backward` does)."""
+        if self._cached_backward is None:
+            from fastcse.grad_cache import DeepSpeedCachedBackward
+
+            self._cached_backward = DeepSpeedCachedBackward(self.engine)
+        self._cached_backward.backward(cached, finite=finite, last=last)
 
     def step(self, finite: bool) -> StepResult:
         # the update already happened (or not) in the boundary micro-batch's engine.step(): read it

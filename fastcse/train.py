@@ -44,6 +44,7 @@ from fastcse.data import DataError, TrainingData, load_training_data
 from fastcse.distributed import all_finite, barrier, join, mean_over_ranks
 from fastcse.ds_config import engine_config, fill_ds_config
 from fastcse.files import atomic_replace_dir
+from fastcse.grad_cache import cached_method_step
 from fastcse.runlog import RunLog, configure_logging, format_loss, logger
 from fastcse.step import DeepSpeedStep, PlainStep
 
@@ -461,6 +462,8 @@ class Trainer:
             hyper["mix"] = cfg.data.mix
         if cfg.data.no_duplicates:
             hyper["no_duplicates"] = True
+        if cfg.run.grad_cache_chunk:
+            hyper["grad_cache_chunk"] = cfg.run.grad_cache_chunk
         if cfg.method.name == "esimcse":
             hyper.update(dup_rate=cfg.method.dup_rate, momentum=cfg.method.momentum,
                          queue_size=cfg.method.queue_size)
@@ -499,25 +502,41 @@ class Trainer:
         if len(micro_batches) != accum:
             raise ValueError(f"train_step takes {accum} micro-batches (--grad-accum), got {len(micro_batches)}")
         lr = self.stepper.optimizer.param_groups[0]["lr"]  # the rate this step applies
+        chunk = cfg.run.grad_cache_chunk
+        embeddings_ok = []
+
+        def loss_of(inputs):
+            # a diverged encoder gives non-finite embeddings, which the loss refuses: checked here on
+            # the device (no host sync), zeroed so every rank still runs the loss's collectives, and
+            # folded into the loss's one all-rank finiteness check below
+            ok, inputs = _finite_inputs(inputs)
+            embeddings_ok.append(ok)
+            return info_nce(inputs.anchors, inputs.positives, inputs.hard_negatives,
+                            temperature=cfg.method.temperature, hard_negative_weight=cfg.method.hard_negative_weight,
+                            queue=inputs.queue,
+                            gather_across_ranks=self.world > 1,  # every rank's negatives, with gradient
+                            backend=cfg.method.loss_backend)
+
         losses, finite = [], True
         for k, batch in enumerate(micro_batches):
             # tensors to the device; a method's plain values (simcse-sup's part count) as they are
             batch = {key: v.to(self.device) if isinstance(v, Tensor) else v for key, v in batch.items()}
+            last = k == accum - 1
             with self.stepper.autocast():
-                inputs = self.method.loss_inputs(self.stepper.model, batch)  # the encoder's forward
-                # a diverged encoder gives non-finite embeddings, which the loss refuses: checked here on
-                # the device (no host sync), zeroed so every rank still runs the loss's collectives, and
-                # folded into the loss's one all-rank finiteness check below
-                embeddings_ok, inputs = _finite_inputs(inputs)
-                loss = info_nce(inputs.anchors, inputs.positives, inputs.hard_negatives,
-                                temperature=cfg.method.temperature,
-                                hard_negative_weight=cfg.method.hard_negative_weight,
-                                queue=inputs.queue,
-                                gather_across_ranks=self.world > 1,  # every rank's negatives, with gradient
-                                backend=cfg.method.loss_backend)
+                if chunk:
+                    # --grad-cache-chunk: the same forward cut into chunks embedded without a graph, the
+                    # loss over the whole batch, its gradient w.r.t. the embeddings kept for the replay
+                    cached = cached_method_step(self.stepper.model, self.method, batch, loss_of, chunk_size=chunk)
+                    loss = cached.loss
+                else:
+                    loss = loss_of(self.method.loss_inputs(self.stepper.model, batch))  # the encoder's forward
             # all ranks skip together, or the collectives would hang
-            finite = all_finite(torch.where(embeddings_ok, loss.detach(), float("nan")))
-            self.stepper.backward(loss, finite=finite, last=k == accum - 1)
+            finite = all_finite(torch.where(embeddings_ok[-1], loss.detach(), float("nan")))
+            if chunk:
+                self.stepper.backward_cached(cached, finite=finite, last=last)  # replay each chunk, backward
+                del cached  # its cached embeddings and gradients before the next micro-batch's forward
+            else:
+                self.stepper.backward(loss, finite=finite, last=last)
             if not finite:
                 self.method.discard_pending()
                 break  # the window is dropped whole: its remaining micro-batches are not run
@@ -537,7 +556,8 @@ class Trainer:
         self.setup()
         self.say(f"fastcse.train: method={cfg.method.name} model={self.prep.model_path or 'random ' + str(self.prep.model_config)} "
                  f"ranks={self.world} device={self.device} precision={self.precision} "
-                 f"zero={self.stepper.zero_stage if self.use_ds else 'off'} steps={self.total_steps}")
+                 f"zero={self.stepper.zero_stage if self.use_ds else 'off'} steps={self.total_steps}"
+                 + (f" grad_cache_chunk={cfg.run.grad_cache_chunk}" if cfg.run.grad_cache_chunk else ""))
         self.say(f"data: {self.prep.data_summary}")
         if cfg.run.evaluate and self.step == 0:
             score = self.score_before = self.evaluate()
