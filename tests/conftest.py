@@ -7,6 +7,7 @@ before any ``fastcse.kernels`` module is imported: here, at the top of the conft
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def seed():
     """Every test starts from a fixed seed but draws fresh inputs (never zeros or constants)."""
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def fastcse_logger_restored():
+    """The ``fastcse`` logger as it was before the test: a training run in one test configures it
+    (a stdout handler at INFO), which would otherwise print the model builder's messages into the
+    captured stdout of every later test (``perf_model --json`` then stops being JSON)."""
+    logger = logging.getLogger("fastcse")
+    saved = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture
