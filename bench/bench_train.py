@@ -553,6 +553,12 @@ def run_interleaved(make: dict[str, Callable[[], object]], examples: list, shape
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def measure(p):
+        r = runner(p)
+        batch = step_examples(examples, shape.batch, step_of[p], seed)
+        results[p].peak_bytes, results[p].memory_counter = measure_peak(lambda: r.step(batch, step_of[p]), device)
+        step_of[p] += 1
+
     order = list(make)
     if resident:
         for p in order:
@@ -570,17 +576,15 @@ def run_interleaved(make: dict[str, Callable[[], object]], examples: list, shape
                 results[p].stats.append(stats)
                 step_of[p] += 1
             if not resident:
+                if rnd == rounds - 1:  # the peak-memory step on this build, not on a fresh one
+                    measure(p)
                 release(p)
         print(f"    round {rnd + 1}/{rounds}: " + ", ".join(
             f"{p} {statistics.median(results[p].times_ms[-block:]):.0f}" for p in order) + " ms/step",
             file=sys.stderr, flush=True)
     for p in order:
-        r = runner(p)
-        batch = step_examples(examples, shape.batch, step_of[p], seed)
-        results[p].peak_bytes, results[p].memory_counter = measure_peak(lambda: r.step(batch, step_of[p]), device)
-        step_of[p] += 1
-        if not resident:
-            release(p)
+        if results[p].peak_bytes is None:
+            measure(p)
     for p in list(live):
         release(p)
     return results
@@ -849,12 +853,12 @@ def plot(csv_name: str | os.PathLike = CSV_NAME, out_dir: Path = RESULTS_DIR) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def reproduce_command(args, model: str, shape: str) -> str:
+def reproduce_command(args, model: str, shape: str, batch: int | None) -> str:
     parts = ["python -m bench.bench_train", "--models", model, "--shapes", shape]
     if args.quick:
         parts.append("--quick")
-    if args.batch:
-        parts += ["--batch", str(args.batch)]
+    if batch:
+        parts += ["--batch", str(batch)]
     parts += ["--paths", *args.paths, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     if args.block:
         parts += ["--block", str(args.block)]
@@ -870,7 +874,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help=f"default: {' '.join(DEFAULT_MODELS)} (tiny-bert with --quick)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
-    parser.add_argument("--batch", type=int, default=None, help="override every shape's batch size")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="override every shape's batch size; several: a sweep (the --plot x-axis)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="every path's precision (auto: bf16 on a CUDA card that has it, fp32 otherwise)")
@@ -931,8 +936,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"skip {model}: CUDA only (1.5B parameters)")
             continue
         folder = model_folder(spec, args.work_dir, seed=0)
-        for shape_name in args.shapes:
-            shape = shape_for(shape_name, quick=args.quick, cuda=cuda, batch=args.batch)
+        for shape_name, batch in [(name, b) for name in args.shapes for b in (args.batch or [None])]:
+            shape = shape_for(shape_name, quick=args.quick, cuda=cuda, batch=batch)
             if shape.small_only and not (spec.small_on_cpu if not cuda else spec.small):
                 print(f"skip {model} {shape_name}: the large batch runs on small encoders"
                       + ("" if cuda or not spec.small else " (on CPU: tiny-bert, bert-l2-h128; see MODELS)"))
@@ -974,7 +979,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       "ceiling": ceiling_how, "warmup": warmup, "rounds": rounds, "block": block, "seed": args.seed,
                       "data": "long passages of wiki_sample.txt" if shape.data == "long" else
                       ("snli_triplets.csv" if shape.data == "snli" else "wiki_sample.txt"),
-                      "command": reproduce_command(args, model, shape_name), "quick": args.quick,
+                      "command": reproduce_command(args, model, shape_name, batch), "quick": args.quick,
                       "uncommitted": uncommitted_engine_files()}
             rows = result_rows(results, model, shape, device=device, ceiling_tflops=ceiling, common_extra=common)
             if not args.no_write:
