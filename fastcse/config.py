@@ -47,6 +47,9 @@ class ModelConfig:
     attn_backend: str = field(default="auto", metadata=_opt("Attention backend of the encoder."))
     dropout: float | None = field(default=None, metadata=_opt(
         "Override the hidden and attention dropout of the backbone (0 makes runs deterministic)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_opt(
+        "Recompute each encoder layer in the backward pass instead of storing its activations (dropout "
+        "masks replayed: the same gradients, less memory, about one more forward of time)."))
 
 
 @dataclass
@@ -81,6 +84,19 @@ class MethodConfig:
     momentum: float = field(default=0.995, metadata=_opt("esimcse: EMA coefficient of the momentum encoder."))
     queue_size: int = field(default=128, metadata=_opt(
         "esimcse: rows of momentum-encoder embeddings kept as extra negatives (0 disables)."))
+    # ESimCSE as its reference code runs it (caskcsg/sentemb) by default; each option below reaches
+    # fastcse's earlier behaviour, a documented deviation from the reference
+    esimcse_momentum_dropout: bool = field(default=False, metadata=_opt(
+        "esimcse: run the momentum encoder with dropout, in the model's mode (deviation; the reference "
+        "runs it in eval mode, without dropout)."))
+    esimcse_queue_view: Literal["original", "repeated"] = field(default="original", metadata=_opt(
+        "esimcse: the queue holds the momentum embeddings of the original sentence (the reference) or of "
+        "its word-repetition view (deviation)."))
+    esimcse_queue: Literal["rank", "global"] = field(default="rank", metadata=_opt(
+        "esimcse: one queue per rank, of that rank's own rows (the reference), or one queue of the whole "
+        "global batch gathered from every rank (deviation; equals a single process over the global batch)."))
+    esimcse_queue_reset: Literal["epoch", "never"] = field(default="epoch", metadata=_opt(
+        "esimcse: empty the queue at the start of each epoch (the reference) or never (deviation)."))
     loss_backend: Literal["auto", "triton", "chunked", "eager"] = field(default="auto", metadata=_opt(
         "info_nce backend."))
 

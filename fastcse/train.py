@@ -158,7 +158,8 @@ def preflight(cfg: TrainConfig) -> Prepared:
 
 # options that shape the trajectory: a resume refuses any difference from the checkpoint's config
 # (the learning rate too, unless --override-lr); the rest of the run section may change
-RESUME_FREE = {"method": {"loss_backend"}, "model": {"attn_backend"}, "data": set(), "optim": set(),
+RESUME_FREE = {"method": {"loss_backend"}, "model": {"attn_backend", "gradient_checkpointing"}, "data": set(),
+               "optim": set(),
                "run": {"epochs", "max_steps", "evaluate", "eval_steps", "eval_batch_size", "save_steps",
                        "save_total_limit", "output_dir", "resume", "overwrite", "override_lr", "max_bad_steps",
                        "tensorboard", "report_to", "log_level", "progress", "export", "device", "ds"}}
@@ -325,6 +326,8 @@ class Trainer:
             self.encoder = build_encoder(cfg.model, model_path=self.prep.model_path,
                                          model_config=self.prep.model_config, output_dir=self.out,
                                          rank=self.prep.rank).to(self.device)
+        if cfg.model.gradient_checkpointing:  # recomputed layers replay their dropout masks: same gradients
+            self.encoder.gradient_checkpointing_enable()
 
         # each global batch from one source; one source without --no-duplicates: the order of before
         self.schedule = self.prep.data.schedule(cfg.run.batch_size, seed=cfg.run.seed, rank=self.rank,
@@ -342,7 +345,9 @@ class Trainer:
             self.total_steps = cfg.run.max_steps or steps_per_epoch * epochs
 
         self.method = build_method(cfg.method, self.encoder, seed=cfg.run.seed)
-        self.method.setup(self.encoder, self.device)  # the momentum encoder copies the model here
+        # ESimCSE's momentum encoder: a copy of the model here, or under ZeRO-3 shards of its partitions
+        zero3 = self.use_ds and int(self.prep.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+        self.method.setup(self.encoder, self.device, sharded=zero3)
 
         if self.use_ds:  # after method.setup: DeepSpeed wraps (and under ZeRO-3 shards) the encoder
             ds = engine_config(self.prep.ds_config, cfg, self.world, self.total_steps, self.encoder.embedding_dim,
@@ -360,6 +365,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_bad = 0
         self.last_checkpoint = None
+        self.epoch = None  # the data epoch of the last micro-batch run (method.on_epoch_start on a change)
         resumed_at = None
         if cfg.run.resume:
             resumed_at = self._resume()
@@ -378,7 +384,12 @@ class Trainer:
                 self.say(f"--resume: skipping damaged checkpoint {e}")
                 continue
             self.method.load_state_dict(state["method"])
+            per_rank = state.get("method_ranks")  # absent in checkpoints from before per-rank state
+            if per_rank is not None:
+                self.method.load_rank_state_dict(per_rank[self.rank])
             self.step = state["step"]
+            if self.step > 0:  # the epoch the checkpoint's last micro-batch belonged to
+                self.epoch = self.epoch_of(self.step * cfg.optim.grad_accum - 1)
             self.best = state["best"]
             self.skipped_steps = state["skipped_steps"]
             self.last_checkpoint = path
@@ -465,8 +476,10 @@ class Trainer:
         if cfg.run.grad_cache_chunk:
             hyper["grad_cache_chunk"] = cfg.run.grad_cache_chunk
         if cfg.method.name == "esimcse":
-            hyper.update(dup_rate=cfg.method.dup_rate, momentum=cfg.method.momentum,
-                         queue_size=cfg.method.queue_size)
+            m = cfg.method
+            hyper.update(dup_rate=m.dup_rate, momentum=m.momentum, queue_size=m.queue_size,
+                         momentum_dropout=m.esimcse_momentum_dropout, queue_view=m.esimcse_queue_view,
+                         queue=m.esimcse_queue, queue_reset=m.esimcse_queue_reset)
         scores = {k: v for k, v in (("before", self.score_before), ("after", self.score_after)) if v is not None}
         return {"base_model": base, "method": cfg.method.name, "hyperparameters": hyper,
                 "loss": {"name": "InfoNCE (fastcse.info_nce)", "temperature": cfg.method.temperature,
@@ -476,12 +489,23 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps,
-                 "method": self.method.state_dict(), "config": self.cfg.to_dict()}
+                 "method": self.method.state_dict(), "config": self.cfg.to_dict(),
+                 # what differs between ranks (ESimCSE's per-rank queue, its ZeRO-3 momentum shards):
+                 # every rank's, gathered into rank 0's trainer.pt (the one file the checkpoint has)
+                 "method_ranks": _gather_to_main(self.method.rank_state_dict())}
         self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, trainer_state=state,
                                                keep=self.cfg.run.save_total_limit, config=self.cfg.to_dict(),
                                                **self._checkpointed())
 
     # ---- the step ----------------------------------------------------------------------------
+
+    def epoch_of(self, micro_step: int) -> int:
+        """The data epoch (0-based) that global micro-step ``micro_step`` belongs to."""
+        epoch, remaining = 0, micro_step
+        while remaining >= self.schedule.batches_in_epoch(epoch):  # epochs may differ (--no-duplicates)
+            remaining -= self.schedule.batches_in_epoch(epoch)
+            epoch += 1
+        return epoch
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
         """This rank's ``grad_accum`` collated micro-batches (CPU tensors) of optimizer step ``step``."""
@@ -493,9 +517,11 @@ class Trainer:
             batches.append(self.method.collate(examples, micro_step=micro, rank=self.rank))
         return batches
 
-    def train_step(self, micro_batches: list[dict[str, Tensor]]) -> StepOutput:
+    def train_step(self, micro_batches: list[dict[str, Tensor]], epochs: list[int] | None = None) -> StepOutput:
         """One optimizer step over ``micro_batches``: exactly ``grad_accum`` dicts of tensors as
-        ``method.collate`` returns them (any device). Returns what to log."""
+        ``method.collate`` returns them (any device). ``epochs``: the data epoch of each (the loop
+        passes them: a new one calls ``method.on_epoch_start`` before its first micro-batch). Returns
+        what to log."""
         from fastcse.losses import info_nce  # looked up per call: tests swap in a loss that fails
 
         cfg, accum = self.cfg, self.cfg.optim.grad_accum
@@ -519,6 +545,9 @@ class Trainer:
 
         losses, finite = [], True
         for k, batch in enumerate(micro_batches):
+            if epochs is not None and epochs[k] != self.epoch:
+                self.epoch = epochs[k]
+                self.method.on_epoch_start(self.epoch)  # ESimCSE: the queue starts empty
             # tensors to the device; a method's plain values (simcse-sup's part count) as they are
             batch = {key: v.to(self.device) if isinstance(v, Tensor) else v for key, v in batch.items()}
             last = k == accum - 1
@@ -571,7 +600,9 @@ class Trainer:
         stop_reason = None
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            out = self.train_step(self.micro_batches(self.step))
+            accum = cfg.optim.grad_accum
+            epochs = [self.epoch_of(m) for m in range(self.step * accum, (self.step + 1) * accum)]
+            out = self.train_step(self.micro_batches(self.step), epochs)
             self.step += 1
             dt = time.perf_counter() - t0
             self.skipped_steps += not out.finite
@@ -630,6 +661,20 @@ class Trainer:
     def close(self) -> None:
         if self.runlog is not None:
             self.runlog.close()
+
+
+def _gather_to_main(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others; ``[obj]`` in one process."""
+    import torch.distributed as dist
+
+    from fastcse.distributed import is_distributed, world_info
+
+    if not is_distributed():
+        return [obj]
+    rank, world = world_info()
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def _report(e: Exception) -> int:

@@ -319,3 +319,80 @@ def test_quality_bar_commands_are_valid_runs(tmp_path):
         seen.add((run.method, run.backend))
     # the bar's comparisons are all there: unsupervised fused and eager, supervised
     assert {("simcse-unsup", "chunked"), ("simcse-unsup", "eager"), ("simcse-sup", "chunked")} <= seen
+
+
+def test_esimcse_queue_is_emptied_at_each_epoch_and_a_resume_keeps_to_it(assets, tmp_path, monkeypatch):
+    """The reference empties ESimCSE's queue at the start of each epoch: 24 examples, batch 8, are
+    3 steps per epoch, so the queue holds 0, 8, 16 rows, then 0 again. A resume from the checkpoint
+    at the epoch's end continues with the losses of the uninterrupted run (a resumed run that kept
+    the queue across the boundary, or emptied it mid-epoch, would differ)."""
+    from fastcse.methods import ESimCSE
+
+    seen = []
+    real = ESimCSE.loss_inputs
+
+    def recording(self, model, batch):
+        seen.append(self.queue.shape[0])
+        return real(self, model, batch)
+
+    monkeypatch.setattr(ESimCSE, "loss_inputs", recording)
+    args = ["--method", "esimcse", "--queue-size", "64", "--max-examples", "24", "--epochs", "2",
+            "--save-steps", "3", "--save-total-limit", "10"]
+    full = tmp_path / "full"
+    assert main(tiny_args(assets, full, *args)) == 0
+    assert seen == [0, 8, 16, 0, 8, 16]
+    # the epoch boundary inside an accumulation window (micro-batches 2 | 3): emptied before micro-batch 3
+    seen.clear()
+    assert main(tiny_args(assets, tmp_path / "accum", *args, "--grad-accum", "2")) == 0
+    assert seen == [0, 8, 16, 0]
+    # resume at the epoch boundary (the step-3 checkpoint)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")
+    (cut / "train_log.jsonl").unlink()
+    seen.clear()
+    assert main(tiny_args(assets, cut, *args, "--resume")) == 0
+    assert seen == [0, 8, 16]
+    ref, resumed = step_losses(full), step_losses(cut)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert abs(resumed[step] - ref[step]) <= 1e-6, f"step {step}: {resumed[step]} vs {ref[step]}"
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])  # fastcse's varlen layers; HF's own checkpointing
+def test_gradient_checkpointing_gives_the_stored_activation_gradients(assets, tmp_path, backend):
+    """--gradient-checkpointing, dropout on (BERT's 0.1): one step's loss and every parameter's
+    gradient equal the run that stores its activations (the recomputed layers replay their dropout
+    masks), while each layer really runs twice (forward, then recomputed in backward)."""
+    from fastcse.config import parse_args
+    from fastcse.train import Trainer, preflight
+    from tests.helpers import assert_close
+
+    def one_step(name, *extra):
+        trainer = Trainer(preflight(parse_args(tiny_args(assets, tmp_path / name, "--method", "esimcse",
+                                                         "--max-steps", "1", "--save-steps", "0",
+                                                         "--max-grad-norm", "0", "--attn-backend", backend,
+                                                         *extra))))
+        trainer.setup()
+        trainer.stepper.zero_grad = lambda: None  # keep the step's gradients for the comparison
+        # a module that runs inside layer 0 on every attention backend (varlen calls its parts, not it)
+        layer = trainer.encoder.backbone.encoder.layer[0].attention.self.query
+        calls = []
+        handle = layer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        out = trainer.train_step(trainer.micro_batches(0))
+        handle.remove()
+        assert trainer.encoder.attn_backend == backend or backend == "auto"
+        grads = {n: p.grad.clone() for n, p in trainer.encoder.named_parameters() if p.grad is not None}
+        trainer.close()
+        return out, grads, calls
+
+    stored, stored_grads, stored_calls = one_step("stored")
+    ckpt, ckpt_grads, ckpt_calls = one_step("checkpointed", "--gradient-checkpointing")
+    no_dropout, _, _ = one_step("no-dropout", "--dropout", "0")
+    assert abs(no_dropout.loss - stored.loss) > 1e-3  # dropout is on: its masks had to be replayed
+    # the momentum encoder is a copy (its own layers): the model's layer runs once, or twice with recompute
+    assert len(stored_calls) == 1 and len(ckpt_calls) == 2, (stored_calls, ckpt_calls)
+    assert abs(ckpt.loss - stored.loss) <= 1e-6 * abs(stored.loss), (ckpt.loss, stored.loss)
+    assert stored_grads.keys() == ckpt_grads.keys() and len(stored_grads) > 10
+    for name, g in stored_grads.items():
+        assert_close(ckpt_grads[name], g, rtol=1e-5, atol=1e-7, name=name)

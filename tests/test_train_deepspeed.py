@@ -36,7 +36,10 @@ def common_args(assets: Path) -> list[str]:
 
 
 def method_args(method: str) -> list[str]:
-    return ["--method", method] + (["--hard-negative-weight", "0.5"] if method == "simcse-sup" else [])
+    # ESimCSE's default queue is per rank (its reference code's): 2 ranks then see other negatives than
+    # one process over the same global batch; the gathered queue is the one a single process keeps
+    esimcse = ["--esimcse-queue", "global"] if method == "esimcse" else []
+    return ["--method", method] + (["--hard-negative-weight", "0.5"] if method == "simcse-sup" else []) + esimcse
 
 
 # A bad micro-batch in the middle of an accumulation window: the second of step 2's three micro-batches
