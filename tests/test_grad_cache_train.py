@@ -16,7 +16,10 @@ run that forwards all rows in one call. Hence two references, each through the w
   run is the plain run, masks included.
 
 Also: a resumed cached run repeats the uninterrupted one and refuses another K; ESimCSE's momentum
-embeddings are computed once per micro-step, in chunks, without a graph; K is range-checked.
+embeddings are computed once per micro-step, in chunks, without a graph; K is range-checked; and
+under DeepSpeed ZeRO-2 on 2 gloo ranks (``deepspeed --num_gpus 2`` runs this file as its worker),
+with negatives gathered across ranks and ``--grad-accum 2``, the cached run's per-step losses equal
+the uncached run's, and no gradient reduction runs inside any chunk's ``engine.backward``.
 """
 
 from __future__ import annotations
@@ -202,6 +205,90 @@ def test_python_m_fastcse_train(assets, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2, 2 gloo ranks, through the training program
+# --------------------------------------------------------------------------------------------
+
+DS_ARGS = ["--grad-accum", "2", "--dropout", "0", "--max-steps", "3"]
+DS_RUNS = {"plain": [], "cached": ["--grad-cache-chunk", str(CHUNK)]}  # 12 rows per rank: chunks 5, 5, 2
+REDUCTIONS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor")
+
+
+def _ds_worker(argv: list[str]) -> None:
+    """On every rank: both runs of ``DS_RUNS``, counting calls into DeepSpeed's reduction
+    collectives (its gloo backend; fastcse's own gathers and finiteness checks call torch.distributed
+    directly) during training steps, and those of them made inside ``engine.backward``."""
+    import argparse
+
+    from deepspeed.comm.torch import TorchBackend
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    ap.add_argument("--ds-worker", action="store_true")
+    ap.add_argument("--assets", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # two ranks on two cores
+    where = {"step": False, "backward": False}
+    counts = {"step": 0, "backward": 0}
+
+    def counted(fn):
+        def call(*a, **k):
+            counts["step"] += where["step"]
+            counts["backward"] += where["step"] and where["backward"]
+            return fn(*a, **k)
+        return call
+
+    def flagged(fn, key):
+        def call(*a, **k):
+            where[key] = True
+            try:
+                return fn(*a, **k)
+            finally:
+                where[key] = False
+        return call
+
+    for name in REDUCTIONS:  # on the class: the backend object is made when the program joins
+        setattr(TorchBackend, name, counted(getattr(TorchBackend, name)))
+    DeepSpeedEngine.backward = flagged(DeepSpeedEngine.backward, "backward")
+    Trainer.train_step = flagged(Trainer.train_step, "step")
+    result = {}
+    for run, extra in DS_RUNS.items():
+        counts.update(step=0, backward=0)
+        argv = tiny_args(args.assets, args.out / run, "simcse-sup", *DS_ARGS, *extra,
+                         "--ds", str(ROOT / "ds_configs" / "zero2.json"))
+        assert main(argv) == 0, run
+        result[run] = dict(counts)
+    rank = int(os.environ.get("RANK", "0"))
+    (args.out / f"reductions-rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero2_two_ranks_cached_equals_uncached(assets, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port),
+           str(Path(__file__).resolve()), "--ds-worker", "--assets", str(assets), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"deepspeed run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    got, want = step_losses(tmp_path / "cached"), step_losses(tmp_path / "plain")
+    assert sorted(got) == sorted(want) == [1, 2, 3], (got, want)
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= TOL, f"ZeRO-2, 2 ranks: cached vs uncached per-step losses differ by {worst:.2e}: {got} vs {want}"
+    assert len({round(v, 6) for v in want.values()}) == len(want), want
+    for rank in range(2):
+        counts = json.loads((tmp_path / f"reductions-rank{rank}.json").read_text())
+        # uncached, ZeRO-2 reduces its gradients in each micro-batch's backward; cached, no chunk's
+        # backward reduces anything: the window's one reduction runs when the coalescing block closes
+        assert counts["plain"]["backward"] > 0, counts
+        assert counts["cached"]["backward"] == 0, counts
+        assert 0 < counts["cached"]["step"] < counts["plain"]["step"], counts
+
+
+# --------------------------------------------------------------------------------------------
 # resume, the momentum encoder, the option
 # --------------------------------------------------------------------------------------------
 
@@ -288,3 +375,7 @@ def test_help_names_the_option(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "--grad-cache-chunk" in out and "Gradient caching" in out
+
+
+if __name__ == "__main__" and "--ds-worker" in sys.argv:
+    _ds_worker(sys.argv[1:])
