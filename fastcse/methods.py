@@ -378,6 +378,7 @@ class ESimCSE(Method):
         state = {}
         if self._sharded:
             state["momentum_shards"] = [m.detach().cpu() for m in self._shards()]
+            state["momentum_names"] = [n for n, _ in self._encoder.named_parameters()]
         if self.cfg.esimcse_queue == "rank":
             state["queue"] = self.queue.detach().cpu()
         return state
@@ -407,9 +408,10 @@ class ESimCSE(Method):
             self.queue = state["queue"].to(self.queue.device)
         if "momentum_shards" in state:
             shards = self._shards()
-            if len(state["momentum_shards"]) != len(shards):
-                raise ValueError(f"esimcse: {len(state['momentum_shards'])} momentum shards saved, the model has "
-                                 f"{len(shards)} parameters")
+            names = [n for n, _ in self._encoder.named_parameters()]
+            if state.get("momentum_names", names) != names:
+                raise ValueError("esimcse: the checkpoint's momentum shards belong to other parameters "
+                                 f"({len(state['momentum_names'])} saved, the model has {len(names)})")
             for m, saved in zip(shards, state["momentum_shards"]):
                 m.copy_(saved.to(m.device))
 
