@@ -30,7 +30,9 @@ API
   forwards (SimCSE's ``[x; x]``, supervised ``[sent0; sent1; hard_neg]``, ESimCSE's
   ``[x; repeated x]``) is exactly what it forwards without caching, cut into chunks of rows.
   ESimCSE's momentum encoder runs in chunks without a graph for the duration
-  (:class:`NoGradChunks`).
+  (:class:`NoGradChunks`). The training program's ``--grad-cache-chunk K`` is this function
+  followed by ``step.backward_cached`` (:mod:`fastcse.step`: ``CachedStep.backward`` in one
+  process, :class:`DeepSpeedCachedBackward` under DeepSpeed).
 - :func:`grad_cache`: the same for any encoder and sentence groups: token dicts, each embedded as
   one forward in chunks, optionally ``split`` into equal parts for ``loss_fn(*parts)``; all three
   phases in one call.
@@ -510,8 +512,11 @@ def cached_method_step(model: Callable[..., Tensor], method, batch: Features,
             DeepSpeed engine wrapping it (called as ``model(**features) -> (rows, D)``).
         method: a :class:`fastcse.methods.Method`; its ``loss_inputs(model, batch)`` runs unchanged
             on a :class:`ChunkedEncoder`. A ``momentum_encoder`` attribute (ESimCSE) is swapped for
-            :class:`NoGradChunks` of it during the call (the method's queue bookkeeping is
-            untouched: call ``after_micro_step`` / ``discard_pending`` as without caching).
+            :class:`NoGradChunks` of it during the call; a method whose momentum encoder is no
+            module (ESimCSE under ZeRO-3: fp32 shards run through the engine's module) has its
+            ``momentum_embeddings(model, features)`` called chunk by chunk instead (the method's
+            queue bookkeeping is untouched: call ``after_micro_step`` / ``discard_pending`` as
+            without caching).
         batch: the collated batch, on the model's device.
         loss_fn: ``LossInputs -> scalar``, e.g. ``lambda x: info_nce(x.anchors, x.positives,
             x.hard_negatives, queue=x.queue, temperature=0.05, gather_across_ranks=world > 1)``.
@@ -525,15 +530,30 @@ def cached_method_step(model: Callable[..., Tensor], method, batch: Features,
     """
     momentum = getattr(method, "momentum_encoder", None)
     swap = isinstance(momentum, nn.Module)
+    # a momentum encoder that is no module of its own (ESimCSE's ZeRO-3 shards, run through the
+    # engine's module by ``method.momentum_embeddings(model, features)``): that call, in chunks
+    embed = None if swap else getattr(method, "momentum_embeddings", None)
+    wrap = callable(embed)
+    own = "momentum_embeddings" in getattr(method, "__dict__", {})  # already an instance attribute
+
+    def chunked_momentum(model, features):
+        return embed_no_grad(lambda **chunk: embed(model, chunk), features, chunk_size, trim_padding=trim_padding)
 
     def run(proxy: ChunkedEncoder):
         if swap:
             method.momentum_encoder = NoGradChunks(momentum, chunk_size, trim_padding=trim_padding)
+        if wrap:
+            method.momentum_embeddings = chunked_momentum  # an instance attribute, over the bound method
         try:
             return method.loss_inputs(proxy, batch)
         finally:
             if swap:
                 method.momentum_encoder = momentum
+            if wrap:
+                if own:
+                    method.momentum_embeddings = embed
+                else:
+                    del method.momentum_embeddings  # the class's bound method again
 
     return cached_step(model, run, loss_fn, chunk_size=chunk_size, loss_parameters=loss_parameters,
                        trim_padding=trim_padding, keep_last=keep_last)

@@ -516,6 +516,45 @@ def test_embed_no_grad_and_no_grad_chunks():
     assert not enc.training
 
 
+class ShardedMomentumMethod(SimCSEUnsup):
+    """A method shaped like ESimCSE under ZeRO-3: no momentum module of its own, its momentum
+    embeddings from a ``momentum_embeddings(model, features)`` call (there: fp32 shards run through
+    the engine's module)."""
+
+    momentum_encoder = None
+
+    def __init__(self, momentum, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum, self.calls, self.pending = momentum, [], None
+
+    def momentum_embeddings(self, model, features):
+        self.calls.append((features["input_ids"].shape[0], torch.is_grad_enabled()))
+        with torch.no_grad():
+            return self.momentum(**features)
+
+    def loss_inputs(self, model, batch):
+        self.pending = self.momentum_embeddings(model, batch)
+        return super().loss_inputs(model, batch)
+
+
+def test_a_momentum_embeddings_call_runs_in_chunks_without_graph():
+    torch.manual_seed(3)
+    enc = bert_encoder(0.0)
+    method = ShardedMomentumMethod(copy.deepcopy(enc).eval(), cfg=MethodConfig(name="simcse-unsup"),
+                                   tokenizer_fn=None, pad_id=0, special_ids={0}, max_seq_length=SEQ, seed=0)
+    batch = tokens(12)
+    step = cached_method_step(enc, method, batch, loss_fn_for(method), chunk_size=5)
+    step.backward()
+    assert method.calls == [(5, False), (5, False), (2, False)], method.calls  # 12 rows, once, no graph
+    assert not method.pending.requires_grad
+    torch.testing.assert_close(method.pending, method.momentum(**batch), rtol=1e-5, atol=1e-6)
+    # the method's own momentum_embeddings is back once the step has run
+    assert "momentum_embeddings" not in method.__dict__
+    method.calls.clear()
+    method.momentum_embeddings(enc, batch)
+    assert method.calls == [(12, True)]
+
+
 def test_a_loss_that_ignores_a_group_is_refused():
     torch.manual_seed(3)
     enc = bert_encoder(0.0)
