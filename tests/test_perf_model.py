@@ -155,7 +155,9 @@ def test_card_file_in_the_agreed_format(tmp_path):
 
 def test_cli_json_and_csv(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pm, "RESULTS_DIR", tmp_path)
-    pm.main(["--card", "h200", "--json"])
+    # the loss and rotary bars (the whole-step and grad-cache bars trace minutes of steps: their
+    # names are checked below, their figures in the tests above)
+    pm.main(["--card", "h200", "--json", "--only", "loss", "rotary"])
     bars = json.loads(capsys.readouterr().out)
     assert {"bar", "predicted", "target", "unit", "pass"} <= set(bars[0])
     by_name = {b["bar"]: b for b in bars}
@@ -168,6 +170,10 @@ def test_cli_json_and_csv(tmp_path, monkeypatch, capsys):
     with (tmp_path / pm.CSV_NAME).open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(bars) and {r["card"] for r in rows} == {"NVIDIA H200"} and rows[0]["commit"]
+    assert {b["bar"].split(" ")[0] for b in bars} == {"loss", "rotary"}
+    names = [name for name, _ in pm.bar_specs(pm.CARDS["h200"])]
+    assert sum(n.startswith("step BERT-base") for n in names) == 6
+    assert sum(n.startswith("grad cache:") for n in names) == 2
 
 
 def test_biased_attention_trace_counts_the_kernels_flops():
@@ -230,3 +236,124 @@ def test_encoder_traces_take_the_cuda_attention_kernels():
     ratio = mm_flops(sdpa) / mm_flops(varlen)
     tokens = len(lengths) * max(lengths) / sum(lengths)
     assert abs(ratio - tokens) / tokens < 0.1, (ratio, tokens)
+
+
+# ---- whole training steps (issue #12) and gradient caching (issue #13) ---------------------------
+
+CPU_TEST_CARD = pm.Card(name="cpu-test", matmul_tflops={"bf16": 1.0, "fp16": 1.0, "fp32": 1.0}, copy_gbps=1.0,
+                        launch_us=1.0, kernel_us=0.0, sm_count=1, gpu=False)
+
+
+@pytest.mark.parametrize("path", ["eager", "fused"])
+def test_step_meta_peak_equals_the_cpu_run(path):
+    """The meta trace of bench_train's step (tiny BERT, unsup SimCSE, 64 wiki sentences, fp32) has the
+    peak that fastcse.memory.StorageCounter measures on the same step run for real on the CPU, after
+    a warm-up step (bench_train's measure). Tolerance: exact (both count the same storages; the peak
+    is in the forward's activations, which a wrong shape anywhere would move)."""
+    from fastcse.memory import StorageCounter
+
+    tr = pm.step_trace(CPU_TEST_CARD, "tiny-bert", path, "unsup", 64)
+    torch.manual_seed(0)
+    step = pm.cpu_step("tiny-bert", path, "unsup", 64)
+    step()  # warm-up: AdamW's state exists before the measured step, as in the benchmark
+    with StorageCounter(round_to=1) as counter:
+        step()
+    print(f"{path}: meta {tr.peak_bytes} B at {tr.peak_op}, cpu {counter.peak} B at {counter.peak_op}")
+    assert tr.peak_bytes == counter.peak
+    assert tr.peak_op == counter.peak_op == "aten.native_layer_norm.default"
+
+
+def _tiny_encoder_and_mask():
+    """tiny-bert as the step builds it (CPU, real weights) and the attention mask of its 64-sentence batch."""
+    from fastcse.config import parse_args
+    from fastcse.methods import build_method
+    from fastcse.models import SentenceEncoder
+
+    config, pooling, tok = pm._step_model_config("tiny-bert")
+    enc = SentenceEncoder.from_config(config, tokenizer=tok, pooling=pooling, max_seq_length=32)
+    method = build_method(parse_args(["--max-seq-length", "32"]).method, enc, seed=42)
+    examples, _ = pm._bench_examples("unsup", 64)
+    return enc, method.collate(examples, micro_step=0, rank=0)["attention_mask"]
+
+
+def _gemm_flops(tr):
+    return sum(c.flops for c in tr.costs if c.name in ("aten.mm.default", "aten.addmm.default"))
+
+
+def test_step_trace_flops_autocast_and_adamw_bytes():
+    """GPU step of the fused path (tiny BERT, 64 wiki sentences, h200): the Linear GEMMs do
+    6 x (Linear weights) x (real tokens of [x; x]) FLOPs in bf16 (autocast played on meta: bf16
+    operands reach the flash varlen kernel), and AdamW's foreach update moves the hand count of
+    bytes: per fp32 element lerp_ 12, mul_ 8, addcmul_ 12, sqrt 8, div_ 8, add_ 8, addcdiv_ 16
+    (72 B), plus the decoupled weight decay's mul_ (8 B) on the matrices when --weight-decay is set."""
+    from bench.bench_train import linear_weights
+
+    card = pm.CARDS["h200"]
+    tr = pm.step_trace(card, "tiny-bert", "fused", "unsup", 64)
+    enc, mask = _tiny_encoder_and_mask()
+    tokens = 2 * int(mask.sum())  # one forward of [x; x]
+    assert _gemm_flops(tr) == pytest.approx(6 * linear_weights(enc) * tokens, rel=1e-6)
+    gemms = [c for c in tr.costs if c.name in ("aten.mm.default", "aten.addmm.default")]
+    assert gemms and all(c.dtype == torch.bfloat16 for c in gemms)
+    names = [c.name for c in tr.costs]
+    assert names.count("aten._flash_attention_forward.default") == enc.backbone.config.num_hidden_layers
+    params = [p for p in enc.parameters() if p.requires_grad]
+    every = sum(p.numel() for p in params)
+    decayed = sum(p.numel() for p in params if p.ndim >= 2)
+    adamw = sum(c.bytes for c in tr.costs if c.name.startswith("aten._foreach_") and c.name not in pm._CLIP_FOREACH)
+    from fastcse.config import OptimConfig
+
+    assert adamw == 72 * every + (8 * decayed if OptimConfig().weight_decay else 0)  # default decay 0: no mul_
+    clip = sum(c.bytes for c in tr.costs if c.name in pm._CLIP_FOREACH)
+    assert clip == pytest.approx(4 * every + 8 * every, abs=64 * len(params))  # norm reads, mul_ reads + writes
+    assert sum(c.kind == "sync" for c in tr.costs) == 4  # unpad's lengths, the finite check, loss.item(), the norm
+
+
+def test_grad_cache_trace_costs_one_extra_forward_of_the_replayed_chunks():
+    """fastcse.grad_cache.cached_method_step on meta (tiny BERT, 64 sentences = 128 rows, h200): with one
+    chunk it is the uncached step (same peak, same GEMMs); with chunks of 32 rows the Linear GEMMs
+    are the uncached ones plus one forward (2 x weights x tokens) of every chunk but the last
+    (its graph is kept from phase 1)."""
+    from bench.bench_train import linear_weights
+
+    card = pm.CARDS["h200"]
+    plain = pm.step_trace(card, "tiny-bert", "fused", "unsup", 64)
+    one = pm.step_trace(card, "tiny-bert", "fused", "unsup", 64, grad_cache_chunk=128)
+    four = pm.step_trace(card, "tiny-bert", "fused", "unsup", 64, grad_cache_chunk=32)
+    assert one.peak_bytes == plain.peak_bytes and _gemm_flops(one) == _gemm_flops(plain)
+    enc, mask = _tiny_encoder_and_mask()
+    doubled = torch.cat([mask, mask])
+    replayed = int(doubled[:96].sum())  # chunks 0-2 of 32 rows; chunk 3 keeps its graph
+    expected = _gemm_flops(plain) + 2 * linear_weights(enc) * replayed
+    assert _gemm_flops(four) == pytest.approx(expected, rel=1e-6)
+
+
+def test_meta_autocast_casts_like_cuda_autocast():
+    lin = torch.nn.Linear(8, 8, device="meta")
+    norm = torch.nn.LayerNorm(8, device="meta")
+    x = torch.randn(4, 8, device="meta")
+    with pm.meta_run(as_cuda=True), pm.meta_autocast() as mode:
+        with torch.no_grad():
+            lin(x)  # the weight's cast is first made under no_grad ...
+        y = lin(x)
+        assert y.dtype == torch.bfloat16 and y.grad_fn is not None
+        assert norm(y).dtype == torch.float32  # layer_norm runs in fp32
+        assert torch.softmax(y, -1).dtype == torch.float32 and y.sum().dtype == torch.float32
+        assert len(mode.cache) == 2  # ... cached once each (weight and bias: leaves that require grad)
+        y.float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32  # ... and keeps its grad
+
+
+def test_multi_tensor_apply_launches():
+    assert pm.mta_launches([10] * 110, 1) == 1 and pm.mta_launches([10] * 111, 1) == 2
+    assert pm.mta_launches([65536 * 320], 1) == 1 and pm.mta_launches([65536 * 321], 1) == 2
+    assert pm.mta_launches([10] * 37, 4) == 2  # depth 4: 36 tensors a launch
+
+
+def test_step_prediction_string():
+    out = pm.step_prediction("h200", "tiny-bert", "fused", "unsup", 64)
+    assert out.startswith("pred ") and out.endswith(" GiB") and " sent/s, " in out, out
+    sent_s = float(out.split()[1])
+    tr = pm.step_trace(pm.CARDS["h200"], "tiny-bert", "fused", "unsup", 64)
+    assert sent_s == pytest.approx(64 / tr.seconds(pm.CARDS["h200"]), abs=0.5)
+    assert pm.step_prediction("h200", "tiny-bert", "st+fused", "unsup", 64).startswith("no prediction")
