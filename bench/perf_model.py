@@ -642,7 +642,9 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
     # two window products, as the forward), dV, dP, dK, dQ = dS K (8 L^2 D in all), and per table
     # the skewed dS times the window for dQ / dK and its transpose times Q / K for the window
     # gradient (2 * 2 L^2 D * BLOCK_W / BLOCK). Atomics: dQ (BLOCK_M x D per tile, fp32 buffer)
-    # and each window gradient (BLOCK_W x D per tile) into a (heads, 2 seq - 1, D) fp32 buffer.
+    # and each window gradient into a (heads, 2 seq - 1, D) fp32 buffer: the window's upper half
+    # is the next query tile's lower half, carried in registers, so BLOCK_N x D per tile (plus
+    # one last flush per program).
     bh, seq, dim = _attention_dims(launch)
     q, k, v, grad_out = launch.args[:4]
     kv_pass = bool(launch.arguments["KV_PASS"])
@@ -657,7 +659,8 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
         flops += 3 * unit * bw / bn if c2p else 0.0  # Q W_k^T recomputed, G W_k (dQ), G^T Q (dW_k)
         flops += 3 * unit * bw / bm if p2c else 0.0  # W_q K^T recomputed, H^T W_q (dK), H K (dW_q)
         written = 3 * touched_bytes(k)  # dK, dV, dQ (cast from the fp32 buffer by the host)
-        atomics = tiles * bm * dim + tiles * bw * dim * (int(c2p) + int(p2c))
+        programs = bh * math.ceil(seq / bn)
+        atomics = tiles * bm * dim + (tiles + programs) * bn * dim * (int(c2p) + int(p2c))
         moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + written
                  + _pos_bytes(launch) + 2 * 4 * q.numel())  # the fp32 dQ buffer read + written
         for flag, name in (("HAS_POSK", "DPOSK"), ("HAS_POSQ", "DPOSQ")):

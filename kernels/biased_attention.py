@@ -47,13 +47,39 @@ from fastcse.kernels._triton_utils import interpreted
 
 
 @triton.jit
-def _dropout_keep(seed, bh, qi, kj, seqlen, dropout_p):
-    # One Philox stream per (batch, head): the key is seed + bh, the counter the flat (i, j)
-    # position, so forward, both backward kernels and the test helper draw the same numbers.
-    # qi / kj: query / key positions as broadcastable 2-D tiles ((M, 1) and (1, N), or
-    # transposed in the column-parallel backward).
-    rand = tl.rand(seed + bh, qi * seqlen + kj)
-    return rand >= dropout_p
+def _dropout_keep(seed, bh, offs_m, start_n, seqlen, dropout_p,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep-mask of queries ``offs_m`` and keys ``start_n + arange(BLOCK_N)``.
+
+    One Philox stream per (batch, head): the key is seed + bh, the counter
+    ``i * ceil(L / 4) + j // 4``, and one ``tl.rand4x`` call gives the four keys ``j`` with the
+    same ``j // 4`` (word ``j % 4``), a quarter of ``tl.rand``'s calls (which draws four words and
+    keeps one). The mask depends on (i, j) only, never on the tile sizes, so the forward, the
+    backward kernels (whatever their tiles) and :func:`dropout_keep_mask` draw the same mask.
+    ``start_n`` must be a multiple of 4 (every tile start is a multiple of 16).
+    """
+    quads = (seqlen + 3) // 4
+    offs_q = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.rand4x(seed + bh, offs_m[:, None] * quads + offs_q[None, :])
+    # join twice: [.., q, a, b] = word 2a + b of quad q, so the row-major reshape puts word w of
+    # quad q at key 4q + w
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+    return r >= dropout_p
+
+
+@triton.jit
+def _window_rows(POS, IDX, h, stride_ph, stride_pe, d0, seqlen, offs_d, d_valid,
+                 BLOCK_W: tl.constexpr, W_USED: tl.constexpr):
+    """DeBERTa's relative embeddings for the distances ``d0 .. d0 + W_USED - 1`` (one tile's):
+    row t is ``POS[h, IDX[d0 + t + L - 1]]`` (BLOCK_W x head_dim, zero outside), with the
+    distance of each row and whether it exists."""
+    offs_w = tl.arange(0, BLOCK_W)
+    dist = d0 + offs_w
+    w_ok = (offs_w < W_USED) & (dist > -seqlen) & (dist < seqlen)
+    idx = tl.load(IDX + dist + seqlen - 1, mask=w_ok, other=0)
+    rows = tl.load(POS + h * stride_ph + idx[:, None].to(tl.int64) * stride_pe + offs_d[None, :],
+                   mask=w_ok[:, None] & d_valid[None, :], other=0.0)
+    return rows, dist, w_ok
 
 
 @triton.jit
@@ -82,6 +108,7 @@ def _bias_tile(
 def _biased_attn_fwd_kernel(
     Q, K, V, O, LSE,
     ROW_T, ROW_I, COL_T, COL_I, KMASK, SEED,
+    POSK, C2P_I, POSQ, P2C_I,
     sm_scale, dropout_p, seqlen, num_heads,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -90,6 +117,7 @@ def _biased_attn_fwd_kernel(
     stride_rtb, stride_rth, stride_rtm, stride_rtc,
     stride_ctb, stride_cth, stride_ctn, stride_ctc,
     stride_kmb,
+    stride_pkh, stride_pke, stride_pqh, stride_pqe,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     # constexpr flags compile away the bias terms, the mask and dropout when a call has none
@@ -98,6 +126,9 @@ def _biased_attn_fwd_kernel(
     # the interpreter multiplies bf16 bit patterns in tl.dot: upcast tiles there (never on GPU)
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    # DeBERTa in the kernel: c2p = q_i . POSK[C2P_I[i - j + L - 1]] and p2c = k_j . POSQ[P2C_I[..]]
+    # from the BLOCK_W >= BLOCK_M + BLOCK_N - 1 relative embeddings a tile's distances reach
+    HAS_POSK: tl.constexpr = False, HAS_POSQ: tl.constexpr = False, BLOCK_W: tl.constexpr = 16,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -117,6 +148,8 @@ def _biased_attn_fwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         drop_scale = 1.0 / (1.0 - dropout_p)
+    # window column of score (i, j): t = (i - m0) - (j - n0) + BLOCK_N - 1, the same every tile
+    t_idx = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
 
     qk_scale = sm_scale * 1.4426950408889634  # scores are kept in base 2 (exp2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -136,11 +169,28 @@ def _biased_attn_fwd_kernel(
             v = v.to(tl.float32)
 
         mask_mn = m_valid[:, None] & n_valid[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
-                        ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
-                        COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
-                        HAS_ROW, HAS_COL) * 1.4426950408889634
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        d0 = pid_m * BLOCK_M - start_n - (BLOCK_N - 1)  # distance of window row 0
+        if HAS_POSK:
+            wk, _, _ = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0, seqlen, offs_d, d_valid,
+                                    BLOCK_W, BLOCK_M + BLOCK_N - 1)
+            if UPCAST_DOT:
+                wk = wk.to(tl.float32)
+            c2p = tl.dot(q, tl.trans(wk), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_W)
+            s += tl.gather(c2p, t_idx, axis=1)
+        if HAS_POSQ:
+            wq, _, _ = _window_rows(POSQ, P2C_I, h, stride_pqh, stride_pqe, d0, seqlen, offs_d, d_valid,
+                                    BLOCK_W, BLOCK_M + BLOCK_N - 1)
+            if UPCAST_DOT:
+                wq = wq.to(tl.float32)
+            p2c = tl.dot(wq, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_W, BLOCK_N)
+            s += tl.gather(p2c, t_idx, axis=0)
+        s = s * qk_scale
+        if HAS_ROW or HAS_COL:
+            s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
+                            ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
+                            COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+                            HAS_ROW, HAS_COL) * 1.4426950408889634
         key_ok = n_valid
         if HAS_KMASK:
             key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
@@ -153,7 +203,7 @@ def _biased_attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, seqlen, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -190,6 +240,175 @@ def _biased_attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _fused_bwd_program(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
+    pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_rtb, stride_rth, stride_rtm, stride_rtc, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+    stride_drb, stride_drh, stride_drm, stride_drc, stride_dcb, stride_dch, stride_dcn, stride_dcc,
+    stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
+    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_POSK: tl.constexpr, HAS_POSQ: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The single-pass backward of one key tile: loops over every query tile once, recomputes
+    its scores once, and produces dK, dV (registers, stored at the end), dQ (fp32 atomics into
+    DQ_ACC), the generic tables' gradients (atomics, as the two-pass kernel) and DeBERTa's window
+    gradients: with dS the score gradient (sm_scale folded in), c2p's part of dQ is G W_k and of
+    POSK's gradient G^T Q, where G[i, t] = dS[i, j] at the window column t of (i, j); p2c's part
+    of dK is H^T W_q and of POSQ's gradient H K, with H[t, j] = dS[i, j]. The window gradients are
+    kept per distance (DPOSK / DPOSQ: (heads, 2 L - 1, head_dim), summed over the batch); the host
+    adds the distances that share an embedding."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    qk_scale = sm_scale * 1.4426950408889634
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seqlen
+    mask_nd = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = n_valid
+    if HAS_KMASK:
+        key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    carry_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    carry_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, seqlen, BLOCK_M):
+        # window column of score (i, j), and its inverses: the key of (i, t) and the query of
+        # (t, j); rebuilt every iteration (a few integer ops) rather than held in registers
+        t_idx = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < seqlen
+        mask_md = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=mask_md, other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                     mask=mask_md, other=0.0)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
+        mask_mn = m_valid[:, None] & n_valid[None, :]
+
+        # the forward's scores, once. The window (2 T distances, T = BLOCK_M = BLOCK_N) is taken
+        # as two halves: the upper half of this query tile is the lower half of the next one, so
+        # its embedding gradient is carried in registers and flushed once (half the atomics)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        d0 = start_m - pid * BLOCK_N - (BLOCK_N - 1)
+        lo = t_idx < BLOCK_N
+        t_lo = tl.minimum(t_idx, BLOCK_N - 1)
+        t_hi = tl.maximum(t_idx - BLOCK_N, 0)
+        if HAS_POSK:
+            wk_lo, dist_lo, w_lo_ok = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0, seqlen, offs_d,
+                                                   d_valid, BLOCK_N, BLOCK_N)
+            wk_hi, _, _ = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0 + BLOCK_N, seqlen, offs_d,
+                                       d_valid, BLOCK_N, BLOCK_N)
+            if UPCAST_DOT:
+                wk_lo = wk_lo.to(tl.float32)
+                wk_hi = wk_hi.to(tl.float32)
+            s += tl.where(lo, tl.gather(tl.dot(q, tl.trans(wk_lo), input_precision=DOT_PRECISION), t_lo, axis=1),
+                          tl.gather(tl.dot(q, tl.trans(wk_hi), input_precision=DOT_PRECISION), t_hi, axis=1))
+        if HAS_POSQ:
+            wq_lo, dist_lo, w_lo_ok = _window_rows(POSQ, P2C_I, h, stride_pqh, stride_pqe, d0, seqlen, offs_d,
+                                                   d_valid, BLOCK_N, BLOCK_N)
+            wq_hi, _, _ = _window_rows(POSQ, P2C_I, h, stride_pqh, stride_pqe, d0 + BLOCK_N, seqlen, offs_d,
+                                       d_valid, BLOCK_N, BLOCK_N)
+            if UPCAST_DOT:
+                wq_lo = wq_lo.to(tl.float32)
+                wq_hi = wq_hi.to(tl.float32)
+            s += tl.where(lo, tl.gather(tl.dot(wq_lo, tl.trans(k), input_precision=DOT_PRECISION), t_lo, axis=0),
+                          tl.gather(tl.dot(wq_hi, tl.trans(k), input_precision=DOT_PRECISION), t_hi, axis=0))
+        s = s * qk_scale
+        if HAS_ROW or HAS_COL:
+            s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
+                            ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
+                            COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+                            HAS_ROW, HAS_COL) * 1.4426950408889634
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, pid * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+            p_drop = tl.where(keep, p * drop_scale, 0.0)
+        else:
+            p_drop = p
+        # dLoss / d(score), the score being sm_scale * (q.k + c2p + p2c) + table bias
+        ds = p * (dp - delta[:, None])
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        if HAS_ROW:
+            ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
+            tl.atomic_add(DROW + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
+                          + ridx * stride_drc, ds, mask=mask_mn, sem="relaxed")
+        if HAS_COL:
+            cidx = tl.load(COL_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
+            tl.atomic_add(DCOL + b * stride_dcb + h * stride_dch + offs_n[None, :] * stride_dcn
+                          + cidx * stride_dcc, ds, mask=mask_mn, sem="relaxed")
+        ds = ds * sm_scale  # the content and window terms are sm_scale times a dot product
+        ds_lo = ds.to(q.dtype)
+        dk += tl.dot(tl.trans(ds_lo), q, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds_lo, k, input_precision=DOT_PRECISION)
+        if HAS_POSK or HAS_POSQ:
+            dpos_rows = h * stride_dph + (dist_lo + seqlen - 1)[:, None].to(tl.int64) * stride_dpe + offs_d[None, :]
+            dpos_ok = w_lo_ok[:, None] & d_valid[None, :]
+        if HAS_POSK:
+            # G[i, t] = dS[i, key of (i, t)]: key i - t + T - 1 (lower half), i - t - 1 (upper)
+            g_key = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+            g_lo = tl.where(g_key < BLOCK_N, tl.gather(ds, tl.minimum(g_key, BLOCK_N - 1), axis=1), 0.0)
+            g_key = g_key - BLOCK_N
+            g_hi = tl.where(g_key >= 0, tl.gather(ds, tl.maximum(g_key, 0), axis=1), 0.0)
+            g_lo = g_lo.to(q.dtype)
+            g_hi = g_hi.to(q.dtype)
+            dq += tl.dot(g_lo, wk_lo.to(q.dtype), input_precision=DOT_PRECISION)
+            dq += tl.dot(g_hi, wk_hi.to(q.dtype), input_precision=DOT_PRECISION)
+            carry_k += tl.dot(tl.trans(g_lo), q, input_precision=DOT_PRECISION)  # the lower half's rows
+            tl.atomic_add(DPOSK + dpos_rows, carry_k, mask=dpos_ok, sem="relaxed")
+            carry_k = tl.dot(tl.trans(g_hi), q, input_precision=DOT_PRECISION)  # the next tile's lower half
+        if HAS_POSQ:
+            # H[t, j] = dS[query of (t, j), j]: query t + j - (T - 1) (lower half), t + j + 1 (upper)
+            h_query = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
+            h_lo = tl.where(h_query >= 0, tl.gather(ds, tl.maximum(h_query, 0), axis=0), 0.0)
+            h_query = h_query + BLOCK_N
+            h_hi = tl.where(h_query < BLOCK_M, tl.gather(ds, tl.minimum(h_query, BLOCK_M - 1), axis=0), 0.0)
+            h_lo = h_lo.to(q.dtype)
+            h_hi = h_hi.to(q.dtype)
+            dk += tl.dot(tl.trans(h_lo), wq_lo.to(q.dtype), input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(h_hi), wq_hi.to(q.dtype), input_precision=DOT_PRECISION)
+            carry_q += tl.dot(h_lo, k.to(q.dtype), input_precision=DOT_PRECISION)
+            tl.atomic_add(DPOSQ + dpos_rows, carry_q, mask=dpos_ok, sem="relaxed")
+            carry_q = tl.dot(h_hi, k.to(q.dtype), input_precision=DOT_PRECISION)
+        tl.atomic_add(DQ_ACC + b * stride_dab + h * stride_dah + offs_m[:, None] * stride_dam + offs_d[None, :],
+                      dq, mask=mask_md, sem="relaxed")
+
+    if HAS_POSK or HAS_POSQ:
+        # the last query tile's upper half: distances after its lower half
+        last_d0 = ((seqlen - 1) // BLOCK_M) * BLOCK_M - pid * BLOCK_N - (BLOCK_N - 1) + BLOCK_N
+        dist = last_d0 + tl.arange(0, BLOCK_N)
+        rows = h * stride_dph + (dist + seqlen - 1)[:, None].to(tl.int64) * stride_dpe + offs_d[None, :]
+        ok = ((dist > -seqlen) & (dist < seqlen))[:, None] & d_valid[None, :]
+        if HAS_POSK:
+            tl.atomic_add(DPOSK + rows, carry_k, mask=ok, sem="relaxed")
+        if HAS_POSQ:
+            tl.atomic_add(DPOSQ + rows, carry_q, mask=ok, sem="relaxed")
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
 def _biased_attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     ROW_T, ROW_I, COL_T, COL_I, KMASK, SEED, DROW, DCOL,
@@ -206,6 +425,9 @@ def _biased_attn_bwd_kernel(
     stride_drb, stride_drh, stride_drm, stride_drc,
     stride_dcb, stride_dch, stride_dcn, stride_dcc,
     stride_kmb,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
+    stride_pkh, stride_pke, stride_pqh, stride_pqe,
+    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -214,6 +436,10 @@ def _biased_attn_bwd_kernel(
     # queries; otherwise it owns a query tile (dQ, row-table grad) and loops over keys
     KV_PASS: tl.constexpr,
     LOOP_BLOCK: tl.constexpr,  # BLOCK_M in the KV pass, BLOCK_N in the Q pass
+    # FUSED_DQ: one pass only (a key tile per program, as KV_PASS), scores recomputed once; dQ
+    # goes by fp32 atomics into DQ_ACC, DeBERTa's window gradients into DPOSK / DPOSQ
+    FUSED_DQ: tl.constexpr = False,
+    HAS_POSK: tl.constexpr = False, HAS_POSQ: tl.constexpr = False, BLOCK_W: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -226,121 +452,139 @@ def _biased_attn_bwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         drop_scale = 1.0 / (1.0 - dropout_p)
-
-    if KV_PASS:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seqlen
-        mask_nd = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=mask_nd, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=mask_nd, other=0.0)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = n_valid
-        if HAS_KMASK:
-            key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     else:
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < seqlen
-        mask_md = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=mask_md, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                     + offs_d[None, :], mask=mask_md, other=0.0)
-        if UPCAST_DOT:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        seed = 0
+        drop_scale = 1.0
 
-    for start in range(0, seqlen, LOOP_BLOCK):
+    if FUSED_DQ:
+        _fused_bwd_program(
+            Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
+            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
+            pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+            stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+            stride_rtb, stride_rth, stride_rtm, stride_rtc, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+            stride_drb, stride_drh, stride_drm, stride_drc, stride_dcb, stride_dch, stride_dcn, stride_dcc,
+            stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
+            stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_W, HAS_ROW, HAS_COL, HAS_KMASK, HAS_DROPOUT,
+            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION)
+    else:
         if KV_PASS:
-            # transposed tiles (keys x queries): sT = K Q^T, so that dV += P^T dO and
-            # dK += dS^T Q need no transpose of a computed tile
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < seqlen
-            mask_md = m_valid[:, None] & d_valid[None, :]
-            q_t = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qm
-                          + offs_d[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
-            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                         + offs_d[None, :], mask=mask_md, other=0.0)
-            if UPCAST_DOT:
-                q_t = q_t.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
-            delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
-
-            mask_nm = n_valid[:, None] & m_valid[None, :]
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-            s_t += _bias_tile(b, h, offs_m[None, :], offs_n[:, None], mask_nm, seqlen,
-                              ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
-                              COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
-                              HAS_ROW, HAS_COL) * 1.4426950408889634
-            s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
-            p_t = tl.exp2(s_t - lse[None, :])
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], seqlen, dropout_p)
-                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
-                p_drop_t = tl.where(keep_t, p_t * drop_scale, 0.0)
-            else:
-                p_drop_t = p_t
-            # dS = dLoss / d(score), the score being sm_scale * q.k + bias
-            ds_t = p_t * (dp_t - delta[None, :])
-            dv += tl.dot(p_drop_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
-            if HAS_COL:
-                cidx = tl.load(COL_I + offs_m[None, :] - offs_n[:, None] + seqlen - 1, mask=mask_nm, other=0)
-                tl.atomic_add(DCOL + b * stride_dcb + h * stride_dch + offs_n[:, None] * stride_dcn
-                              + cidx * stride_dcc, ds_t, mask=mask_nm, sem="relaxed")
-        else:
-            offs_n = start + tl.arange(0, BLOCK_N)
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             n_valid = offs_n < seqlen
             mask_nd = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
-                        + offs_d[None, :], mask=mask_nd, other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-                        + offs_d[None, :], mask=mask_nd, other=0.0)
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=mask_nd, other=0.0)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=mask_nd, other=0.0)
             if UPCAST_DOT:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             key_ok = n_valid
             if HAS_KMASK:
                 key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        else:
+            offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < seqlen
+            mask_md = m_valid[:, None] & d_valid[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=mask_md, other=0.0)
+            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                         + offs_d[None, :], mask=mask_md, other=0.0)
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
+            delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-            # recompute the probabilities of this tile from the stored log-sum-exp
-            mask_mn = m_valid[:, None] & n_valid[None, :]
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
-                            ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
-                            COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
-                            HAS_ROW, HAS_COL) * 1.4426950408889634
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-            if HAS_ROW:
-                ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
-                tl.atomic_add(DROW + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
-                              + ridx * stride_drc, ds, mask=mask_mn, sem="relaxed")
+        for start in range(0, seqlen, LOOP_BLOCK):
+            if KV_PASS:
+                # transposed tiles (keys x queries): sT = K Q^T, so that dV += P^T dO and
+                # dK += dS^T Q need no transpose of a computed tile
+                offs_m = start + tl.arange(0, BLOCK_M)
+                m_valid = offs_m < seqlen
+                mask_md = m_valid[:, None] & d_valid[None, :]
+                q_t = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qm
+                              + offs_d[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
+                do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                             + offs_d[None, :], mask=mask_md, other=0.0)
+                if UPCAST_DOT:
+                    q_t = q_t.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(LSE + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=float("inf"))
+                delta = tl.load(DELTA + bh.to(tl.int64) * seqlen + offs_m, mask=m_valid, other=0.0)
 
-    if KV_PASS:
-        tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=mask_nd)
-    else:
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
+                mask_nm = n_valid[:, None] & m_valid[None, :]
+                s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+                s_t += _bias_tile(b, h, offs_m[None, :], offs_n[:, None], mask_nm, seqlen,
+                                  ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
+                                  COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+                                  HAS_ROW, HAS_COL) * 1.4426950408889634
+                s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
+                p_t = tl.exp2(s_t - lse[None, :])
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                if HAS_DROPOUT:
+                    keep_t = tl.trans(_dropout_keep(seed, bh, offs_m, pid * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N))
+                    dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+                    p_drop_t = tl.where(keep_t, p_t * drop_scale, 0.0)
+                else:
+                    p_drop_t = p_t
+                # dS = dLoss / d(score), the score being sm_scale * q.k + bias
+                ds_t = p_t * (dp_t - delta[None, :])
+                dv += tl.dot(p_drop_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+                if HAS_COL:
+                    cidx = tl.load(COL_I + offs_m[None, :] - offs_n[:, None] + seqlen - 1, mask=mask_nm, other=0)
+                    tl.atomic_add(DCOL + b * stride_dcb + h * stride_dch + offs_n[:, None] * stride_dcn
+                                  + cidx * stride_dcc, ds_t, mask=mask_nm, sem="relaxed")
+            else:
+                offs_n = start + tl.arange(0, BLOCK_N)
+                n_valid = offs_n < seqlen
+                mask_nd = n_valid[:, None] & d_valid[None, :]
+                k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+                            + offs_d[None, :], mask=mask_nd, other=0.0)
+                v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                            + offs_d[None, :], mask=mask_nd, other=0.0)
+                if UPCAST_DOT:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                key_ok = n_valid
+                if HAS_KMASK:
+                    key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
+
+                # recompute the probabilities of this tile from the stored log-sum-exp
+                mask_mn = m_valid[:, None] & n_valid[None, :]
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                s += _bias_tile(b, h, offs_m[:, None], offs_n[None, :], mask_mn, seqlen,
+                                ROW_T, ROW_I, stride_rtb, stride_rth, stride_rtm, stride_rtc,
+                                COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
+                                HAS_ROW, HAS_COL) * 1.4426950408889634
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+                p = tl.exp2(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                if HAS_DROPOUT:
+                    keep = _dropout_keep(seed, bh, offs_m, start, seqlen, dropout_p, BLOCK_M, BLOCK_N)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                if HAS_ROW:
+                    ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
+                    tl.atomic_add(DROW + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
+                                  + ridx * stride_drc, ds, mask=mask_mn, sem="relaxed")
+
+        if KV_PASS:
+            tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
+            tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=mask_nd)
+        else:
+            tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
 
 
 @triton.jit
@@ -351,7 +595,7 @@ def _dropout_mask_kernel(MASK, SEED, dropout_p, seqlen, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], seqlen, dropout_p)
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m, pid_n * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N)
     mask = (offs_m < seqlen)[:, None] & (offs_n < seqlen)[None, :]
     tl.store(MASK + bh.to(tl.int64) * seqlen * seqlen + offs_m[:, None] * seqlen + offs_n[None, :],
              keep.to(tl.int8), mask=mask)
@@ -393,27 +637,52 @@ class _LaunchConfig:
     """
 
     def __init__(self, q: torch.Tensor, block_m: int | None, block_n: int | None, backward: bool = False,
-                 num_warps: int | None = None):
+                 num_warps: int | None = None, window: bool = False):
         head_dim = q.shape[-1]
         self.interpreted = interpreted()
         self.block_d = max(16, triton.next_power_of_2(head_dim))
         if self.interpreted:
             default_m, default_n, self.num_warps = 16, 16, 4
+        elif window:
+            # DeBERTa in the kernel: square tiles (the window of BLOCK_M + BLOCK_N - 1 distances
+            # pads to 2 BLOCK_N, so the window products cost 2x the content product per table);
+            # bf16 64 x 64 with 8 warps (backward: 2 blocks per SM, see the sm_90 register test),
+            # fp32 32 x 32
+            default_m = default_n = 16 if q.dtype == torch.float32 else 32
+            self.num_warps = 8 if backward else 4
         elif q.dtype == torch.float32:
             default_m, default_n, self.num_warps = 32, 32, 8
         else:
             default_m, default_n, self.num_warps = 64, 32, 8 if backward else 4
         if self.block_d > 64 and not self.interpreted:  # wider heads: halve the query tile
             default_m = max(16, default_m // 2)
+            default_n = default_m if window else default_n
             self.num_warps = 8
         self.block_m = block_m or default_m
         self.block_n = block_n or default_n
+        # the relative embeddings one tile's distances reach (i - j over the tile), padded
+        self.block_w = triton.next_power_of_2(self.block_m + self.block_n - 1)
         self.num_warps = num_warps or self.num_warps
         self.num_stages = 2
         # bf16 tl.dot is wrong in the interpreter only (triton-lang/triton#11584)
         self.upcast_dot = self.interpreted and q.dtype == torch.bfloat16
         fp32_exact = self.interpreted or not torch.backends.cuda.matmul.allow_tf32
         self.dot_precision = "ieee" if q.dtype == torch.float32 and fp32_exact else "tf32"
+
+
+def _pos_arguments(q, pos_key, c2p_index, pos_query, p2c_index):
+    """Kernel arguments of DeBERTa's relative embeddings (placeholders when absent): pointers
+    (POSK, C2P_I, POSQ, P2C_I) and strides (heads, entries) of the (heads, entries, head_dim)
+    tables (unit last stride)."""
+    def one(pos, index):
+        if pos is None:
+            return (q, q), (0, 0)
+        pos = _last_dim_contiguous(pos)  # strides of the tensor the kernel reads
+        return (pos, index.to(torch.int32).contiguous()), (pos.stride(0), pos.stride(1))
+
+    (pk, ci), pk_strides = one(pos_key, c2p_index)
+    (pq, pi), pq_strides = one(pos_query, p2c_index)
+    return (pk, ci, pq, pi), (*pk_strides, *pq_strides)
 
 
 def biased_attention_forward(
@@ -424,6 +693,8 @@ def biased_attention_forward(
     sm_scale: float, dropout_p: float,
     *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
+    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher.
 
@@ -443,7 +714,8 @@ def biased_attention_forward(
     """
     batch, heads, seqlen, head_dim = q.shape
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    cfg = _LaunchConfig(q, block_m, block_n, num_warps=num_warps)
+    cfg = _LaunchConfig(q, block_m, block_n, num_warps=num_warps,
+                        window=pos_key is not None or pos_query is not None)
     if out is None:
         out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     if lse is None:
@@ -453,12 +725,14 @@ def biased_attention_forward(
     kmask = _kernel_mask(key_padding_mask)
     row_i = None if row_index is None else row_index.to(torch.int32).contiguous()
     col_i = None if col_index is None else col_index.to(torch.int32).contiguous()
+    pos_args, pos_strides = _pos_arguments(q, pos_key, c2p_index, pos_query, p2c_index)
     grid = (triton.cdiv(seqlen, cfg.block_m), batch * heads)
     _biased_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         q if row_table is None else row_table, q if row_i is None else row_i,
         q if col_table is None else col_table, q if col_i is None else col_i,
         q if kmask is None else kmask, q if seed is None else seed,
+        *pos_args,
         float(sm_scale), float(dropout_p), seqlen, heads,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -466,9 +740,11 @@ def biased_attention_forward(
         out.stride(0), out.stride(1), out.stride(2),
         *_table_strides(row_table), *_table_strides(col_table),
         0 if kmask is None else kmask.stride(0),
+        *pos_strides,
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         HAS_ROW=row_table is not None, HAS_COL=col_table is not None, HAS_KMASK=kmask is not None,
         HAS_DROPOUT=dropout_p > 0.0, UPCAST_DOT=cfg.upcast_dot, DOT_PRECISION=cfg.dot_precision,
+        HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, BLOCK_W=cfg.block_w,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -483,9 +759,13 @@ def biased_attention_backward(
     sm_scale: float, dropout_p: float,
     *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-    raw_table_grads: bool = False, passes: tuple[str, ...] = ("kv", "q"),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Backward launcher: (dq, dk, dv, d_row_table, d_col_table), same shapes as the inputs.
+    raw_table_grads: bool = False, passes: tuple[str, ...] = ("kv", "q"), fused: bool = False,
+    pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
+    pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
+):
+    """Backward launcher: (dq, dk, dv, d_row_table, d_col_table), same shapes as the inputs;
+    with ``pos_key`` / ``pos_query`` (DeBERTa in the kernel, always ``fused``) two more,
+    (d_pos_key, d_pos_query), in their dtype (``None`` when absent).
 
     The table gradients are accumulated in fp32 with atomics into (batch, heads, rows, entries)
     buffers (a per-batch buffer even for a broadcast table, which spreads the atomics; it is
@@ -494,11 +774,16 @@ def biased_attention_backward(
     ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride). ``passes`` picks the
     column-parallel pass (``"kv"``: dk, dv, column-table grad) and / or the row-parallel one
     (``"q"``: dq, row-table grad); a skipped pass leaves its outputs unwritten and its table
-    gradient ``None``.
+    gradient ``None``. ``fused``: one column-parallel pass for everything (scores recomputed
+    once; dQ by fp32 atomics into a zeroed (batch, heads, seq, head_dim) buffer).
     """
     batch, heads, seqlen, head_dim = q.shape
+    window = pos_key is not None or pos_query is not None
+    fused = fused or window
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
-    cfg = _LaunchConfig(q, block_m, block_n, backward=True, num_warps=num_warps)
+    cfg = _LaunchConfig(q, block_m, block_n, backward=True, num_warps=num_warps, window=window)
+    if window and cfg.block_m != cfg.block_n:
+        raise ValueError("the DeBERTa backward needs square tiles (its window halves are one tile wide)")
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
@@ -509,8 +794,15 @@ def biased_attention_backward(
         return torch.zeros((batch, heads, table.size(2), table.size(3)), dtype=torch.float32,
                            device=q.device)
 
-    drow = grad_buffer(row_table) if "q" in passes else None
-    dcol = grad_buffer(col_table) if "kv" in passes else None
+    drow = grad_buffer(row_table) if ("q" in passes or fused) else None
+    dcol = grad_buffer(col_table) if ("kv" in passes or fused) else None
+    # DeBERTa's window gradients per distance i - j + L - 1, summed over the batch: (heads,
+    # 2 L - 1, head_dim) fp32, 1 / (batch * L / (2 head_dim)) of a (batch, heads, L, entries) table
+    dist_grad = [None if pos is None else torch.zeros((heads, max(1, 2 * seqlen - 1), head_dim),
+                                                       dtype=torch.float32, device=q.device)
+                 for pos in (pos_key, pos_query)]
+    dq_acc = torch.zeros((batch, heads, seqlen, head_dim), dtype=torch.float32, device=q.device) \
+        if fused else None
     if seqlen > 0 and batch * heads > 0:
         delta = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
         _biased_attn_bwd_delta_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
@@ -522,11 +814,15 @@ def biased_attention_backward(
         kmask = _kernel_mask(key_padding_mask)
         row_i = None if row_index is None else row_index.to(torch.int32).contiguous()
         col_i = None if col_index is None else col_index.to(torch.int32).contiguous()
+        pos_args, pos_strides = _pos_arguments(q, pos_key, c2p_index, pos_query, p2c_index)
+        dpk, dpq = dist_grad
+        dist_ref = dpk if dpk is not None else dpq
         common = dict(
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
             HAS_ROW=row_table is not None, HAS_COL=col_table is not None,
             HAS_KMASK=kmask is not None, HAS_DROPOUT=dropout_p > 0.0,
             UPCAST_DOT=cfg.upcast_dot, DOT_PRECISION=cfg.dot_precision,
+            HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, BLOCK_W=cfg.block_w,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         args = (
@@ -546,13 +842,22 @@ def biased_attention_backward(
             *_table_strides(row_table), *_table_strides(col_table),
             *_table_strides(drow), *_table_strides(dcol),
             0 if kmask is None else kmask.stride(0),
+            *pos_args, q if dq_acc is None else dq_acc, q if dpk is None else dpk, q if dpq is None else dpq,
+            *pos_strides,
+            *((0, 0, 0) if dq_acc is None else dq_acc.stride()[:3]),
+            *((0, 0) if dist_ref is None else dist_ref.stride()[:2]),
         )
-        if "kv" in passes:
+        if fused:
             _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
-                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, **common)
-        if "q" in passes:
-            _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
-                *args, KV_PASS=False, LOOP_BLOCK=cfg.block_n, **common)
+                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, **common)
+            dq.copy_(dq_acc)
+        else:
+            if "kv" in passes:
+                _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
+                    *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, **common)
+            if "q" in passes:
+                _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
+                    *args, KV_PASS=False, LOOP_BLOCK=cfg.block_n, **common)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
 
@@ -563,7 +868,21 @@ def biased_attention_backward(
             buffer = buffer.sum(0, keepdim=True)
         return buffer.to(table.dtype)
 
-    return dq, dk, dv, finish(drow, row_table), finish(dcol, col_table)
+    grads = (dq, dk, dv, finish(drow, row_table), finish(dcol, col_table))
+    if not window:
+        return grads
+
+    def per_entry(buffer, pos, index):
+        # distances that share a relative embedding (buckets, clamping) add up; a (heads,
+        # entries, head_dim) scatter of 2 L - 1 rows per head, small next to the kernel
+        if pos is None:
+            return None
+        grad = torch.zeros(pos.shape, dtype=torch.float32, device=q.device)
+        if seqlen > 0:
+            grad.index_add_(1, index.long(), buffer)
+        return grad.to(pos.dtype)
+
+    return (*grads, per_entry(dist_grad[0], pos_key, c2p_index), per_entry(dist_grad[1], pos_query, p2c_index))
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen: int,
@@ -653,39 +972,16 @@ _biased_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 
 
 # --------------------------------------------------------------------------------------------
-# DeBERTa's disentangled attention: tables rebuilt per batch chunk, never saved
+# DeBERTa's disentangled attention: the position terms computed inside the tiles, no tables
 # --------------------------------------------------------------------------------------------
 
-# Elements of one (chunk, heads, seq, entries) table per batch chunk. The two tables (input dtype)
-# and one fp32 gradient buffer exist for one chunk at a time: DeBERTa-v3-base at seq 512 has 3.1 M
-# elements per sequence and head set, so chunks of <= 5 sequences, ~31 MiB each in bf16. Larger
-# chunks fill the GPU better (12 heads x 8 query tiles = 96 programs per sequence), smaller ones
-# save memory; re-measure with bench/bench_biased_attention.py before changing it.
-_TABLE_CHUNK_ELEMENTS = 1 << 24
-
-
-def _chunks(batch: int, heads: int, seqlen: int, entries: int, chunk_rows: int):
-    """Batch slices of (nearly) equal size, each within the table budget."""
-    rows = chunk_rows or max(1, _TABLE_CHUNK_ELEMENTS // max(1, heads * seqlen * entries))
-    count = -(-batch // rows)
-    rows = -(-batch // count)
-    return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
-
-
-def _disentangled_tables(q, k, pos_key, pos_query, scale, rows):
-    # HF: c2p = bmm(Q_c, K_r^T) / scale and p2c = bmm(K_c, Q_r^T) / scale, in the input dtype
-    row_table = None if pos_key is None else torch.matmul(q[rows], pos_key.transpose(-1, -2)) / scale
-    col_table = None if pos_query is None else torch.matmul(k[rows], pos_query.transpose(-1, -2)) / scale
-    return row_table, col_table
-
-
-def _chunk_seed(seed, rows, heads):
-    # the Philox key is seed + (batch * heads + head): keep the global batch index per chunk
-    return seed if seed is None or rows.start == 0 else seed + rows.start * heads
-
-
-def _entries(pos_key, pos_query):
-    return max(0 if pos_key is None else pos_key.size(1), 0 if pos_query is None else pos_query.size(1))
+# HF's c2p / p2c tables, (batch, heads, seq, entries) each, as large as the score matrix at
+# DeBERTa-v3-base's L = 512 and 2 x 256 buckets, are never built: each tile multiplies its
+# queries / keys with the BLOCK_M + BLOCK_N - 1 relative embeddings its distances reach (window
+# products on the tensor cores) and gathers the score's diagonal. HF's ``/ scale`` of the tables
+# and of the content scores is the kernel's one ``sm_scale`` multiply; the backward is one fused
+# pass (scores and delta computed once) and the embeddings' gradients are kept per distance
+# ((heads, 2 L - 1, head_dim) fp32), not per table entry.
 
 
 @torch.library.custom_op("fastcse::disentangled_attention_fwd", mutates_args=())
@@ -696,17 +992,9 @@ def _disentangled_fwd_op(
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     scale: float, dropout_p: float, chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, heads, seqlen, head_dim = q.shape
-    out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
-    for rows in _chunks(batch, heads, seqlen, _entries(pos_key, pos_query), chunk_rows):
-        row_table, col_table = _disentangled_tables(q, k, pos_key, pos_query, scale, rows)
-        biased_attention_forward(
-            q[rows], k[rows], v[rows], row_table, c2p_index, col_table, p2c_index,
-            None if key_padding_mask is None else key_padding_mask[rows],
-            _chunk_seed(seed, rows, heads), 1.0 / scale, dropout_p,
-            out=out[rows], lse=lse[rows])
-    return out, lse
+    return biased_attention_forward(q, k, v, None, None, None, None, key_padding_mask, seed, 1.0 / scale,
+                                    dropout_p, pos_key=pos_key, c2p_index=c2p_index, pos_query=pos_query,
+                                    p2c_index=p2c_index)
 
 
 @_disentangled_fwd_op.register_fake
@@ -726,35 +1014,11 @@ def _disentangled_bwd_op(
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     scale: float, dropout_p: float, chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, heads, seqlen, _ = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dpos_key = None if pos_key is None else torch.zeros(pos_key.shape, dtype=torch.float32, device=q.device)
-    dpos_query = None if pos_query is None else torch.zeros(pos_query.shape, dtype=torch.float32,
-                                                            device=q.device)
-    for rows in _chunks(batch, heads, seqlen, _entries(pos_key, pos_query), chunk_rows):
-        row_table, col_table = _disentangled_tables(q, k, pos_key, pos_query, scale, rows)
-        # one pass at a time, so that a single fp32 table gradient is alive; each goes back
-        # through its table (c2p = Q_c K_r^T / scale, p2c = K_c Q_r^T / scale) right away
-        for bwd_pass in ("kv", "q"):
-            _, _, _, drow, dcol = biased_attention_backward(
-                grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows],
-                row_table, c2p_index, col_table, p2c_index,
-                None if key_padding_mask is None else key_padding_mask[rows],
-                _chunk_seed(seed, rows, heads), 1.0 / scale, dropout_p,
-                dq=dq[rows], dk=dk[rows], dv=dv[rows], raw_table_grads=True, passes=(bwd_pass,))
-            if dcol is not None:
-                g = dcol.div_(scale).to(k.dtype)
-                del dcol
-                dk[rows] += torch.matmul(g, pos_query)
-                dpos_query += torch.matmul(g.transpose(-1, -2), k[rows]).sum(0, dtype=torch.float32)
-            if drow is not None:
-                g = drow.div_(scale).to(q.dtype)
-                del drow
-                dq[rows] += torch.matmul(g, pos_key)
-                dpos_key += torch.matmul(g.transpose(-1, -2), q[rows]).sum(0, dtype=torch.float32)
-        del row_table, col_table
-    return (dq, dk, dv, q.new_empty((0,)) if dpos_key is None else dpos_key.to(pos_key.dtype),
-            q.new_empty((0,)) if dpos_query is None else dpos_query.to(pos_query.dtype))
+    dq, dk, dv, _, _, dpos_key, dpos_query = biased_attention_backward(
+        grad_out, q, k, v, out, lse, None, None, None, None, key_padding_mask, seed, 1.0 / scale, dropout_p,
+        pos_key=pos_key, c2p_index=c2p_index, pos_query=pos_query, p2c_index=p2c_index)
+    return (dq, dk, dv, q.new_empty((0,)) if dpos_key is None else dpos_key,
+            q.new_empty((0,)) if dpos_query is None else dpos_query)
 
 
 @_disentangled_bwd_op.register_fake
@@ -830,8 +1094,9 @@ def disentangled_attention_triton(
     dropout_p: float = 0.0, seed: torch.Tensor | None = None, chunk_rows: int = 0,
 ) -> torch.Tensor:
     """Differentiable fused DeBERTa attention: ``pos_key`` / ``pos_query`` (heads, entries,
-    head_dim) with int (2 seq - 1,) indices; the c2p / p2c tables are built ``chunk_rows``
-    sequences at a time (0: sized by ``_TABLE_CHUNK_ELEMENTS``) and rebuilt in the backward.
+    head_dim) with int (2 seq - 1,) indices; the position terms are computed inside the tiles (no
+    c2p / p2c table exists). ``chunk_rows`` is accepted for compatibility and unused (it sized the
+    batch chunks of the former table-building path).
     Unchecked, as :func:`biased_attention_triton`
     (:func:`fastcse.biased_attention.disentangled_attention` checks).
     """
