@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool): the card's ceilings, every bar of issue #17, the CUDA
-# tests of every kernel file, then a table of bars (model prediction, measurement, target,
+# One call on a lent GPU (the device tool): the card's ceilings, every bar of issue #17, whole
+# training steps (issue #12), the CUDA tests of every kernel file and of gradient caching, then a table of bars (model prediction, measurement, target,
 # PASS/FAIL) as the last lines of the output.
 #
 #   device run:  bash bench/gpu_check.sh              (timeout_s=540; results under $OUT)
@@ -11,8 +11,8 @@
 #
 # Time: every step runs under `timeout -s INT -k 10 T` (SIGINT, so a cut pytest or benchmark still
 # prints its summary; SIGKILL 10 s later if it does not stop). The real timeouts add up to at most
-# 420 s (tests/test_gpu_check.py checks it from --plan); with every step cut and killed the worst
-# case is 420 s + 10 s per step, inside the device tool's 600 s. Steps are ordered so the bars come
+# 450 s (tests/test_gpu_check.py checks it from --plan); with every step cut and killed the worst
+# case is 450 s + 10 s per step, inside the device tool's 600 s. Steps are ordered so the bars come
 # first and the tests after them; the report reads whatever the cut steps left.
 #
 # What comes back from $OUT (the device tool returns at most 8 files, at most 2 folders deep; all
@@ -25,9 +25,10 @@
 #                          matmul: random 8192^3 operands (fp32 without TF32); copy: 1 GiB
 #                          device-to-device, bytes read + written; launch_us: host time per tiny
 #                          op; kernel_us: device time per tiny kernel (bench/_common.py:measure_card)
-#   infonce.csv rope.csv biased_attention.csv encoder.csv
+#   infonce.csv rope.csv biased_attention.csv encoder.csv train.csv
 #                          benchmark rows, appended and flushed as each point is measured
-#   report.txt report.json the bars table (bench/gpu_report.py) and its data
+#   report.json            the bars table (bench/gpu_report.py; its "text" is the table printed
+#                          last in gpu_check.log) and its data
 #
 # The device image has torch 2.11, triton 3.6, transformers 5.17, sentence-transformers 6.0.1 and
 # `python3` only (no `python`), no DeepSpeed, no flash-attn and no network: fastcse is installed
@@ -150,6 +151,7 @@ if [[ $MODE == dry ]]; then
   BERT=(--device cpu --quick --reps 2)
   BIASED_ENC=(--device cpu --quick --reps 1)
   ATTN=(--device cpu --quick --seqs 16 --batch 1 --reps 1 --modes full)
+  TRAIN=(--device cpu --quick --shapes unsup --paths eager fused st --warmup 0 --steps 1 --gate)
   PYTEST_MODE=(--collect-only -q)  # with -q: one line per file
   REPORT=(--perf-timeout 40 --rehearse-gpu)
 else
@@ -161,6 +163,10 @@ else
   BERT=(--device cuda --reps 10)
   BIASED_ENC=(--device cuda --long-batch 8 --reps 10)
   ATTN=(--device cuda --dtype bf16 --batch 8 --seqs 512,128 --reps 10 --modes full,fwd)
+  # issue #12's GPU bars: BERT-base shape, bf16, unsupervised SimCSE at 64 and 512 wiki sentences
+  # (no quality gate here: its three training runs do not fit the window; run it on its own)
+  TRAIN=(--device cuda --models bert-base --shapes unsup --batch 64 512 --paths eager sdpa fused st
+         --warmup 2 --steps 10 --gate)
   PYTEST_MODE=(--durations=8)
   REPORT=(--perf-timeout 12)  # about 5 s on a 2-core CPU; the table prints without it if it hangs
 fi
@@ -185,22 +191,25 @@ fi
 # bars first: the card's ceilings (the model's input), rotary, the loss, encoders, attention
 run_step ceilings 20 90 python3 -m bench.gpu_report ceilings --device "$DEV" --out "$OUT/ceilings.json"
 run_step rope 30 90 python3 -m bench.bench_rope "${ROPE[@]}" --csv "$OUT/rope.csv"
-run_step infonce 75 90 python3 -m bench.bench_infonce "${LOSS[@]}" --csv "$OUT/infonce.csv"
+run_step infonce 65 90 python3 -m bench.bench_infonce "${LOSS[@]}" --csv "$OUT/infonce.csv"
 run_step infonce_262144 30 90 python3 -m bench.bench_infonce "${LOSS_BIG[@]}" --csv "$OUT/infonce.csv"
 run_step encoder_bert 30 90 python3 -m bench.bench_encoder "${BERT[@]}" --models bert --workloads wiki32 \
   --backends eager sdpa varlen --csv "$OUT/encoder.csv"
-run_step encoder_biased 35 90 python3 -m bench.bench_encoder "${BIASED_ENC[@]}" --models deberta-v3 t5 \
+run_step encoder_biased 30 90 python3 -m bench.bench_encoder "${BIASED_ENC[@]}" --models deberta-v3 t5 \
   --workloads long512 --backends eager biased --csv "$OUT/encoder.csv"
-run_step attention 30 90 python3 -m bench.bench_biased_attention "${ATTN[@]}" --providers eager,biased \
+run_step attention 25 90 python3 -m bench.bench_biased_attention "${ATTN[@]}" --providers eager,biased \
   --csv "$OUT/biased_attention.csv"
+run_step train 40 120 python3 -m bench.bench_train "${TRAIN[@]}" --csv "$OUT/train.csv"
 
 # the CUDA tests: whole files (bf16 loss paths, dropout replay, HF parity), not only -m cuda
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfEs "${PYTEST_MODE[@]}")
 # (plus the check that the queued timing of the rotary bars hides host work on this card)
-run_step tests_loss_rope 45 90 "${PYTEST[@]}" tests/test_infonce.py tests/test_rope.py \
+run_step tests_loss_rope 40 90 "${PYTEST[@]}" tests/test_infonce.py tests/test_rope.py \
   tests/test_gpu_check.py::test_queued_timing_hides_host_work_on_cuda
-run_step tests_biased 45 90 "${PYTEST[@]}" tests/test_biased_attention.py tests/test_biased_models.py
+run_step tests_biased 40 90 "${PYTEST[@]}" tests/test_biased_attention.py tests/test_biased_models.py
 run_step tests_encoders 40 90 "${PYTEST[@]}" tests/test_rope_models.py tests/test_encoder.py tests/test_encoder_varlen.py
+# gradient caching's CUDA replay (the CUDA generator's state, SDPA and the biased kernel's Philox seed)
+run_step tests_grad_cache 20 90 "${PYTEST[@]}" -m cuda tests/test_grad_cache.py
 
 if [[ $MODE == plan ]]; then
   run_step report 20 90 true
