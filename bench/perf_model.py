@@ -25,6 +25,12 @@ card: ``{"name", "matmul_tflops": {"bf16", "fp16", "fp32"}, "copy_gbps", "launch
 built-in defaults below (each says where it comes from), or, for ``--card cpu``, a quick
 measurement on this machine, cached.
 
+Whole training steps (issue #12: :func:`step_trace`, :func:`step_prediction`, :func:`step_bars`) and
+gradient-cached steps (issue #13: :func:`grad_cache_bars`) are traced the same way from the
+trainer's own ``train_step`` (and sentence-transformers' loss for ``st``), with CUDA autocast played
+on meta (:class:`MetaAutocast`) and foreach AdamW / clipping costed per multi_tensor_apply launch;
+see the section "whole training steps" for what is traced and what is modelled.
+
 What the model does not know (so a bar that depends on it is a prediction to check on a card):
 cuBLAS efficiency at shapes other than 8192^3 beyond wave quantisation; how close a streaming
 Triton kernel gets to the copy bandwidth (assumed equal); overlap of a Triton tile kernel's
@@ -712,6 +718,7 @@ class Trace:
     end_bytes: int
     peak_op: Optional[str]
     costs: list = field(default_factory=list)
+    varlen_calls: list = field(default_factory=list)  # step traces: real lengths of each unpadded call
 
     def seconds(self, card: Card) -> float:
         unknown = sorted({c.name for c in self.costs if c.kind == "unknown"})
@@ -1229,7 +1236,8 @@ def encoder_bars(card: Card) -> list:
 # PyTorch's default on CUDA, the foreach implementation), the LR schedule and zero_grad, under bf16
 # autocast with fp32 master weights (``--precision auto`` on an H100/H200). The fastcse paths run
 # ``fastcse.train.Trainer.train_step`` itself (the trainer's method, PlainStep and info_nce objects,
-# built as Trainer.setup builds them, the encoder on meta); the ``st`` path runs the installed
+# built as Trainer.setup builds them, the encoder on meta; ``--grad-cache-chunk K`` for the cached
+# step: its fastcse.grad_cache.cached_method_step and PlainStep.backward_cached); the ``st`` path runs the installed
 # sentence-transformers' MultipleNegativesRankingLoss code (its embed_columns and
 # compute_loss_from_embeddings), with the model modelled as fastcse's SentenceEncoder on HF's padded
 # SDPA attention and the same pooler: the same HF backbone modules ST's Transformer + Pooling
@@ -1311,6 +1319,25 @@ def meta_autocast(dtype=torch.bfloat16):
             mode.cache.clear()
 
 
+class _MetaAutocastState:
+    """fastcse.grad_cache._AutocastState for :class:`MetaAutocast`: a replayed chunk runs under the
+    played autocast when its phase-1 embedding did (a new region: its own weight-cast cache)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    @classmethod
+    def capture(cls):
+        mode = next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
+                    None)
+        return cls(None if mode is None else mode.dtype)
+
+    @contextlib.contextmanager
+    def entered(self):
+        with (meta_autocast(self.dtype) if self.dtype is not None else contextlib.nullcontext()):
+            yield
+
+
 STEP_PATHS = ("eager", "sdpa", "fused", "st")
 STEP_MAX_GRAD_NORM = 1.0
 
@@ -1322,6 +1349,7 @@ class _HostMasks:
 
     def __init__(self):
         self.by_shape: dict = {}
+        self.varlen_calls: list = []  # the real lengths of every unpadded encoder call, in order
 
     def add(self, mask: torch.Tensor) -> None:
         self.by_shape[tuple(mask.shape)] = mask
@@ -1354,6 +1382,7 @@ def _step_patches(card: Card, masks: _HostMasks):
         torch.arange(host.total_tokens, device=attention_mask.device).sub_(1)
         torch.stack([attention_mask.sum(), attention_mask.sum()]).tolist()
         VARLEN_LENGTHS["lengths"] = [int(n) for n in masks.get(attention_mask).sum(1)]
+        masks.varlen_calls.append(list(VARLEN_LENGTHS["lengths"]))
         fields = {name: getattr(host, name).to(attention_mask.device)
                   for name in ("indices", "cu_seqlens", "seq_ids", "positions")}
         return PackedBatch(**fields, max_seqlen=host.max_seqlen, min_seqlen=host.min_seqlen, batch=host.batch,
@@ -1398,6 +1427,9 @@ def _step_patches(card: Card, masks: _HostMasks):
         # RNG capture per chunk: the CPU generator's state as on a GPU run; the CUDA generators'
         # 16-byte states (host calls, no kernels) are not read on this CUDA-less host
         stack.enter_context(mock.patch.object(gc_mod, "_cuda_devices", lambda features: []))
+        # the replay re-enters the autocast its chunk was embedded under (on a GPU _AutocastState
+        # records CUDA autocast; here the played one)
+        stack.enter_context(mock.patch.object(gc_mod, "_AutocastState", _MetaAutocastState))
         if hasattr(masking, "_ignore_bidirectional_mask_sdpa"):
             stack.enter_context(mock.patch.object(masking, "_ignore_bidirectional_mask_sdpa", ignore_mask))
         if card.gpu:
@@ -1447,7 +1479,9 @@ def _bench_examples(shape_name: str, batch: int) -> tuple[list, int]:
     shape = Shape(s.name, s.method, batch, s.max_len, s.data, s.small_only)
     import tempfile
 
-    examples = read_examples(shape, Path(tempfile.gettempdir()) / "fastcse-perf-model")
+    work_dir = Path(tempfile.gettempdir()) / "fastcse-perf-model"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    examples = read_examples(shape, work_dir)
     if batch > len(examples):  # more sentences than the sample holds: drawn with replacement
         import random
 
@@ -1476,7 +1510,8 @@ def _build_step(card: Card, model: str, path: str, shape_name: str, batch: int, 
     precision = "bf16" if card.gpu and not real else "fp32"
     argv = ["--method", method_name, "--batch-size", str(batch), "--max-seq-length", str(max_len),
             "--max-steps", "1000", "--seed", "42", "--temperature", str(TEMPERATURE), "--precision", precision,
-            *FASTCSE_PATHS.get(path if path != "st" else "sdpa", [])]
+            *FASTCSE_PATHS.get(path if path != "st" else "sdpa", []),
+            *(["--grad-cache-chunk", str(grad_cache_chunk)] if grad_cache_chunk else [])]
     cfg = parse_args(argv)
     backend = "sdpa" if path == "st" else cfg.model.attn_backend
     with contextlib.ExitStack() as stack:
@@ -1509,35 +1544,7 @@ def _build_step(card: Card, model: str, path: str, shape_name: str, batch: int, 
     trainer = Trainer.__new__(Trainer)  # train_step's own code on these parts (setup() reads folders)
     trainer.cfg, trainer.stepper, trainer.method, trainer.encoder = cfg, stepper, method, enc
     trainer.device, trainer.world = device, 1
-    if grad_cache_chunk is None:
-        return lambda: trainer.train_step([feats])
-    return lambda: _cached_train_step(trainer, feats, grad_cache_chunk)
-
-
-def _cached_train_step(trainer, batch, chunk: int):
-    """The gradient-cached twin of Trainer.train_step for one micro-batch (train.py has no
-    --grad-cache-chunk yet): fastcse.grad_cache.cached_method_step (phases 1 and 2) under the step's
-    autocast, the loss's finiteness check and value, phase 3 through the stepper's backward (replays
-    re-enter autocast, as _AutocastState does on a GPU), then the same clip / AdamW / zero_grad."""
-    from fastcse.distributed import all_finite
-    from fastcse.grad_cache import cached_method_step
-    from fastcse.losses import info_nce
-
-    cfg, stepper = trainer.cfg, trainer.stepper
-
-    def loss_fn(x):
-        return info_nce(x.anchors, x.positives, x.hard_negatives, temperature=cfg.method.temperature,
-                        hard_negative_weight=cfg.method.hard_negative_weight, queue=x.queue,
-                        backend=cfg.method.loss_backend)
-
-    with stepper.autocast():
-        cached = cached_method_step(stepper.model, trainer.method, batch, loss_fn, chunk_size=chunk)
-        finite = all_finite(cached.loss)
-        cached.backward(backward=lambda s: stepper.backward(s, finite=finite, last=True))
-    loss = cached.loss.item()
-    result = stepper.step(finite)
-    stepper.zero_grad()
-    return loss, result
+    return lambda: trainer.train_step([feats])
 
 
 class _STModel(torch.nn.Module):
@@ -1614,6 +1621,7 @@ def step_trace(card: Card, model: str, path: str, shape_name: str, batch: int, *
         warnings.simplefilter("ignore")
         _TRACES[key] = trace(lambda: _build_step(card, model, path, shape_name, batch, masks, grad_cache_chunk),
                              card)
+    _TRACES[key].varlen_calls = masks.varlen_calls
     return _TRACES[key]
 
 
@@ -1698,6 +1706,39 @@ def fused_adamw_seconds(tr: Trace, card: Card, params: list) -> float:
     return simulate(costs + [fused], card)
 
 
+def packed_attention_seconds(tr: Trace, card: Card) -> float:
+    """The step with the varlen flash kernels' tiles packed (an estimate of a design not built: each
+    128-row query tile holds consecutive short sequences, block-diagonal masking inside the tile, so
+    the call costs ceil(tokens / 128) tiles per head instead of a whole tile per sequence). Scales
+    each flash varlen cost's FLOPs and exponentials by that tile ratio; bytes unchanged. For a step
+    with one unpadded encoder call (the uncached step)."""
+    if len(tr.varlen_calls) != 1:
+        raise NotModelled(f"packed-tile estimate: {len(tr.varlen_calls)} unpadded calls, not one")
+    lengths = tr.varlen_calls[0]
+    block = FLASH_TILES["flash"][0]
+    ratio = math.ceil(sum(lengths) / block) / sum(math.ceil(n / block) ** 2 for n in lengths)
+    costs = [Cost(c.name, c.kind, flops=c.flops * ratio, bytes=c.bytes, dtype=c.dtype, efficiency=c.efficiency,
+                  exps=c.exps * ratio, launches=c.launches) if c.name.startswith("aten._flash_attention_") else c
+             for c in tr.costs]
+    return simulate(costs, card)
+
+
+def graphed_compiled_seconds(tr: Trace, card: Card, params: list) -> float:
+    """A design estimate for the step captured in a CUDA graph with its elementwise kernels fused
+    (torch.compile-like) and fused AdamW: the host never waits, memory-bound kernels pay their
+    bytes but not their fixed per-kernel time (their bytes are kept, though fusion would also cut
+    them: an upper bound on time), matmul-bound kernels unchanged, AdamW as fused_adamw_seconds."""
+    total = 0.0
+    for c in tr.costs:
+        if c.kind not in ("matmul", "memory") or (c.name.startswith("aten._foreach_")
+                                                  and c.name not in _CLIP_FOREACH):
+            continue
+        total += device_seconds(c, card) - (c.launches * card.kernel_us * 1e-6 if c.kind == "memory" else 0.0)
+    numels = list(params)
+    fused = Cost("fused AdamW (estimate)", "memory", bytes=28.0 * sum(numels), launches=mta_launches(numels, 4))
+    return total + device_seconds(fused, card)
+
+
 def _param_numels(model: str) -> list:
     config, _, _ = _step_model_config(model)
     from unittest import mock
@@ -1749,11 +1790,15 @@ def step_bars(card: Card) -> list:
             numels = _param_numels(model)
             fa, fb = fused_adamw_seconds(a, card, numels), fused_adamw_seconds(b, card, numels)
             da, db = device_only_seconds(a, card), device_only_seconds(b, card)
+            ga = graphed_compiled_seconds(a, card, numels)
+            pa = packed_attention_seconds(a, card)
             return _bar(name, tb / ta, target, "x", ">=",
                         detail=f"{num} {_step_figures(card, a, batch)}; {den} {_step_figures(card, b, batch)}; "
-                               f"with fused AdamW (estimate) {tb / ta:.2f}x -> {fb / fa:.2f}x "
-                               f"({num} {batch / fa:.0f}, {den} {batch / fb:.0f} sent/s); CUDA-graph bound "
-                               f"(device time alone) {db / da:.2f}x")
+                               f"design estimates for {num} against {den} as it is: fused AdamW {tb / fa:.2f}x "
+                               f"({batch / fa:.0f} sent/s); CUDA graph (device time alone) {tb / da:.2f}x; "
+                               f"packed attention tiles {tb / pa:.2f}x; CUDA graph + fused elementwise + fused "
+                               f"AdamW {tb / ga:.2f}x ({batch / ga:.0f} sent/s); both paths with fused AdamW "
+                               f"{fb / fa:.2f}x, both device-only {db / da:.2f}x")
         specs.append((name, compute))
     for name, model, shape, batch, target in STEP_MEMORY_BARS:
         name = f"{name}, bf16 (predicted)"
