@@ -121,6 +121,8 @@ def test_esimcse_momentum_encoder_runs_in_eval_mode(tokenizer):
     a, b = method.momentum_embeddings(enc, features), method.momentum_embeddings(enc, features)
     assert torch.equal(a, b) and not a.requires_grad
     assert enc.training and not method.momentum_encoder.training
+    # one process: a full fp32 copy of the encoder (ZeRO-3's shards: tests/test_esimcse_zero3.py)
+    assert method.momentum_bytes() == 4 * sum(p.numel() for p in enc.parameters())
     with torch.no_grad():
         assert_close(a, enc.eval()(**features), rtol=0, atol=1e-6, name="momentum = the eval-mode model at start")
     enc.train()
