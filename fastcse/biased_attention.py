@@ -9,13 +9,18 @@ The score of query ``i`` and key ``j`` (per batch ``b`` and head ``h``) is::
 
 and ``j`` is dropped when ``key_padding_mask[b, j]`` is false (:func:`biased_attention`; T5's
 bucket table is a ``(1, H, 1, 2L - 1)`` row). DeBERTa's disentangled attention
-(:func:`disentangled_attention`) builds its tables from the relative embeddings:
-``row_table = c2p = Q_c K_r^T / scale``, ``col_table = p2c = K_c Q_r^T / scale``.
+(:func:`disentangled_attention`) takes the relative embeddings themselves (``pos_key`` /
+``pos_query``): its terms are ``c2p[i, j] = q_i . pos_key[c2p_index[i - j + L - 1]]`` and
+``p2c[i, j] = k_j . pos_query[p2c_index[i - j + L - 1]]``, divided by HF's scale with the content
+score. The eager tier materialises them as the tables ``Q K_r^T / scale`` and ``K Q_r^T / scale``;
+the kernel never does.
 
 Three tiers, every one forced by ``backend=``:
 
 * ``triton``: :mod:`fastcse.kernels.biased_attention`, flash-style tiles with the bias gathered
-  inside the tile, never the L x L matrix; dropout from a Philox stream of ``seed``.
+  inside the tile (DeBERTa's position terms multiplied inside the tile from the relative
+  embeddings), never the L x L matrix nor a seq x entries table; dropout from a Philox stream of
+  ``seed``.
 * ``chunked``: :func:`chunked_attention`, pure PyTorch with the kernel's memory shape (query
   chunks, recomputed in the backward); dropout from torch's generator.
 * ``eager``: :func:`biased_attention_reference` / :func:`disentangled_attention_reference`, the
@@ -185,7 +190,7 @@ def disentangled_attention(
     pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None, scale: float = 1.0,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None, chunk_rows: int = 0,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """DeBERTa's disentangled attention, with HF's arithmetic::
@@ -193,11 +198,12 @@ def disentangled_attention(
         s[i, j] = (q_i . k_j + q_i . pos_key[c2p_index[i - j + L - 1]]
                    + k_j . pos_query[p2c_index[i - j + L - 1]]) / scale
 
-    On the triton tier the c2p / p2c tables (``Q_c K_r^T / scale``, ``K_c Q_r^T / scale``: seq x
-    entries per sequence and head) are built by matmuls a batch chunk at a time (``chunk_rows``
-    sequences, 0 = sized to keep one chunk's table at ~8 M elements), consumed by the kernel,
-    freed, and rebuilt in the backward: no seq x seq or seq x entries tensor is kept for the
-    backward. The chunked tier builds them per query chunk; the eager tier whole.
+    On the triton tier no c2p / p2c table (``Q K_r^T``, ``K Q_r^T``: seq x entries per sequence
+    and head) exists: each tile multiplies its queries / keys with the relative embeddings its
+    distances reach and picks the score's diagonal, and the backward (one fused pass) keeps the
+    embeddings' gradients per distance, then adds the distances that share an embedding. No
+    seq x seq or seq x entries tensor is kept for the backward. The chunked tier builds the
+    tables per query chunk (rebuilt in its backward); the eager tier whole.
 
     Args:
         q, k, v: (batch, heads, seq, head_dim).
@@ -206,7 +212,6 @@ def disentangled_attention(
         c2p_index, p2c_index: int (2 seq - 1,) table columns per distance ``i - j``.
         key_padding_mask, dropout_p, seed, backend: as :func:`biased_attention`.
         scale: HF's ``sqrt(head_dim * scale_factor)`` (in the activation dtype).
-        chunk_rows: sequences per table chunk on the triton tier (ignored by the others).
     """
     resolved = resolve_backend(backend, q)
     check_inputs(q, k, v, None, None, None, None, key_padding_mask,
@@ -218,7 +223,7 @@ def disentangled_attention(
     if resolved == "triton":
         from fastcse.kernels.biased_attention import disentangled_attention_triton
 
-        return disentangled_attention_triton(q, k, v, **rel, seed=seed, chunk_rows=chunk_rows)
+        return disentangled_attention_triton(q, k, v, **rel, seed=seed)
     if resolved == "chunked":
         return chunked_attention(q, k, v, **rel)
     return disentangled_attention_reference(q, k, v, **rel, dropout_mask=_eager_keep_mask(q, dropout_p))

@@ -12,19 +12,25 @@ the relative distance ``i - j`` looked up in small tables, which covers
 - T5: ``table[h, bucket(j - i)]`` evaluated once per distance, a ``(1, H, 1, 2L - 1)`` row
   broadcast over batch and queries (:func:`biased_attention_triton`; its gradient is scattered per
   distance and reaches the bucket table by autograd);
-- DeBERTa-v2/v3: ``row_table = c2p = Q_c K_r^T / scale`` of shape ``(B, H, L, 2 * span)`` with
-  ``row_index = clamp(bucket(i - j) + span)``, and ``col_table = p2c = K_c Q_r^T / scale`` with the
-  index of HF's p2c gather (:func:`disentangled_attention_triton` builds both tables a batch chunk
-  at a time from ``K_r`` / ``Q_r`` and rebuilds them in the backward instead of saving them).
+- any caller's ``(batch, heads, seq, entries)`` row / column tables (the generic form).
+
+DeBERTa-v2/v3 (:func:`disentangled_attention_triton`) builds no table: its terms
+``c2p[i, j] = q_i . pos_key[c2p_index[i - j + L - 1]]`` and ``p2c[i, j] = k_j .
+pos_query[p2c_index[..]]`` are computed inside each tile, which multiplies its queries / keys with
+the relative embeddings its distances reach (window products) and gathers the diagonal; HF's
+``/ scale`` is the kernel's single ``sm_scale`` multiply.
 
 Forward: online softmax over key tiles; one log-sum-exp per query row is stored, never the
-L x L matrix. Backward: the tiles are recomputed twice, once column-parallel (dK, dV and the
-column-table gradient) and once row-parallel (dQ and the row-table gradient), so dQ needs no
-atomics. The bias-table gradients are scattered with fp32 atomics into per-batch buffers (several
-``(i, j)`` pairs share one table entry when distances share a bucket).
+L x L matrix. Backward: DeBERTa runs one fused column-parallel pass (scores and delta computed
+once, dQ by fp32 atomics, the embeddings' gradients per distance, added per embedding by the
+host); the generic tables keep two passes, one column-parallel (dK, dV and the column-table
+gradient) and one row-parallel (dQ and the row-table gradient), so dQ needs no atomics there.
+Table gradients are scattered with fp32 atomics into per-batch buffers (several ``(i, j)``
+pairs share one table entry when distances share a bucket).
 
-Dropout (on the probabilities, as Hugging Face does) draws a Philox number per ``(b, h, i, j)``
-from a per-call seed tensor; the backward regenerates the same mask instead of storing it.
+Dropout (on the probabilities, as Hugging Face does) draws one Philox ``tl.rand4x`` per four
+adjacent keys of ``(b, h, i)`` from a per-call seed tensor: the mask is a function of
+``(b, h, i, j)`` only, so the backward regenerates the forward's mask whatever its tiles.
 
 Contents: the ``@triton.jit`` kernels, their host launchers, the ``torch.library`` custom ops
 with their autograd, and the triton tier's entry points. Input checks, the eager references, the
@@ -990,7 +996,7 @@ def _disentangled_fwd_op(
     pos_key: torch.Tensor | None, c2p_index: torch.Tensor | None,
     pos_query: torch.Tensor | None, p2c_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
-    scale: float, dropout_p: float, chunk_rows: int,
+    scale: float, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return biased_attention_forward(q, k, v, None, None, None, None, key_padding_mask, seed, 1.0 / scale,
                                     dropout_p, pos_key=pos_key, c2p_index=c2p_index, pos_query=pos_query,
@@ -998,8 +1004,7 @@ def _disentangled_fwd_op(
 
 
 @_disentangled_fwd_op.register_fake
-def _(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed, scale, dropout_p,
-      chunk_rows):
+def _(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed, scale, dropout_p):
     batch, heads, seqlen, head_dim = q.shape
     out = q.new_empty((batch, seqlen, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, seqlen), dtype=torch.float32)
@@ -1012,7 +1017,7 @@ def _disentangled_bwd_op(
     pos_key: torch.Tensor | None, c2p_index: torch.Tensor | None,
     pos_query: torch.Tensor | None, p2c_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
-    scale: float, dropout_p: float, chunk_rows: int,
+    scale: float, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, _, _, dpos_key, dpos_query = biased_attention_backward(
         grad_out, q, k, v, out, lse, None, None, None, None, key_padding_mask, seed, 1.0 / scale, dropout_p,
@@ -1023,19 +1028,18 @@ def _disentangled_bwd_op(
 
 @_disentangled_bwd_op.register_fake
 def _(grad_out, q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed,
-      scale, dropout_p, chunk_rows):
+      scale, dropout_p):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty((0,)) if pos_key is None else pos_key.new_empty(pos_key.shape),
             q.new_empty((0,)) if pos_query is None else pos_query.new_empty(pos_query.shape))
 
 
 def _disentangled_setup_context(ctx, inputs, output):
-    (q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed, scale, dropout_p,
-     chunk_rows) = inputs
+    (q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask, seed, scale, dropout_p) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index,
                           key_padding_mask, seed)
-    ctx.scale, ctx.dropout_p, ctx.chunk_rows = scale, dropout_p, chunk_rows
+    ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
 def _disentangled_backward(ctx, grad_out, grad_lse):
@@ -1043,9 +1047,9 @@ def _disentangled_backward(ctx, grad_out, grad_lse):
      seed) = ctx.saved_tensors
     dq, dk, dv, dpos_key, dpos_query = _disentangled_bwd_op(
         grad_out, q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
-        seed, ctx.scale, ctx.dropout_p, ctx.chunk_rows)
+        seed, ctx.scale, ctx.dropout_p)
     return (dq, dk, dv, None if pos_key is None else dpos_key, None,
-            None if pos_query is None else dpos_query, None, None, None, None, None, None)
+            None if pos_query is None else dpos_query, None, None, None, None, None)
 
 
 _disentangled_fwd_op.register_autograd(_disentangled_backward, setup_context=_disentangled_setup_context)
@@ -1091,16 +1095,14 @@ def disentangled_attention_triton(
     pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None, scale: float = 1.0,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None, chunk_rows: int = 0,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable fused DeBERTa attention: ``pos_key`` / ``pos_query`` (heads, entries,
     head_dim) with int (2 seq - 1,) indices; the position terms are computed inside the tiles (no
-    c2p / p2c table exists). ``chunk_rows`` is accepted for compatibility and unused (it sized the
-    batch chunks of the former table-building path).
+    c2p / p2c table exists).
     Unchecked, as :func:`biased_attention_triton`
     (:func:`fastcse.biased_attention.disentangled_attention` checks).
     """
     out, _ = _disentangled_fwd_op(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
-                                  _draw_seed(q, dropout_p, seed), float(scale), float(dropout_p),
-                                  int(chunk_rows))
+                                  _draw_seed(q, dropout_p, seed), float(scale), float(dropout_p))
     return out

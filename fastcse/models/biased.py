@@ -8,13 +8,15 @@
   evaluated once on the ``2 L - 1`` distances (a ``(1, heads, 1, 2 L - 1)`` table, so the
   gradient reaches ``relative_attention_bias.weight`` by autograd); T5 shares it between layers
   through the ``position_bias`` value HF passes from layer to layer. No ``1 / sqrt(d)`` scaling.
-- DeBERTa-v2 / v3 ``DisentangledSelfAttention``: ``c2p = Q_c K_r^T`` and ``p2c = K_c Q_r^T``
-  (seq x 2 span tables) are computed with ordinary matmuls, divided by HF's scale, and gathered
-  inside the kernel at the (bucketed, clamped) relative position HF's ``relative_pos`` gives for
-  each distance (:func:`~fastcse.biased_attention.disentangled_attention`: on the kernel the
-  tables exist one batch chunk at a time and are rebuilt in the backward, never saved). The content
-  scores use ``1 / sqrt(head_dim * scale_factor)`` as HF does (the scale rounded to the
-  activation dtype, as HF's ``scale.to(dtype)``).
+- DeBERTa-v2 / v3 ``DisentangledSelfAttention``: the relative embeddings go through the key /
+  query projection (HF's ``pos_key_layer`` / ``pos_query_layer``, ``(heads, entries, head_dim)``,
+  only the ``2 L - 1`` entries around the centre a length-L batch can reach when the bucketing
+  allows) and, with the per-distance index of HF's (bucketed, clamped) ``relative_pos``, are handed
+  to :func:`~fastcse.biased_attention.disentangled_attention`. On the kernel the c2p / p2c terms
+  are computed inside the tiles from those embeddings: HF's ``seq x 2 span`` c2p / p2c tables are
+  never built, and the embeddings' gradients are accumulated per distance in the kernel's fused
+  backward. HF's ``/ scale`` (``sqrt(head_dim * scale_factor)``, rounded to the activation dtype
+  as HF's ``scale.to(dtype)``) is one multiply of the whole score inside the kernel.
 
 The score matrix is never materialised. Key padding comes from the mask HF hands the module.
 Dropout: attention-probability dropout runs inside the kernel (Philox, a fresh seed from torch's
