@@ -589,10 +589,17 @@ def _serial_exps(card: Card, scores: float, philox_calls: float, atomics: float)
     return scores + philox_calls * _PHILOX_EXP_EQUIVALENT + atomics * card.exp_per_s / _ATOMICS_PER_S
 
 
+# one 32-bit integer op (and, shift, compare) on the 64 integer lanes per SM: 1/60 of a Philox call
+_INT_OP_EXP_EQUIVALENT = _PHILOX_EXP_EQUIVALENT / 60.0
+
+
 def _philox_calls(launch: Launch, scores: float) -> float:
+    """A pass's dropout draws in Philox calls: _dropout_keep takes one tl.randint4x call (128
+    bits) per 8 adjacent keys, 16 bits per key compared with the integer threshold; the two ops
+    per score that split and compare the halves are charged as their Philox-call equivalent."""
     if not launch.arguments.get("HAS_DROPOUT"):
         return 0.0
-    return scores / 4.0  # _dropout_keep: one tl.rand4x call per 4 adjacent keys
+    return scores / 8.0 + scores * 2.0 * _INT_OP_EXP_EQUIVALENT / _PHILOX_EXP_EQUIVALENT
 
 
 def _window(launch: Launch) -> tuple[bool, bool, int, int, int]:
@@ -651,6 +658,12 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
     # and each window gradient into a (heads, 2 seq - 1, D) fp32 buffer: the window's upper half
     # is the next query tile's lower half, carried in registers, so BLOCK_N x D per tile (plus
     # one last flush per program).
+    # T5 on the fused pass (FUSED_DQ with ROW_DIST: a row table broadcast over queries, i.e. a
+    # function of the distance only): S recomputed once with the table's bias, dQ by atomics as
+    # above, and the table's gradient summed along each tile's diagonals (dS gathered into the
+    # tile's 2 BLOCK_N distances, summed over the queries) into a (batch, heads, 2 seq - 1) fp32
+    # buffer: 2 BLOCK_N atomics per tile (each BLOCK_M-wide square of keys flushes its two
+    # diagonal halves), never one per score.
     bh, seq, dim = _attention_dims(launch)
     q, k, v, grad_out = launch.args[:4]
     kv_pass = bool(launch.arguments["KV_PASS"])
@@ -672,6 +685,9 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
         for flag, name in (("HAS_POSK", "DPOSK"), ("HAS_POSQ", "DPOSQ")):
             if launch.arguments.get(flag):
                 moved += 2 * touched_bytes(launch.arguments[name])
+        if launch.arguments.get("ROW_DIST"):
+            atomics += tiles * 2 * bn
+            moved += _table_bytes(launch) + 2 * touched_bytes(launch.arguments["DROW"])
     else:
         flops = (4.0 if kv_pass else 3.0) * unit
         written = 2 * touched_bytes(k) if kv_pass else touched_bytes(q)
@@ -1513,7 +1529,15 @@ def _build_step(card: Card, model: str, path: str, shape_name: str, batch: int, 
             *FASTCSE_PATHS.get(path if path != "st" else "sdpa", []),
             *(["--grad-cache-chunk", str(grad_cache_chunk)] if grad_cache_chunk else [])]
     cfg = parse_args(argv)
-    backend = "sdpa" if path == "st" else cfg.model.attn_backend
+    from fastcse.models import attention as attn
+    from fastcse.models.encoder import _backbone_class
+
+    supports_sdpa = bool(getattr(_backbone_class(config), "_supports_sdpa", False))
+    if path == "st":  # sentence-transformers loads the HF model with its default attention
+        backend = "sdpa" if supports_sdpa else "eager"
+    else:  # "auto" as the card resolves it (biased / rotary need CUDA; this host may have none)
+        backend = attn.resolve_backend(cfg.model.attn_backend, config.model_type, supports_sdpa,
+                                       cuda=card.gpu and not real)
     with contextlib.ExitStack() as stack:
         if not real:  # built on meta (no init time); the builder's .cpu() of an unused head is a no-op there
             stack.enter_context(torch.device("meta"))
