@@ -265,7 +265,8 @@ class ESimCSE(Method):
             if missing:
                 raise RuntimeError(f"esimcse: the momentum encoder is sharded but {missing[0]} has no ZeRO-3 "
                                    "partition (ds_tensor); is the model wrapped by a ZeRO-3 engine?")
-            if any(str(getattr(p.ds_tensor, "final_location", "")).endswith("nvme") for p in params):
+            # DeepSpeed's OffloadDeviceEnum is a str enum; CPU-offloaded partitions say "not-nvme" or None
+            if any(getattr(p.ds_tensor, "final_location", None) == "nvme" for p in params):
                 raise NotImplementedError("esimcse: ZeRO-3 parameters offloaded to NVMe are not supported")
             # the initial momentum encoder is the model (the reference's deepcopy), partition by partition
             self.momentum_shards = [p.ds_tensor.detach().to(_ema_dtype(p.ds_tensor.dtype), copy=True) for p in params]
