@@ -21,16 +21,19 @@ the relative embeddings its distances reach (window products) and gathers the di
 ``/ scale`` is the kernel's single ``sm_scale`` multiply.
 
 Forward: online softmax over key tiles; one log-sum-exp per query row is stored, never the
-L x L matrix. Backward: DeBERTa runs one fused column-parallel pass (scores and delta computed
-once, dQ by fp32 atomics, the embeddings' gradients per distance, added per embedding by the
-host); the generic tables keep two passes, one column-parallel (dK, dV and the column-table
-gradient) and one row-parallel (dQ and the row-table gradient), so dQ needs no atomics there.
-Table gradients are scattered with fp32 atomics into per-batch buffers (several ``(i, j)``
-pairs share one table entry when distances share a bucket).
+L x L matrix. Backward: DeBERTa, T5's distance row and calls without a table run one fused
+column-parallel pass (scores and probabilities recomputed once, dQ by fp32 atomics; DeBERTa's
+embedding gradients and T5's table gradient summed per distance inside the tiles, then added
+per embedding / bucket by the host); fp32 T5 on a GPU and the generic per-row / per-column
+tables keep two passes, one column-parallel (dK, dV and the column-table gradient) and one
+row-parallel (dQ and the row-table gradient), so dQ needs no atomics there. Generic table
+gradients are scattered with fp32 atomics into per-batch buffers (several ``(i, j)`` pairs share
+one table entry when distances share a bucket).
 
-Dropout (on the probabilities, as Hugging Face does) draws one Philox ``tl.rand4x`` per four
-adjacent keys of ``(b, h, i)`` from a per-call seed tensor: the mask is a function of
-``(b, h, i, j)`` only, so the backward regenerates the forward's mask whatever its tiles.
+Dropout (on the probabilities, as Hugging Face does) draws one Philox ``tl.randint4x`` per eight
+adjacent keys of ``(b, h, i)`` (16 bits per key) from a per-call seed tensor: the mask is a
+function of ``(b, h, i, j)`` only, so the backward regenerates the forward's mask whatever its
+tiles.
 
 Contents: the ``@triton.jit`` kernels, their host launchers, the ``torch.library`` custom ops
 with their autograd, and the triton tier's entry points. Input checks, the eager references, the
@@ -58,19 +61,25 @@ def _dropout_keep(seed, bh, offs_m, start_n, seqlen, dropout_p,
     """(BLOCK_M, BLOCK_N) keep-mask of queries ``offs_m`` and keys ``start_n + arange(BLOCK_N)``.
 
     One Philox stream per (batch, head): the key is seed + bh, the counter
-    ``i * ceil(L / 4) + j // 4``, and one ``tl.rand4x`` call gives the four keys ``j`` with the
-    same ``j // 4`` (word ``j % 4``), a quarter of ``tl.rand``'s calls (which draws four words and
-    keeps one). The mask depends on (i, j) only, never on the tile sizes, so the forward, the
-    backward kernels (whatever their tiles) and :func:`dropout_keep_mask` draw the same mask.
-    ``start_n`` must be a multiple of 4 (every tile start is a multiple of 16).
+    ``i * ceil(L / 8) + j // 8``, and one ``tl.randint4x`` call (four 32-bit words) gives the
+    eight keys ``j`` with the same ``j // 8`` 16 bits each (key 8 o + 2 w + 1 the high half of word
+    w, 8 o + 2 w the low half): an eighth of ``tl.rand``'s Philox calls. A key is kept when its 16
+    bits are >= dropout_p * 2**16, so the rate is dropout_p to within 2**-16 (the kept
+    values are still scaled by 1 / (1 - dropout_p); FlashAttention's kernels compare 8 bits). The
+    mask depends on (i, j) only, never on the tile sizes, so the forward, the backward kernels
+    (whatever their tiles) and :func:`dropout_keep_mask` draw the same mask. ``start_n`` must be a
+    multiple of 8 (every tile start is a multiple of 16).
     """
-    quads = (seqlen + 3) // 4
-    offs_q = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    r0, r1, r2, r3 = tl.rand4x(seed + bh, offs_m[:, None] * quads + offs_q[None, :])
-    # join twice: [.., q, a, b] = word 2a + b of quad q, so the row-major reshape puts word w of
-    # quad q at key 4q + w
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-    return r >= dropout_p
+    eights = (seqlen + 7) // 8
+    offs_o = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed + bh, offs_m[:, None] * eights + offs_o[None, :])
+    # join twice: [.., o, a, b] = word 2a + b of group o, so the row-major reshape puts word w of
+    # group o at column 4 o + w; then its halves at keys 2 (4 o + w) + 0 / 1 (masked after the
+    # shift too: a signed word would shift its sign bit in)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 2))
+    r = tl.reshape(tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF), (BLOCK_M, BLOCK_N))
+    # 16-bit integers are exact in fp32: keep iff the half >= ceil(dropout_p * 2**16)
+    return r.to(tl.float32) >= dropout_p * 65536.0
 
 
 @triton.jit
@@ -260,7 +269,7 @@ def _fused_bwd_program(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_POSK: tl.constexpr, HAS_POSQ: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_DIST: tl.constexpr,
 ):
     """The single-pass backward of one key tile: loops over every query tile once, recomputes
     its scores once, and produces dK, dV (registers, stored at the end), dQ (fp32 atomics into
@@ -269,7 +278,13 @@ def _fused_bwd_program(
     POSK's gradient G^T Q, where G[i, t] = dS[i, j] at the window column t of (i, j); p2c's part
     of dK is H^T W_q and of POSQ's gradient H K, with H[t, j] = dS[i, j]. The window gradients are
     kept per distance (DPOSK / DPOSQ: (heads, 2 L - 1, head_dim), summed over the batch); the host
-    adds the distances that share an embedding."""
+    adds the distances that share an embedding.
+
+    ROW_DIST (T5): the row table is broadcast over queries, a function of i - j only, and DROW is
+    a per-distance (batch, heads, 1, 2 L - 1) buffer: each tile sums dS along its BLOCK_M +
+    BLOCK_N - 1 diagonals (gathered BLOCK_M window columns at a time) and adds one value per
+    distance, instead of one atomic per score; the host adds the distances that share a bucket.
+    DeBERTa's window halves need square tiles; the other paths take any BLOCK_M x BLOCK_N."""
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     qk_scale = sm_scale * 1.4426950408889634
@@ -355,9 +370,23 @@ def _fused_bwd_program(
         ds = p * (dp - delta[:, None])
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
         if HAS_ROW:
-            ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
-            tl.atomic_add(DROW + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
-                          + ridx * stride_drc, ds, mask=mask_mn, sem="relaxed")
+            if ROW_DIST:
+                # window column t of score (i, j) is i - j + BLOCK_N - 1 (distance d0 + t); chunk c
+                # holds columns c BLOCK_M .. c BLOCK_M + BLOCK_M - 1, and row i's key at column t is
+                # i - t + BLOCK_N - 1. dS is 0 at masked keys and rows (p = 0), so the sums are exact
+                for c in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_M + 1):
+                    t = c * BLOCK_M + tl.arange(0, BLOCK_M)
+                    key = tl.arange(0, BLOCK_M)[:, None] - t[None, :] + (BLOCK_N - 1)
+                    on_tile = (key >= 0) & (key < BLOCK_N)
+                    g = tl.where(on_tile, tl.gather(ds, tl.minimum(tl.maximum(key, 0), BLOCK_N - 1), axis=1), 0.0)
+                    dist = start_m - pid * BLOCK_N - (BLOCK_N - 1) + t
+                    ok = (t < BLOCK_M + BLOCK_N - 1) & (dist > -seqlen) & (dist < seqlen)
+                    tl.atomic_add(DROW + b * stride_drb + h * stride_drh + (dist + seqlen - 1) * stride_drc,
+                                  tl.sum(g, 0), mask=ok, sem="relaxed")
+            else:
+                ridx = tl.load(ROW_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
+                tl.atomic_add(DROW + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
+                              + ridx * stride_drc, ds, mask=mask_mn, sem="relaxed")
         if HAS_COL:
             cidx = tl.load(COL_I + offs_m[:, None] - offs_n[None, :] + seqlen - 1, mask=mask_mn, other=0)
             tl.atomic_add(DCOL + b * stride_dcb + h * stride_dch + offs_n[None, :] * stride_dcn
@@ -446,6 +475,8 @@ def _biased_attn_bwd_kernel(
     # goes by fp32 atomics into DQ_ACC, DeBERTa's window gradients into DPOSK / DPOSQ
     FUSED_DQ: tl.constexpr = False,
     HAS_POSK: tl.constexpr = False, HAS_POSQ: tl.constexpr = False, BLOCK_W: tl.constexpr = 16,
+    # FUSED_DQ with a distance-only row table (T5): its gradient per distance (see _fused_bwd_program)
+    ROW_DIST: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -475,7 +506,7 @@ def _biased_attn_bwd_kernel(
             stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
             stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_W, HAS_ROW, HAS_COL, HAS_KMASK, HAS_DROPOUT,
-            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION)
+            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST)
     else:
         if KV_PASS:
             offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -635,34 +666,42 @@ class _LaunchConfig:
 
     GPU tiles come from compiling for sm_90 without a GPU (see ``test_kernels_compile_for_sm90``)
     and keeping the largest tiles with no register spills at head_dim 64: fp16/bf16 forward
-    64 x 32 with 4 warps, backward 64 x 32 with 8 warps; fp32 (IEEE dots, no tensor-core
+    64 x 32 with 4 warps, two-pass backward 64 x 32 with 8 warps; fp32 (IEEE dots, no tensor-core
     shortcut) 32 x 32 with 8 warps. 64 x 64 tiles spill: the bias gathers hold one 64-bit
-    address per score per table. Not timed on a GPU yet: re-tune with
-    ``bench/bench_biased_attention.py`` when one is available.
-    Interpreted runs use 16 x 16 tiles, so tiny test shapes still cover several ragged tiles.
+    address per score per table. The fused backward of T5 / no table (``fused``, not ``window``)
+    takes a wide key tile, BLOCK_M x BLOCK_N = 32 x 64 in bf16 / fp16 with 8 warps: its dQ
+    atomics are BLOCK_M x head_dim per tile, L^2 head_dim / BLOCK_N per (batch, head) in all,
+    so BLOCK_N is the wider side; 64 x 64 spills 456 bytes per thread, 64 x 128 1,920 (sm_90,
+    triton 3.9). Not timed on a GPU yet: re-tune with ``bench/bench_biased_attention.py`` when one
+    is available.
+    Interpreted runs use 16 x 16 tiles (16 x 32 for the fused non-window backward, so the tests
+    cover non-square tiles), so tiny test shapes still cover several ragged tiles.
     """
 
     def __init__(self, q: torch.Tensor, block_m: int | None, block_n: int | None, backward: bool = False,
-                 num_warps: int | None = None, window: bool = False):
+                 num_warps: int | None = None, window: bool = False, fused: bool = False):
         head_dim = q.shape[-1]
         self.interpreted = interpreted()
         self.block_d = max(16, triton.next_power_of_2(head_dim))
         if self.interpreted:
-            default_m, default_n, self.num_warps = 16, 16, 4
+            default_m, default_n, self.num_warps = 16, 32 if (fused and not window) else 16, 4
         elif window:
             # DeBERTa in the kernel: square tiles (the window of BLOCK_M + BLOCK_N - 1 distances
             # pads to 2 BLOCK_N, so the window products cost 2x the content product per table);
-            # bf16 64 x 64 with 8 warps (backward: 2 blocks per SM, see the sm_90 register test),
-            # fp32 32 x 32
+            # bf16 32 x 32 (forward 4 warps, backward 8: 1 block per SM, see the sm_90 register
+            # test), fp32 16 x 16
             default_m = default_n = 16 if q.dtype == torch.float32 else 32
             self.num_warps = 8 if backward else 4
+        elif fused:
+            # T5 / no table, fp16 / bf16 (fp32 takes two passes on a GPU, see the launcher)
+            default_m, default_n, self.num_warps = 32, 64, 8
         elif q.dtype == torch.float32:
             default_m, default_n, self.num_warps = 32, 32, 8
         else:
             default_m, default_n, self.num_warps = 64, 32, 8 if backward else 4
         if self.block_d > 64 and not self.interpreted:  # wider heads: halve the query tile
             default_m = max(16, default_m // 2)
-            default_n = default_m if window else default_n
+            default_n = default_m if window else (max(32, default_n // 2) if fused else default_n)
             self.num_warps = 8
         self.block_m = block_m or default_m
         self.block_n = block_n or default_n
@@ -765,7 +804,7 @@ def biased_attention_backward(
     sm_scale: float, dropout_p: float,
     *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-    raw_table_grads: bool = False, passes: tuple[str, ...] = ("kv", "q"), fused: bool = False,
+    raw_table_grads: bool = False, passes: tuple[str, ...] | None = None, fused: bool | None = None,
     pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
 ):
@@ -776,18 +815,32 @@ def biased_attention_backward(
     The table gradients are accumulated in fp32 with atomics into (batch, heads, rows, entries)
     buffers (a per-batch buffer even for a broadcast table, which spreads the atomics; it is
     summed afterwards) and cast to the table's dtype. ``None`` for an absent table. With
-    ``raw_table_grads`` the fp32 (batch, heads, rows, entries) buffers are returned as they are.
-    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride). ``passes`` picks the
-    column-parallel pass (``"kv"``: dk, dv, column-table grad) and / or the row-parallel one
-    (``"q"``: dq, row-table grad); a skipped pass leaves its outputs unwritten and its table
-    gradient ``None``. ``fused``: one column-parallel pass for everything (scores recomputed
-    once; dQ by fp32 atomics into a zeroed (batch, heads, seq, head_dim) buffer).
+    ``raw_table_grads`` the fp32 buffers are returned as they are ((batch, heads, rows, entries),
+    or (batch, heads, 1, 2 seq - 1) per distance on the fused T5 path).
+    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride). ``fused``: one
+    column-parallel pass for everything (scores and probabilities recomputed once; dQ by fp32
+    atomics into a zeroed (batch, heads, seq, head_dim) buffer). ``None`` (the default) takes it
+    wherever the model shows it cheaper: DeBERTa's windows (always), no table, or a row table
+    broadcast over queries (T5's distance row, whose gradient is then summed per distance inside
+    the tiles); the generic per-row / per-column tables keep two passes. ``passes`` (two-pass
+    only) picks the column-parallel pass (``"kv"``: dk, dv, column-table grad) and / or the
+    row-parallel one (``"q"``: dq, row-table grad); a skipped pass leaves its outputs unwritten
+    and its table gradient ``None``.
     """
     batch, heads, seqlen, head_dim = q.shape
     window = pos_key is not None or pos_query is not None
+    distance_row = row_table is not None and row_table.size(2) == 1 and col_table is None
+    if fused is None:
+        # fp32 on a GPU keeps two passes: its fused T5 kernel spills at every tile tried (16 x 32:
+        # 32 bytes per thread, sm_90), the two passes do not; the interpreter runs fp32 fused, so
+        # the CPU tests cover the fused path
+        fused = passes is None and (window or (col_table is None and (row_table is None or distance_row)
+                                               and (q.dtype != torch.float32 or interpreted())))
     fused = fused or window
+    passes = ("kv", "q") if passes is None else passes
+    row_dist = fused and distance_row and not window
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
-    cfg = _LaunchConfig(q, block_m, block_n, backward=True, num_warps=num_warps, window=window)
+    cfg = _LaunchConfig(q, block_m, block_n, backward=True, num_warps=num_warps, window=window, fused=fused)
     if window and cfg.block_m != cfg.block_n:
         raise ValueError("the DeBERTa backward needs square tiles (its window halves are one tile wide)")
     dq = torch.empty_like(q) if dq is None else dq
@@ -797,8 +850,9 @@ def biased_attention_backward(
     def grad_buffer(table):
         if table is None:
             return None
-        return torch.zeros((batch, heads, table.size(2), table.size(3)), dtype=torch.float32,
-                           device=q.device)
+        # per distance on the fused T5 path (the kernel sums each tile's diagonals)
+        entries = max(1, 2 * seqlen - 1) if row_dist else table.size(3)
+        return torch.zeros((batch, heads, table.size(2), entries), dtype=torch.float32, device=q.device)
 
     drow = grad_buffer(row_table) if ("q" in passes or fused) else None
     dcol = grad_buffer(col_table) if ("kv" in passes or fused) else None
@@ -829,7 +883,7 @@ def biased_attention_backward(
             HAS_KMASK=kmask is not None, HAS_DROPOUT=dropout_p > 0.0,
             UPCAST_DOT=cfg.upcast_dot, DOT_PRECISION=cfg.dot_precision,
             HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, BLOCK_W=cfg.block_w,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ROW_DIST=row_dist, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         args = (
             q, k, v, grad_out, lse, delta, dq, dk, dv,
@@ -870,6 +924,12 @@ def biased_attention_backward(
     def finish(buffer, table):
         if buffer is None or raw_table_grads:
             return buffer
+        if row_dist and table is row_table:
+            # distances that share a table entry (T5's buckets) add up
+            grad = torch.zeros((batch, heads, 1, table.size(3)), dtype=torch.float32, device=q.device)
+            if seqlen > 0:
+                grad.index_add_(3, row_index.long(), buffer)
+            buffer = grad
         if table.size(0) == 1:
             buffer = buffer.sum(0, keepdim=True)
         return buffer.to(table.dtype)

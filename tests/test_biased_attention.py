@@ -312,23 +312,28 @@ ba.interpreted = lambda: False  # the launch configuration a GPU run would pick
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 report = {}
-# (name, kernel, window, backward pass): the generic tables (T5 and other callers: both tables,
-# two backward passes) and DeBERTa's in-kernel windows (fused single-pass backward)
+# (name, kernel, window, backward pass): the generic tables (both tables, two backward passes),
+# T5's distance row (fused single-pass backward, per-distance gradient) and DeBERTa's in-kernel
+# windows (fused single-pass backward)
 KERNELS = (("fwd", "fwd", False, None), ("bwd_kv", "bwd", False, "kv"), ("bwd_q", "bwd", False, "q"),
+           ("bwd_dist", "bwd", False, "dist"),
            ("fwd_window", "fwd", True, None), ("bwd_window", "bwd", True, "fused"))
 for dtype in (torch.bfloat16, torch.float32):
     for label, kernel, window, backward_pass in KERNELS:
+        dist = backward_pass == "dist"
+        if dist and dtype == torch.float32:
+            continue  # fp32 T5 runs the two-pass backward on a GPU (its fused kernel spills)
         cfg = ba._LaunchConfig(torch.empty(1, 1, 1, 64, dtype=dtype, device="meta"), None, None,
-                               backward=kernel == "bwd", window=window)
+                               backward=kernel == "bwd", window=window, fused=dist)
         fn = ba._biased_attn_fwd_kernel if kernel == "fwd" else ba._biased_attn_bwd_kernel
         consts = dict(HEAD_DIM=64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                      HAS_ROW=not window, HAS_COL=not window, HAS_KMASK=True, HAS_DROPOUT=True,
+                      HAS_ROW=not window, HAS_COL=not (window or dist), HAS_KMASK=True, HAS_DROPOUT=True,
                       UPCAST_DOT=False, DOT_PRECISION=cfg.dot_precision,
                       HAS_POSK=window, HAS_POSQ=window, BLOCK_W=cfg.block_w)
         if kernel == "bwd":
             consts.update(KV_PASS=backward_pass != "q",
                           LOOP_BLOCK=cfg.block_n if backward_pass == "q" else cfg.block_m,
-                          FUSED_DQ=backward_pass == "fused")
+                          FUSED_DQ=backward_pass in ("fused", "dist"), ROW_DIST=dist)
         signature = {}
         for name in fn.arg_names:
             if name in consts:
@@ -403,7 +408,7 @@ def test_kernels_compile_for_sm90_without_spills():
     windows) for sm_90 (H100) with the tiles the launcher picks there, every feature on, and
     require no register spills (stack use)."""
     report = _sm90_report()
-    assert len(report) == 10
+    assert len(report) == 11
     spills = {name: r for name, r in report.items() if r["stack"] != 0 and name not in _KNOWN_SPILLS}
     assert not spills, f"register spills (stack bytes): {spills}"
 
@@ -474,7 +479,7 @@ def test_kernel_offsets_are_int64():
 
 
 def test_dropout_mask_does_not_depend_on_the_tiles():
-    """One tl.rand4x call serves 4 adjacent keys: the mask is a function of (b, h, i, j) only, so
+    """One tl.randint4x call serves 8 adjacent keys: the mask is a function of (b, h, i, j) only, so
     forward tiles of 16 x 16 and 32 x 32 (and the backward's own tiles) draw the same mask; and
     the DeBERTa kernel's output with dropout equals the float64 twin given that mask."""
     from fastcse.kernels.biased_attention import biased_attention_forward
@@ -496,3 +501,37 @@ def test_dropout_mask_does_not_depend_on_the_tiles():
                                            **{n: (t.double() if n.startswith("pos") else t) for n, t in rel.items()},
                                            scale=1 / 0.3, dropout_p=p, dropout_mask=keep)
     assert_close(outs[0], ref, rtol=1e-5, atol=1e-5, name="out vs float64 with the kernel's mask")
+
+
+@pytest.mark.parametrize("table_batch,dropout_p", [(1, 0.0), (1, 0.3), (BATCH, 0.3)])
+def test_distance_row_fused_backward_matches_reference_and_two_pass(table_batch, dropout_p):
+    """T5's distance row (a (1 or batch, heads, 1, entries) table, colliding bucket indices) takes
+    the fused single-pass backward: dQ by atomics, the table's gradient summed along each tile's
+    diagonals per distance. Fresh random inputs, ragged lengths (one sequence shorter than a key
+    tile), tiles that do not divide the length: output and gradients equal the float64 twin given
+    the kernel's dropout mask (so the backward replays the forward's mask), and equal the
+    two-pass backward's."""
+    from fastcse.kernels.biased_attention import biased_attention_backward, biased_attention_forward
+
+    seqlen, head_dim, entries = 45, 16, 11
+    q, k, v = (torch.randn(BATCH, HEADS, seqlen, head_dim) for _ in range(3))
+    bias = dict(row_table=torch.randn(table_batch, HEADS, 1, entries),
+                row_index=torch.randint(0, entries, (2 * seqlen - 1,)))
+    mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 13])[:, None]
+    grad_out = torch.randn(BATCH, HEADS, seqlen, head_dim)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    kw = dict(key_padding_mask=mask, sm_scale=0.7, dropout_p=dropout_p)
+    out, grads = _run(q, k, v, bias, grad_out, fn=biased_attention, seed=seed, **kw)
+    keep = dropout_keep_mask(seed, BATCH, HEADS, seqlen, dropout_p) if dropout_p else None
+    ref, ref_grads = _ref64(q, k, v, bias, grad_out, dropout_mask=keep, **kw)
+    assert_close(out, ref, rtol=1e-5, atol=1e-5, name="out")
+    for name, g, r in zip(["dq", "dk", "dv", "drow"], grads, ref_grads):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, name=name)
+
+    args = (q, k, v, bias["row_table"], bias["row_index"], None, None, mask.to(torch.uint8), seed, 0.7, dropout_p)
+    o, lse = biased_attention_forward(*args)
+    fused = biased_attention_backward(grad_out, q, k, v, o, lse, *args[3:])
+    two_pass = biased_attention_backward(grad_out, q, k, v, o, lse, *args[3:], passes=("kv", "q"))
+    for name, a, b in zip(["dq", "dk", "dv", "drow"], fused, two_pass):
+        assert_close(a, b, rtol=1e-5, atol=2e-5, name=f"fused vs two-pass {name}")
+    assert two_pass[4] is None and fused[4] is None
