@@ -8,7 +8,9 @@ with the gathered queue (``--esimcse-queue global``: the reference's per-rank qu
 two ranks other negatives than one process has). The reference is one process without DeepSpeed and
 without checkpointing. Checked: per-step losses within 1e-4, the momentum encoder after the last
 step (both ranks' shards, read from the checkpoint, put together) equal to the single process's
-copy, and each rank's momentum state half of a full copy.
+copy, and each rank's momentum state half of a full copy. The same launch also trains BERT with the
+reference's per-rank queue and resumes it from its step-2 checkpoint: each rank gets its own queue
+and shards back, and the resumed losses are the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -66,6 +68,18 @@ if __name__ == "__main__" and "--worker" in sys.argv:
         rc = main(run_args(args.assets, args.out / arch, arch) + ["--ds", str(ROOT / "ds_configs" / "zero3.json"),
                                                                   "--gradient-checkpointing"])
         assert rc == 0, f"{arch} exited with {rc}"
+    import torch.distributed as dist
+
+    per_rank = run_args(args.assets, args.out / "per-rank", "bert") + [
+        "--ds", str(ROOT / "ds_configs" / "zero3.json"), "--esimcse-queue", "rank", "--save-steps", "2"]
+    assert main(per_rank) == 0
+    resumed = args.out / "per-rank-resumed"
+    if dist.get_rank() == 0:  # the run cut after its step-2 checkpoint
+        shutil.copytree(args.out / "per-rank", resumed)
+        shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:08d}")
+        (resumed / "train_log.jsonl").unlink()
+    dist.barrier()
+    assert main(per_rank + ["--output-dir", str(resumed), "--resume"]) == 0
     sys.exit(0)
 
 import pytest  # noqa: E402
@@ -99,6 +113,17 @@ def test_sharded_momentum_encoder_under_zero3_equals_one_process(tmp_path):
     assert proc.returncode == 0, f"deepspeed run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     for arch in ARCHS:
         _check(arch, tmp_path / "single" / arch, tmp_path / "zero3" / arch)
+    # the per-rank queue: saved for each rank, restored to each rank
+    run = tmp_path / "zero3" / "per-rank"
+    ranks = torch.load(run / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False)["method_ranks"]
+    queues = [r["queue"] for r in ranks]
+    assert queues[0].shape == queues[1].shape == (16, 32) and (queues[0] - queues[1]).abs().max() > 1e-3
+    full, resumed = step_losses(run), step_losses(tmp_path / "zero3" / "per-rank-resumed")
+    assert sorted(resumed) == [3, 4]
+    for step in resumed:
+        assert abs(resumed[step] - full[step]) <= 1e-6, f"per-rank queue, resumed step {step}: {resumed} vs {full}"
+    # the queue entered the loss: these losses are not the gathered-queue run's
+    assert abs(full[4] - step_losses(tmp_path / "zero3" / "bert")[4]) > 1e-5
 
 
 def _check(arch: str, single: Path, zero3: Path) -> None:
