@@ -128,12 +128,21 @@ def choose_model(m: ModelConfig) -> ModelChoice:
     return ModelChoice("minilm", path, None) if path else ModelChoice("random-default", None, dict(DEFAULT_RANDOM_BERT))
 
 
+# module attributes that hold a dropout probability as a plain float (not an nn.Dropout)
+FLOAT_DROPOUT_ATTRS = ("dropout", "attention_dropout", "dropout_rate", "dropout_prob")
+
+
 def set_dropout(encoder, p: float) -> None:
     """Every dropout probability of ``encoder`` (modules and backbone config) set to ``p``."""
-    # HF reads every dropout probability from its nn.Dropout modules (SDPA included: self.dropout.p)
+    # HF reads most dropout probabilities from its nn.Dropout modules (SDPA included: self.dropout.p),
+    # but some attention modules keep a plain float copied from the config when they were built
+    # (T5Attention.dropout = config.dropout_rate, ModernBERT's attention_dropout): those too
     for module in encoder.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        for attr in FLOAT_DROPOUT_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, float(p))
     cfg = encoder.backbone.config
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate", "attention_dropout"):
         if hasattr(cfg, name):

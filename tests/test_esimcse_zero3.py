@@ -33,8 +33,9 @@ ARCHS = {
     "deberta-v2": {"model_type": "deberta-v2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                    "intermediate_size": 64, "max_position_embeddings": 64, "relative_attention": True,
                    "pos_att_type": ["c2p", "p2c"], "position_buckets": 16, "max_relative_positions": 32},
-    # dropout_rate 0 in the config: HF's T5Attention keeps config.dropout_rate as a float read when it is
-    # built, which --dropout 0 (fastcse.build.set_dropout, run after the build) does not reach
+    # dropout_rate 0 in the config as well as --dropout 0: HF's T5Attention keeps config.dropout_rate as
+    # a float read when it is built (fastcse.build.set_dropout reaches it too since, tested in
+    # tests/test_train.py::test_dropout_override_reaches_attention_modules_that_keep_a_float)
     "t5": {"model_type": "t5", "d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 64,
            "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 8, "dropout_rate": 0.0},
 }

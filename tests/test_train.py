@@ -396,3 +396,38 @@ def test_gradient_checkpointing_gives_the_stored_activation_gradients(assets, tm
     assert stored_grads.keys() == ckpt_grads.keys() and len(stored_grads) > 10
     for name, g in stored_grads.items():
         assert_close(ckpt_grads[name], g, rtol=1e-5, atol=1e-7, name=name)
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_dropout_override_reaches_attention_modules_that_keep_a_float(backend):
+    """--dropout 0 (fastcse.build.set_dropout) must also reach HF attention modules that copy the
+    probability into a plain float when built (T5Attention.dropout = config.dropout_rate): in training
+    mode two forwards are then identical, where the config's 0.1 makes them differ."""
+    from transformers import T5Config, T5EncoderModel
+
+    from fastcse.build import set_dropout
+    from fastcse.models.encoder import SentenceEncoder
+
+    cfg = T5Config(d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64, vocab_size=100,
+                   relative_attention_num_buckets=8, dropout_rate=0.1)
+    ids = torch.randint(1, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+
+    def two_forwards(encoder):
+        encoder.train()
+        return [encoder(input_ids=ids, attention_mask=mask) for _ in range(2)]
+
+    kept = SentenceEncoder(T5EncoderModel(cfg), pooling="mean", attn_backend=backend)
+    a, b = two_forwards(kept)
+    assert not torch.allclose(a, b)  # the config's dropout is live
+    # the hidden dropouts alone would already differ: switch them off first, so the float is what is tested
+    for m in kept.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    a, b = two_forwards(kept)
+    assert not torch.allclose(a, b), "attention dropout kept as a float should still be live here"
+    set_dropout(kept, 0.0)
+    a, b = two_forwards(kept)
+    assert torch.equal(a, b)
+    assert all(getattr(m, "dropout") == 0.0 for m in kept.modules() if isinstance(getattr(m, "dropout", None), float))
