@@ -1844,6 +1844,15 @@ GRAD_CACHE_BATCH = 65536
 GRAD_CACHE_MODEL, GRAD_CACHE_SHAPE = "bert-base", "large"
 GRAD_CACHE_CHUNKS = (16384, 8192, 4096, 2048, 1024)  # encoder rows per chunk (SimCSE forwards 2N rows)
 GB = 1e9
+# card memory the allocator's tensors cannot have: the CUDA context, cuBLAS workspaces, allocator
+# fragmentation (none of which the trace counts); a lead, to be replaced by a measurement
+GPU_RESERVED_BYTES = 2 * 2 ** 30
+
+
+def usable_bytes(card: Card) -> float:
+    """``memory_gb`` (GB, 1e9 bytes: the conservative reading of "80 GB" / "141 GB") less
+    :data:`GPU_RESERVED_BYTES`."""
+    return card.memory_gb * GB - GPU_RESERVED_BYTES
 
 
 def step_total_bytes(tr: Trace, model: str, batch: int, max_len: int = 32) -> int:
@@ -1857,7 +1866,7 @@ def largest_uncached_batch(card: Card, model: str = GRAD_CACHE_MODEL, shape: str
     """The largest batch (a multiple of ``step``) whose uncached fused step fits ``card.memory_gb``
     by the model's memory prediction: a line through two traced batches, then traced at the
     candidate and lowered until it fits."""
-    capacity = card.memory_gb * GB
+    capacity = usable_bytes(card)
     lo, hi = 1024, 2048
     t_lo, t_hi = step_total_bytes(step_trace(card, model, "fused", shape, lo), model, lo), \
         step_total_bytes(step_trace(card, model, "fused", shape, hi), model, hi)
@@ -1874,7 +1883,7 @@ def largest_uncached_batch(card: Card, model: str = GRAD_CACHE_MODEL, shape: str
 def grad_cache_plan(card: Card, batch: int = GRAD_CACHE_BATCH) -> tuple[int, Trace]:
     """The largest chunk of :data:`GRAD_CACHE_CHUNKS` whose cached step at ``batch`` fits the card
     (traced; the per-row slope of the uncached traces picks the first candidate)."""
-    capacity = card.memory_gb * GB
+    capacity = usable_bytes(card)
     for chunk in GRAD_CACHE_CHUNKS:
         if chunk > 2 * batch:
             continue
@@ -1910,12 +1919,13 @@ def grad_cache_bars(card: Card) -> list:
     def fits():
         c = plan()
         total = step_total_bytes(c["cached"], GRAD_CACHE_MODEL, GRAD_CACHE_BATCH)
-        return _bar(fit_name, total / GB, card.memory_gb, "GB", "<=",
+        return _bar(fit_name, total / GB, usable_bytes(card) / GB, "GB", "<=",
                     detail=f"--grad-cache-chunk {c['chunk']} (encoder rows; {2 * GRAD_CACHE_BATCH // c['chunk']} "
                            f"chunks): step peak {c['cached'].peak_bytes / GB:.1f} GB (at {c['cached'].peak_op}) + "
                            f"weights and AdamW state {step_resident_bytes(GRAD_CACHE_MODEL) / GB:.2f} GB + token ids "
-                           f"and mask; from fastcse.grad_cache.cached_method_step traced on meta; not counted: the "
-                           f"CUDA context, cuBLAS workspace, allocator fragmentation")
+                           f"and mask; from Trainer.train_step --grad-cache-chunk traced on meta; target: "
+                           f"{card.memory_gb:.0f} GB less {GPU_RESERVED_BYTES / 2 ** 30:.0f} GiB for the CUDA "
+                           f"context, cuBLAS workspace and fragmentation (not counted by the trace)")
 
     def per_sentence():
         c = plan()

@@ -357,3 +357,15 @@ def test_step_prediction_string():
     tr = pm.step_trace(pm.CARDS["h200"], "tiny-bert", "fused", "unsup", 64)
     assert sent_s == pytest.approx(64 / tr.seconds(pm.CARDS["h200"]), abs=0.5)
     assert pm.step_prediction("h200", "tiny-bert", "st+fused", "unsup", 64).startswith("no prediction")
+
+
+def test_step_trace_resolves_auto_as_the_card_does():
+    """On a GPU card, fastcse's auto attention for DeBERTa is the biased kernel even on this CUDA-less
+    host (the trace must not take the host's eager answer); sentence-transformers' model runs HF's
+    default attention (eager: DeBERTa has no SDPA)."""
+    card = pm.CARDS["h200"]
+    fused = pm.step_trace(card, "deberta-v3-base", "fused", "unsup", 64)
+    st = pm.step_trace(card, "deberta-v3-base", "st", "unsup", 64)
+    layers = 12
+    assert [c.name for c in fused.costs].count("_biased_attn_fwd_kernel") == layers
+    assert not any(c.name.startswith("_biased_attn") for c in st.costs)
