@@ -78,8 +78,9 @@ measured: the common schema of ``bench/_common.py`` (device, date, versions, com
 ``sentences_per_s``, ``tokens_per_s``, ``step_time`` (ms), ``peak_memory`` (bytes), ``mfu``
 (fraction), ``ratio_*``; gate rows ``provider=fused_vs_eager, mode=quality`` with metrics
 ``loss_max_diff`` and ``stsb_diff`` (their ``extra_config`` holds every figure, the tolerance and
-``pass``). Beside each CUDA row the performance model's prediction (``extra_config.prediction``;
-``bench/perf_model.py`` has no whole-step prediction yet, so "no prediction yet").
+``pass``). Beside each CUDA row the performance model's prediction (``extra_config.prediction``:
+:func:`bench.perf_model.step_prediction`, the same step traced on the meta device for this card;
+``--no-predict`` skips it, about 0.5-4 s of host time per model, path and shape).
 """
 
 from __future__ import annotations
@@ -608,15 +609,21 @@ def matmul_ceiling(device: torch.device) -> tuple[float, str]:
                                          f"model/shape, {torch.get_num_threads()} threads")
 
 
-def prediction(device: torch.device, model: str, path: str, shape: Shape) -> str | None:
-    """The performance model's whole-step prediction for a CUDA row. ``bench/perf_model.py`` has
-    predictions for the loss, rotary, attention and the encoder's model part, none yet for a whole
-    training step (optimizer, tokenization, sentence-transformers): say so rather than guess."""
-    return NO_PREDICTION if device.type == "cuda" else None
+def prediction(device: torch.device, model: str, path: str, shape: Shape, *, enabled: bool = True) -> str | None:
+    """The performance model's whole-step prediction for a CUDA row (:func:`bench.perf_model.step_prediction`:
+    the step less collate, traced on meta for this device's card), or ``NO_PREDICTION`` when asked
+    not to (``--no-predict``); None on CPU (the model predicts cards)."""
+    if device.type != "cuda":
+        return None
+    if not enabled:
+        return NO_PREDICTION
+    from bench.perf_model import step_prediction
+
+    return step_prediction(device, model, path, shape.name, shape.batch)
 
 
 def result_rows(results: dict[str, PathResult], model: str, shape: Shape, *, device: torch.device,
-                ceiling_tflops: float, common_extra: dict) -> list[dict]:
+                ceiling_tflops: float, common_extra: dict, predict: bool = True) -> list[dict]:
     rows = []
     sent_p50, peaks = {}, {}
     for p, res in results.items():
@@ -626,7 +633,7 @@ def result_rows(results: dict[str, PathResult], model: str, shape: Shape, *, dev
         n = shape.batch
         tokens = statistics.mean(sum(s.seq_lengths) for s in res.stats)
         flops = statistics.mean(step_flops(s, *res.flops_args) for s in res.stats)
-        pred = prediction(device, model, p, shape)
+        pred = prediction(device, model, p, shape, enabled=predict)
         extra = {**common_extra, **res.describe, "path": p, "steps": len(res.times_ms),
                  "real_tokens_per_step": round(tokens, 1), "flops_per_step": flops,
                  "ceiling_tflops": ceiling_tflops, "memory_counter": res.memory_counter,
@@ -898,6 +905,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="random model folders and passages (kept and reused)")
     parser.add_argument("--csv", default=CSV_NAME, help="a file name under bench/results/, or a path")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--no-predict", action="store_true",
+                        help="CUDA rows without the performance model's prediction (it traces each path on "
+                             "the host for 0.5-4 s; gpu_check's report predicts the bars itself)")
     parser.add_argument("--plot", action="store_true", help="draw PNGs from the CSV (after measuring, if asked to)")
     parser.add_argument("--plot-only", action="store_true", help="draw the PNGs and measure nothing")
     args = parser.parse_args(argv)
@@ -981,7 +991,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       ("snli_triplets.csv" if shape.data == "snli" else "wiki_sample.txt"),
                       "command": reproduce_command(args, model, shape_name, batch), "quick": args.quick,
                       "uncommitted": uncommitted_engine_files()}
-            rows = result_rows(results, model, shape, device=device, ceiling_tflops=ceiling, common_extra=common)
+            rows = result_rows(results, model, shape, device=device, ceiling_tflops=ceiling, common_extra=common,
+                               predict=not args.no_predict)
             if not args.no_write:
                 append_rows(args.csv, rows)
             all_rows += rows

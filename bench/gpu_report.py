@@ -313,18 +313,91 @@ def encoder_bars(rows: list[dict]) -> list[Measured]:
     return out
 
 
+def train_bars(rows: list[dict]) -> list[Measured]:
+    """Whole training steps (train.csv, bench/bench_train.py on CUDA): the step bars of issue #12, named
+    as bench/perf_model.py's STEP_BARS / STEP_MEMORY_BARS (one home for the names and targets)."""
+    try:
+        from bench.perf_model import STEP_BARS, STEP_MEMORY_BARS
+    except Exception:  # noqa: BLE001 - the model cannot load: its bars then have no name to join on
+        return []
+    latest: dict[tuple, float] = {}
+    for r in rows:  # later rows win: the newest run of each point
+        if r["device_name"].startswith("CPU") or not r["kernel"].startswith("train_"):
+            continue
+        key = (r["kernel"][len("train_"):], r["mode"], int(float(r["x_value"])), r["provider"], r["metric"])
+        latest[key] = _float(r["p50"])
+    out = []
+    for name, model, shape, batch, num, den, target in STEP_BARS:
+        a, b = (latest.get((model, shape, batch, p, "sentences_per_s")) for p in (num, den))
+        if a and b:
+            out.append(Measured(f"{name}, bf16 (predicted)", a / b, target, ">=", "x",
+                                f"{num} {a:.0f} sent/s, {den} {b:.0f} sent/s"))
+    for name, model, shape, batch, target in STEP_MEMORY_BARS:
+        f, e = (latest.get((model, shape, batch, p, "peak_memory")) for p in ("fused", "eager"))
+        if f and e:
+            out.append(Measured(f"{name}, bf16 (predicted)", f / e, target, "<=", "x",
+                                f"peak fused {f / 2 ** 30:.2f} GiB, eager {e / 2 ** 30:.2f} GiB"))
+    return out
+
+
 def measured_bars(directory: Path, ceilings: Optional[dict]) -> list[Measured]:
     return (loss_bars(read_csv(directory / "infonce.csv"))
             + rope_bars(read_csv(directory / "rope.csv"), ceilings)
             + attention_bars(read_csv(directory / "biased_attention.csv"))
-            + encoder_bars(read_csv(directory / "encoder.csv")))
+            + encoder_bars(read_csv(directory / "encoder.csv"))
+            + train_bars(read_csv(directory / "train.csv")))
 
 
 # --- predictions ---------------------------------------------------------------------------------
 
 
-def predictions(card: Optional[Path], timeout: float = 120.0) -> tuple[list[dict], str]:
-    """bench/perf_model.py's ``--json`` bars for ``card`` (its built-in H200 when None), and a note."""
+PREDICTIONS_CSV = REPO / "bench" / "results" / "perf_model.csv"
+
+
+def committed_predictions(card_name: str, path: Path = PREDICTIONS_CSV) -> tuple[list[dict], str]:
+    """The newest committed prediction of every bar for ``card_name`` (bench/results/perf_model.csv,
+    written by ``python -m bench.perf_model --card ...`` before any card ran), in ``--json``'s shape;
+    [] when the CSV holds no row for that card. The card matches exactly, else by prefix ("NVIDIA
+    H100 80GB HBM3" measures what "NVIDIA H100 80GB" predicted)."""
+    if not path.exists():
+        return [], ""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cards = {r["card"] for r in rows}
+    match = card_name if card_name in cards else next(
+        (c for c in sorted(cards, key=len, reverse=True) if card_name.startswith(c) or c.startswith(card_name)), None)
+    if match is None:
+        return [], ""
+    newest: dict[str, dict] = {}
+    for r in rows:  # appended in time order: the last row of a bar is its newest prediction
+        if r["card"] == match:
+            newest[r["bar"]] = r
+    bars = []
+    for r in newest.values():
+        cmp, _, value = (r.get("target") or "").partition(" ")
+        bars.append({"bar": r["bar"], "predicted": _float(r["predicted"]) if r["predicted"] else None,
+                     "target": _float(value) if value else None, "cmp": cmp, "unit": r.get("unit", ""),
+                     "pass": {"PASS": True, "FAIL": False}.get(r.get("pass")), "detail": r.get("detail", "")})
+    dates = sorted({r["date"][:10] for r in newest.values()})
+    commits = sorted({r["commit"] for r in newest.values()})
+    return bars, (f"predictions: bench/results/perf_model.csv for {match}, written {dates[0]}..{dates[-1]} "
+                  f"at commit(s) {', '.join(commits)}, before this run")
+
+
+def predictions(card: Optional[Path], timeout: float = 120.0, *, committed: bool = True) -> tuple[list[dict], str]:
+    """The model's bars for ``card`` (a ceilings.json; the built-in H200 when None), and a note: the
+    predictions committed for that card when there are any (written down before the run, and the step
+    bars trace for minutes), else bench/perf_model.py's ``--json`` run on the card file."""
+    if committed:
+        name = "NVIDIA H200"
+        if card is not None:
+            try:
+                name = json.loads(Path(card).read_text()).get("name") or name
+            except (OSError, ValueError):
+                pass
+        bars, note = committed_predictions(name)
+        if bars:
+            return bars, note
     if not (REPO / "bench" / "perf_model.py").exists():
         return [], "no performance model (bench/perf_model.py absent): predictions left empty"
     cmd = [sys.executable, "-m", "bench.perf_model", "--json", "--no-csv"]
@@ -404,9 +477,8 @@ def report(directory: Path, steps: list[str], perf_timeout: float = 120.0, rehea
     """The whole report (steps, card, notes, details, then the table), also written to
     ``report.json`` in ``directory`` (its ``text`` is the returned report).
 
-    ``rehearse_gpu`` (the CPU dry run): the model is asked for its GPU-card predictions from a copy
-    of these ceilings marked ``"gpu": true`` (in a temp folder, not ``directory``): the code path a
-    card run takes, in seconds, where the CPU branches would trace for minutes.
+    ``rehearse_gpu`` (the CPU dry run): the predictions committed for the default card (H200) are
+    read, as a card run reads those of its own card.
     """
     ceilings_path = directory / "ceilings.json"
     ceilings = None
@@ -419,12 +491,10 @@ def report(directory: Path, steps: list[str], perf_timeout: float = 120.0, rehea
     else:
         notes.append("no ceilings.json (its step did not finish)")
     card = ceilings_path if ceilings else None
-    if card is not None and rehearse_gpu:
-        import tempfile
-
-        card = Path(tempfile.mkdtemp(prefix="gpu_report_")) / "ceilings_as_gpu.json"
-        card.write_text(json.dumps(dict(ceilings, gpu=True)))
-        notes.append("dry run: predictions for a GPU card with this machine's ceilings (the card run's code path)")
+    if rehearse_gpu:
+        # a card run reads the predictions committed for its card; the CPU's ceilings name none
+        card = None
+        notes.append("dry run: the committed predictions for the default card (what a card run reads)")
     predicted, note = predictions(card, perf_timeout)
     notes.append(note)
     present = [name for name in CSV_FILES if (directory / name).exists()]
@@ -476,7 +546,7 @@ def main(argv=None) -> int:
     t.add_argument("--steps", nargs="*", default=[], help="'name rc seconds' per step of the run, printed first")
     t.add_argument("--perf-timeout", type=float, default=120.0, help="seconds for bench/perf_model.py")
     t.add_argument("--rehearse-gpu", action="store_true",
-                   help="dry run: ask the model for GPU-card predictions from these ceilings (see report())")
+                   help="dry run: read the predictions committed for the default card, as a card run does (see report())")
     args = parser.parse_args(argv)
     if args.command == "ceilings":
         import torch

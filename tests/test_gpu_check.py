@@ -210,13 +210,67 @@ def test_report_turns_gpu_rows_into_bars(tmp_path):
     text = gpu_report.format_table(table)
     assert TABLE_HEAD.match(text.splitlines()[0])
 
-    # every bar measured here has a prediction of the same name in the performance model
+    # every bar measured here has a bar of the same name in the performance model (names only:
+    # bar_specs traces nothing) and a committed prediction under that name (what a card run reads)
     if (REPO / "bench" / "perf_model.py").exists():
-        model, note = gpu_report.predictions(None)
-        assert model, note
-        names = {p["bar"] for p in model}
+        from bench import perf_model
+
+        names = {name for name, _ in perf_model.bar_specs(perf_model.CARDS["h200"])}
         missing = [b for b in bars if b not in names]
         assert not missing, f"bars the model names differently: {missing}"
+        committed, note = gpu_report.predictions(None)
+        assert committed and "perf_model.csv" in note, note
+        stale = [b for b in bars if b not in {p["bar"] for p in committed}]
+        assert not stale, f"no committed prediction (run python -m bench.perf_model --card h200): {stale}"
+
+
+def test_committed_predictions_cover_every_bar_of_the_model():
+    """The card run joins its measurements to the predictions committed in bench/results/perf_model.csv:
+    each bar the model has for the H200 must have one there, under its current name."""
+    pytest.importorskip("bench.perf_model")
+    from bench import perf_model
+
+    names = [name for name, _ in perf_model.bar_specs(perf_model.CARDS["h200"])]
+    committed, note = gpu_report.committed_predictions("NVIDIA H200")
+    have = {p["bar"] for p in committed}
+    missing = [n for n in names if n not in have]
+    assert not missing, f"regenerate with python -m bench.perf_model --card h200: {missing}"
+    by_name = {p["bar"]: p for p in committed}
+    for n in names:  # a prediction's verdict is its figure against its target, as the model judged it
+        p = by_name[n]
+        if p["predicted"] is not None and p["pass"] is not None:
+            assert p["pass"] == gpu_report.judge(p["predicted"], p["target"], p["cmp"]), p
+
+
+def test_report_turns_gpu_training_steps_into_the_step_bars(tmp_path):
+    """bench_train's CUDA rows (train.csv) become issue #12's step bars, under the model's names;
+    CPU rows of the same shape are not GPU figures and stay out."""
+    pytest.importorskip("bench.perf_model")
+    rows = []
+    for device_label, scale in (("NVIDIA H200", 1.0), ("CPU Intel(R) Xeon(R) Processor (2 threads)", 0.01)):
+        for batch, per_s, peaks in ((64, {"fused": 9000.0, "eager": 3000.0, "st": 7000.0}, None),
+                                    (512, {"fused": 20000.0, "eager": 12000.0},
+                                     {"fused": 4 * 2**30, "eager": 10 * 2**30})):
+            for path, v in per_s.items():
+                row = make_row(kernel="train_bert-base", provider=path, mode="unsup", metric="sentences_per_s",
+                               unit="sentences/s", x_name="batch", x_value=batch, p50=v * scale)
+                rows.append(dict(row, device_name=device_label))
+            for path, v in (peaks or {}).items():
+                row = make_row(kernel="train_bert-base", provider=path, mode="unsup", metric="peak_memory",
+                               unit="bytes", x_name="batch", x_value=batch, p50=float(v))
+                rows.append(dict(row, device_name=device_label))
+    append_rows(tmp_path / "train.csv", rows)
+    bars = {b.bar: b for b in gpu_report.measured_bars(tmp_path, None)}
+    eager64 = bars["step BERT-base unsup SimCSE 64 wiki sentences: fused vs eager sentences/s, bf16 (predicted)"]
+    assert eager64.value == pytest.approx(3.0) and gpu_report.judge(eager64.value, eager64.target, eager64.cmp)
+    st64 = bars["step BERT-base unsup SimCSE 64 wiki sentences: fused vs st (MNRL) sentences/s, bf16 (predicted)"]
+    assert st64.value == pytest.approx(9 / 7) and not gpu_report.judge(st64.value, st64.target, st64.cmp)
+    eager512 = bars["step BERT-base unsup SimCSE 512 wiki sentences: fused vs eager sentences/s, bf16 (predicted)"]
+    assert eager512.value == pytest.approx(20 / 12) and not gpu_report.judge(eager512.value, 2.0, ">=")
+    memory = bars["step BERT-base unsup SimCSE 512 wiki sentences: peak memory fused / eager, bf16 (predicted)"]
+    assert memory.value == pytest.approx(0.4) and memory.cmp == "<=" and gpu_report.judge(0.4, memory.target, "<=")
+    # no supervised rows were written: those bars have no measurement (only the model's row)
+    assert not any("triplets" in name for name in bars)
 
 
 def test_report_without_any_results(tmp_path):
