@@ -7,6 +7,7 @@ checks them before anything is loaded (pre-flight); :func:`build_encoder` then l
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -149,6 +150,132 @@ def set_dropout(encoder, p: float) -> None:
             setattr(cfg, name, p)
 
 
+class _ZeRO3Flag:
+    """What ``transformers.integrations.HfDeepSpeedConfig`` registers, without its accelerate
+    dependency: transformers reads only ``is_zero3()`` and ``config`` from the registered object
+    (``is_deepspeed_zero3_enabled`` / ``deepspeed_config``); ``from_pretrained`` then builds the model
+    under ``deepspeed.zero.Init(config_dict_or_path=config)`` and rank 0 loads the checkpoint into
+    the partitions module by module."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def _hf_zero3(ds_config: dict):
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    flag = _ZeRO3Flag(ds_config)  # transformers keeps a weakref: alive for the block only
+    set_hf_deepspeed_config(flag)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _gathered_init(original):
+    """``PreTrainedModel.initialize_weights`` with each module's parameters gathered (ZeRO-3) while
+    its ``_init_weights`` runs, on every rank: the same draws in the same order as one process."""
+    import deepspeed
+    from transformers import PreTrainedModel
+
+    def initialize_weights(self):
+        models = [m for m in self.modules() if isinstance(m, PreTrainedModel)]
+        for model in models:
+            inner = model._initialize_weights
+
+            def gathered(module, *args, _inner=inner, **kwargs):
+                # what HF's own ZeRO-3 init gathers: the module's parameters and its direct
+                # children's (an _init_weights may set e.g. attention.q.weight)
+                params = list(module.parameters(recurse=False))
+                for child in module.children():
+                    if not isinstance(child, PreTrainedModel):
+                        params.extend(child.parameters(recurse=False))
+                params = [p for p in params if hasattr(p, "ds_id")]
+                # modifier_rank 0: rank 0's values are kept (every rank draws the same ones)
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    return _inner(module, *args, **kwargs)
+
+            model._initialize_weights = gathered  # smart_apply looks it up on the instance
+        try:
+            original(self)
+        finally:
+            for model in models:
+                del model._initialize_weights
+        initialize_weights.calls += 1
+
+    initialize_weights.calls = 0
+    return initialize_weights
+
+
+@contextlib.contextmanager
+def _zero3_random_init(ds_config: dict):
+    """A random backbone created sharded, with the weights one process would draw.
+
+    transformers' own ZeRO-3 random init (``_from_config`` under ``is_deepspeed_zero3_enabled``)
+    suppresses the modules' constructor draws and initialises on rank 0 only, so its weights differ
+    from a one-process build with the same seed. Here the modules are built under
+    ``deepspeed.zero.Init`` as they are in one process (each module's parameters are created whole,
+    drawn, and partitioned when its ``__init__`` returns: one module at a time is whole), then
+    transformers' ``post_init`` runs its weight init with each module's parameters gathered in turn
+    (:func:`_gathered_init`). Every rank makes the same draws, so every rank's generator stays where
+    one process's is (the pooler and Dense layers built next get one process's values too).
+    """
+    import deepspeed
+    from transformers import PreTrainedModel
+
+    had_own = "initialize_weights" in vars(PreTrainedModel)
+    original = PreTrainedModel.initialize_weights
+    patched = _gathered_init(original)
+    PreTrainedModel.initialize_weights = patched
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+    finally:
+        if had_own:
+            PreTrainedModel.initialize_weights = original
+        else:
+            del PreTrainedModel.initialize_weights
+    if patched.calls == 0:
+        # a transformers whose post_init does not go through PreTrainedModel.initialize_weights
+        # (or a model class that overrides it): the partitions would hold constructor values.
+        # (Nested models call it more than once, T5EncoderModel and its T5Stack, as in one process.)
+        raise RuntimeError("ZeRO-3 random init: transformers did not initialise the weights through "
+                           f"PreTrainedModel.initialize_weights ({patched.calls} calls); this transformers "
+                           "is not supported for sharded creation")
+
+
+def _materialise(module: torch.nn.Module) -> None:
+    """Replace ``module``'s ZeRO-3 parameters by whole plain ones (modules the encoder keeps aside,
+    outside the engine: BERT's CLS pooler, which the export writes back)."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        whole = {name: torch.nn.Parameter(p.data.clone(), requires_grad=p.requires_grad)
+                 for name, p in module.named_parameters()}
+    for name, p in whole.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, leaf, p)
+
+
+def backbone_context(zero3_config: dict | None, *, pretrained: bool):
+    """The context the Hugging Face backbone is built in: None (plain), or under ZeRO-3
+    (``zero3_config``: the filled DeepSpeed config, ``ds_config.zero_init_config``) sharded creation:
+    transformers' ``from_pretrained`` integration for weights, :func:`_zero3_random_init` for a
+    random model."""
+    if zero3_config is None:
+        return None
+    if pretrained:
+        return lambda: _hf_zero3(zero3_config)
+    return lambda: _zero3_random_init(zero3_config)
+
+
 def cached_fallback_tokenizer(output_dir: Path, rank: int):
     """The shipped fallback WordPiece, saved once per output folder and reused (resume, other ranks).
 
@@ -167,10 +294,15 @@ def cached_fallback_tokenizer(output_dir: Path, rank: int):
 
 
 def build_encoder(m: ModelConfig, *, model_path: str | None, model_config: dict | None, output_dir: Path,
-                  rank: int):
+                  rank: int, zero3_config: dict | None = None):
     """A ``SentenceEncoder`` on the CPU: random from ``model_config`` (a Hugging Face config mapping)
     when given, else loaded from ``model_path``. ``m`` supplies tokenizer, pooler, attention backend,
-    length and the dropout override; ``output_dir`` holds the fallback tokenizer's cache."""
+    length and the dropout override; ``output_dir`` holds the fallback tokenizer's cache.
+
+    ``zero3_config`` (the filled DeepSpeed config of a ZeRO-3 run, every rank calling): the backbone's
+    parameters are created sharded (``deepspeed.zero.Init``), so no rank holds the whole model; a
+    random model gets the weights a one-process build with the same seed gets. The pooler and Dense
+    layers are built whole (DeepSpeed partitions them when it wraps the encoder)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from fastcse.models import SentenceEncoder
@@ -186,15 +318,19 @@ def build_encoder(m: ModelConfig, *, model_path: str | None, model_config: dict 
             for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
                 setattr(hf_config, name, m.dropout)
         encoder = SentenceEncoder.from_config(hf_config, tokenizer=tokenizer, pooling=m.pooling or "cls",
-                                              attn_backend=m.attn_backend, max_seq_length=m.max_seq_length)
+                                              attn_backend=m.attn_backend, max_seq_length=m.max_seq_length,
+                                              backbone_context=backbone_context(zero3_config, pretrained=False))
     else:
         try:
-            encoder = SentenceEncoder.from_pretrained(model_path, pooling=m.pooling, attn_backend=m.attn_backend,
-                                                      max_seq_length=m.max_seq_length)
+            encoder = SentenceEncoder.from_pretrained(
+                model_path, pooling=m.pooling, attn_backend=m.attn_backend, max_seq_length=m.max_seq_length,
+                backbone_context=backbone_context(zero3_config, pretrained=True))
         except (OSError, ValueError, ModelFolderError) as e:  # what a pre-flight check could not see
             raise ConfigError(f"cannot load the model {model_path}: {' '.join(str(e).split())[:300]}") from None
         if encoder.tokenizer is None:
             raise ConfigError(f"{model_path} has no tokenizer files")
+    for module in getattr(encoder, "unused_backbone_modules", {}).values():
+        _materialise(module)  # kept aside, never in the engine: whole on every rank (hidden^2 at most)
     limit = model_max_length(encoder.backbone.config, encoder.tokenizer)
     if m.max_seq_length > limit:
         # before any step: otherwise the first long batch fails with an IndexError in the position table

@@ -87,3 +87,26 @@ def engine_config(ds: dict, cfg: TrainConfig, world_size: int, total_steps: int,
     if leftover:
         raise ConfigError(f"DeepSpeed config {where}: no CLI value fills {', '.join(leftover)}")
     return ds
+
+
+def zero_stage(ds: dict | None) -> int:
+    return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def zero_init_config(ds: dict, cfg: TrainConfig, world_size: int, where: str = "") -> dict:
+    """The config ``deepspeed.zero.Init`` builds a ZeRO-3 model under, before the model exists.
+
+    Filled as :func:`engine_config` fills it (precision, batch sizes, offload, the optimizer), less
+    what only the model and the data decide and ``zero.Init`` does not read: the scheduler's step
+    counts and the hidden-size buckets (reduce / prefetch buckets, persistence threshold) are left
+    to DeepSpeed's defaults here; the engine gets :func:`engine_config`'s values.
+    """
+    ds = fill_ds_config(ds, cfg, world_size, where=where)
+    ds.pop("scheduler", None)
+    zero = ds.get("zero_optimization", {})
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        del zero[key]
+    leftover = find_auto(ds)
+    if leftover:
+        raise ConfigError(f"DeepSpeed config {where}: no CLI value fills {', '.join(leftover)}")
+    return ds

@@ -42,7 +42,7 @@ from fastcse.checkpoint import (DamagedCheckpoint, check_compatible, list_checkp
 from fastcse.config import ConfigError, TrainConfig, parse_args, read_json_object, resolve_precision
 from fastcse.data import DataError, TrainingData, load_training_data
 from fastcse.distributed import all_finite, barrier, join, mean_over_ranks
-from fastcse.ds_config import engine_config, fill_ds_config
+from fastcse.ds_config import engine_config, fill_ds_config, zero_init_config, zero_stage
 from fastcse.files import atomic_replace_dir
 from fastcse.grad_cache import cached_method_step
 from fastcse.runlog import RunLog, configure_logging, format_loss, logger
@@ -322,10 +322,13 @@ class Trainer:
         # are not needed (DeepSpeed broadcasts weights), but a seeded start makes runs reproducible
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
+        zero3 = self.use_ds and zero_stage(self.prep.ds_config) == 3
+        # ZeRO-3: the parameters are created sharded (deepspeed.zero.Init); no rank holds the whole model
+        self.zero_init = zero_init_config(self.prep.ds_config, cfg, self.world, where=cfg.run.ds) if zero3 else None
         with quiet_library_loads(cfg.run.progress):
             self.encoder = build_encoder(cfg.model, model_path=self.prep.model_path,
                                          model_config=self.prep.model_config, output_dir=self.out,
-                                         rank=self.prep.rank).to(self.device)
+                                         rank=self.prep.rank, zero3_config=self.zero_init).to(self.device)
         if cfg.model.gradient_checkpointing:  # recomputed layers replay their dropout masks: same gradients
             self.encoder.gradient_checkpointing_enable()
 
@@ -346,7 +349,6 @@ class Trainer:
 
         self.method = build_method(cfg.method, self.encoder, seed=cfg.run.seed)
         # ESimCSE's momentum encoder: a copy of the model here, or under ZeRO-3 shards of its partitions
-        zero3 = self.use_ds and int(self.prep.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
         self.method.setup(self.encoder, self.device, sharded=zero3)
 
         if self.use_ds:  # after method.setup: DeepSpeed wraps (and under ZeRO-3 shards) the encoder
@@ -586,6 +588,7 @@ class Trainer:
         self.say(f"fastcse.train: method={cfg.method.name} model={self.prep.model_path or 'random ' + str(self.prep.model_config)} "
                  f"ranks={self.world} device={self.device} precision={self.precision} "
                  f"zero={self.stepper.zero_stage if self.use_ds else 'off'} steps={self.total_steps}"
+                 + (" (parameters created sharded: deepspeed.zero.Init)" if self.zero_init is not None else "")
                  + (f" grad_cache_chunk={cfg.run.grad_cache_chunk}" if cfg.run.grad_cache_chunk else ""))
         self.say(f"data: {self.prep.data_summary}")
         if cfg.run.evaluate and self.step == 0:

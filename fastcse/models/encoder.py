@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -196,7 +197,7 @@ class SentenceEncoder(nn.Module):
     @classmethod
     def _build(cls, config, *, weights_path=None, tokenizer=None, pooling="cls", attn_backend="auto",
                dtype=None, max_seq_length=32, mlp_only_train=True, dense=(), normalize=False,
-               similarity_fn_name=None) -> "SentenceEncoder":
+               similarity_fn_name=None, backbone_context=None) -> "SentenceEncoder":
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
         dtype = _resolve_dtype(dtype)
@@ -220,10 +221,13 @@ class SentenceEncoder(nn.Module):
             kwargs["add_pooling_layer"] = load_pooler
         if dtype is not None:
             kwargs["dtype"] = dtype
-        if weights_path is None:
-            backbone = model_cls._from_config(copy.deepcopy(config), **kwargs)
-        else:
-            backbone = model_cls.from_pretrained(weights_path, config=config, **kwargs)
+        # backbone_context: what the Hugging Face model alone is built in (fastcse.build: created
+        # sharded under ZeRO-3); the poolers and Dense layers below are small and built plainly
+        with backbone_context() if backbone_context is not None else contextlib.nullcontext():
+            if weights_path is None:
+                backbone = model_cls._from_config(copy.deepcopy(config), **kwargs)
+            else:
+                backbone = model_cls.from_pretrained(weights_path, config=config, **kwargs)
         unused = {}
         if pooling_layer:
             if load_pooler:
@@ -243,20 +247,21 @@ class SentenceEncoder(nn.Module):
     @classmethod
     def from_config(cls, config, *, tokenizer=None, pooling: str = "cls", attn_backend: str = "auto", dtype=None,
                     max_seq_length: int = 32, mlp_only_train: bool = True, normalize: bool = False,
-                    similarity_fn_name: str | None = None) -> "SentenceEncoder":
+                    similarity_fn_name: str | None = None, backbone_context=None) -> "SentenceEncoder":
         """A randomly initialised encoder for a HF ``PretrainedConfig`` (the config is copied).
 
         ``mlp_only_train`` (fastcse addition) applies to ``pooling="cls_mlp"`` only; ``normalize``
-        gives unit-length embeddings (a Normalize module in an export).
+        gives unit-length embeddings (a Normalize module in an export); ``backbone_context``: a
+        callable giving the context manager the Hugging Face backbone alone is built in.
         """
         return cls._build(config, tokenizer=tokenizer, pooling=pooling, attn_backend=attn_backend, dtype=dtype,
                           max_seq_length=max_seq_length, mlp_only_train=mlp_only_train, normalize=normalize,
-                          similarity_fn_name=similarity_fn_name)
+                          similarity_fn_name=similarity_fn_name, backbone_context=backbone_context)
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, pooling: str | None = None, attn_backend: str = "auto", dtype=None,
                         max_seq_length: int | None = None, tokenizer=None,
-                        mlp_only_train: bool | None = None) -> "SentenceEncoder":
+                        mlp_only_train: bool | None = None, backbone_context=None) -> "SentenceEncoder":
         """Load an encoder from a folder (or a HF hub name, which needs the network).
 
         Folder kinds:
@@ -278,6 +283,7 @@ class SentenceEncoder(nn.Module):
         ``export_max_seq_length``). ``tokenizer`` defaults to the folder's (None when it has no
         tokenizer files); a path or name loads that tokenizer instead.
         ``dtype``: a ``torch.dtype``, its name, or ``"auto"`` (the checkpoint's dtype); None: float32.
+        ``backbone_context``: as :meth:`from_config`.
         """
         from transformers import AutoConfig
 
@@ -347,7 +353,7 @@ class SentenceEncoder(nn.Module):
         encoder = cls._build(config, weights_path=backbone_path, tokenizer=tokenizer, pooling=pooling,
                              attn_backend=attn_backend, dtype=dtype, max_seq_length=max_seq_length,
                              mlp_only_train=mlp_only_train, dense=dense, normalize=bool(normalize),
-                             similarity_fn_name=similarity)
+                             similarity_fn_name=similarity, backbone_context=backbone_context)
         encoder.prompts, encoder.default_prompt_name = dict(prompts), default_prompt
         encoder.model_card_text, encoder.export_max_seq_length = card, export_len
         encoder.source_name_or_path = str(name_or_path)
