@@ -316,16 +316,16 @@ def _outside_layers_bytes(arch: Architecture, sequences: int, seq: int, mask: in
 def backward_workspace_bytes(arch: Architecture, sequences: int, seq: int, attention: Attention = "flash") -> int:
     """Transient bytes while one layer runs backward, on top of what is saved: the incoming and
     outgoing activation gradients (2 x 2th) and the FFN's intermediate gradients (2tf, 4tf gated),
-    or, in the attention, dq, dk, dv (3 x 2tA) and DeBERTa's fused tables of one batch chunk (two
-    bf16 tables and an fp32 gradient buffer, fastcse.kernels.biased_attention's chunking)."""
+    or, in the attention, dq, dk, dv (3 x 2tA) and, for DeBERTa's fused kernel (position terms inside
+    the tiles, one fused backward: fastcse.kernels.biased_attention), dq accumulated in fp32 by
+    atomics (4tA) and the fp32 gradients of pos_key / pos_query per relative distance (heads x
+    (2L - 1) x head width each)."""
     t, h = sequences * seq, arch.hidden
     ffn = 2 * BF16 * t * h + (2 if arch.gated else 1) * BF16 * t * arch.intermediate
     attn = 2 * BF16 * t * h + 3 * BF16 * t * arch.attention_width
     if arch.relative_kinds and attention == "flash":
-        entries = min(arch.relative_positions, 2 * seq - 1)
-        per_sequence = arch.heads * seq * entries
-        rows = min(sequences, max(1, (1 << 24) // max(1, per_sequence)))
-        attn += (2 * BF16 + FP32) * rows * per_sequence
+        attn += FP32 * t * arch.attention_width
+        attn += arch.relative_kinds * FP32 * (2 * seq - 1) * arch.attention_width
     return max(ffn, attn)
 
 
