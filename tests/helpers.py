@@ -1,8 +1,28 @@
-"""Assertion helpers: on failure they say where and by how much two tensors differ."""
+"""Test helpers: assertions that say where and by how much two tensors differ, and the tiny
+training assets (a random BERT config and a tokenizer) the training-program tests share."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+# A random BERT small enough for CPU steps in milliseconds; BERT's default dropout 0.1 stays on
+# unless a test passes --dropout.
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+             "max_position_embeddings": 64}
+
+
+def write_tiny_assets(folder: Path, config: dict = TINY_BERT) -> Path:
+    """``folder/tiny.json`` (``--model-config``) and ``folder/tokenizer`` (``--tokenizer``: a
+    2,000-token WordPiece trained on the bundled wiki sample; its training is not reproducible across
+    processes, so a module's tests share one folder)."""
+    from fastcse.data import train_fallback_tokenizer
+
+    (folder / "tiny.json").write_text(json.dumps(config))
+    train_fallback_tokenizer(vocab_size=2000).save_pretrained(str(folder / "tokenizer"))
+    return folder
 
 
 def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str:

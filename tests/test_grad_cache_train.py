@@ -39,9 +39,9 @@ import torch
 from fastcse.grad_cache import chunk_ranges, slice_features
 from fastcse.train import Trainer, main
 
+from tests.helpers import write_tiny_assets
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-             "max_position_embeddings": 64}  # BERT's default dropout 0.1 unless --dropout says otherwise
 # Mean pooling: with the cls / cls_mlp pooler this random tiny BERT embeds every sentence almost alike
 # (the same [CLS] token at the same position), its loss sits at log(batch) and the parameter gradients
 # are sums of large per-row terms that cancel, so that even the plain fp32 step is 7e-4 (relative) off
@@ -60,12 +60,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    from fastcse.data import train_fallback_tokenizer
-
-    folder = tmp_path_factory.mktemp("assets")
-    (folder / "tiny.json").write_text(json.dumps(TINY_BERT))
-    train_fallback_tokenizer(vocab_size=2000).save_pretrained(str(folder / "tokenizer"))
-    return folder
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def tiny_args(assets: Path, out: Path, method: str, *extra: str) -> list[str]:

@@ -16,18 +16,12 @@ import torch
 from fastcse.checkpoint import latest_checkpoint, list_checkpoints
 from fastcse.train import main
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-             "max_position_embeddings": 64}  # BERT's default dropout 0.1 stays on: RNG must be restored
+from tests.helpers import TINY_BERT, write_tiny_assets
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    from fastcse.data import train_fallback_tokenizer
-
-    folder = tmp_path_factory.mktemp("assets")
-    (folder / "tiny.json").write_text(json.dumps(TINY_BERT))
-    train_fallback_tokenizer(vocab_size=2000).save_pretrained(str(folder / "tokenizer"))
-    return folder
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def tiny_args(assets: Path, out: Path, *extra: str) -> list[str]:
