@@ -386,15 +386,19 @@ def perf_model_section(rows: list[dict]) -> list[str]:
             ""]
     summary = []
     for card in sorted({r["card"] for r in rows}):
-        sel = [r for r in rows if r["card"] == card]
-        newest = max(r["date"] for r in sel)
-        sel = [r for r in sel if r["date"] == newest]
+        by_bar: dict[str, dict] = {}
+        for r in rows:  # the newest prediction of each bar (a run with --only renews some bars alone)
+            if r["card"] == card and (r["bar"] not in by_bar or r["date"] >= by_bar[r["bar"]]["date"]):
+                by_bar[r["bar"]] = r
+        sel = list(by_bar.values())
+        dates = sorted({r["date"][:10] for r in sel})
+        when = dates[-1] if len(dates) == 1 else f"{dates[0]}..{dates[-1]}"
+        commits = ", ".join(dict.fromkeys(r.get("commit", "?") for r in sorted(sel, key=lambda r: r["date"])))
         if card not in FULL_PREDICTION_CARDS and not card.startswith("CPU"):
             counts = {s: sum(r["pass"] == s for r in sel) for s in sorted({r["pass"] for r in sel})}
-            summary.append([card, newest[:10], sel[0].get("commit", "?"),
-                            ", ".join(f"{n} {s}" for s, n in counts.items())])
+            summary.append([card, when, commits, ", ".join(f"{n} {s}" for s, n in counts.items())])
             continue
-        out += [f"### {card} (predicted {newest[:10]}, commit {sel[0].get('commit', '?')})", "",
+        out += [f"### {card} (predicted {when}, commit {commits})", "",
                 table(["bar", "predicted", "target", "status", "detail"],
                       [[r["bar"], fmt(r["predicted"], r.get("unit", "")) if r["predicted"] else "-", r["target"],
                         r["pass"], r["detail"]] for r in sel]), ""]

@@ -108,3 +108,21 @@ def test_plot(quick_run, tmp_path):
     _, _, csv_file = quick_run
     written = plot(csv_file, out_dir=tmp_path)
     assert len(written) == 1 and written[0].stat().st_size > 0
+
+
+def test_results_page_keeps_the_newest_prediction_of_every_bar():
+    """A perf_model run with --only renews some bars: the page must keep every bar, each at its
+    newest prediction, not only the bars of the newest run."""
+    from bench import results_page
+
+    def row(date, commit, bar, predicted, status):
+        return {"date": date, "commit": commit, "card": "NVIDIA H200", "bar": bar, "predicted": predicted,
+                "target": ">= 1.5", "unit": "x", "pass": status, "detail": ""}
+
+    rows = [row("2026-12-01T10:00:00+00:00", "aaa", "bar one", "1.2", "FAIL"),
+            row("2026-12-01T10:00:00+00:00", "aaa", "bar two", "2.0", "PASS"),
+            row("2026-12-02T09:00:00+00:00", "bbb", "bar one", "1.6", "PASS")]
+    text = "\n".join(results_page.perf_model_section(rows))
+    assert "| bar one | 1.60x | >= 1.5 | PASS |" in text and "1.20x" not in text
+    assert "| bar two | 2.00x | >= 1.5 | PASS |" in text
+    assert "predicted 2026-12-01..2026-12-02, commit aaa, bbb" in text
