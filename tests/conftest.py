@@ -29,6 +29,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_shm_buffers_removed():
+    """DeepSpeed's CPU all-reduce leaves two ~69 MB ``deepspeed_allreduce_buffer_*`` files in
+    /dev/shm per 2-rank launch (they outlive the ranks): the ones this session's launches made are
+    removed at its end, or each test run would keep ~1 GB of shared memory."""
+    pattern = "deepspeed_allreduce_buffer_*"
+    before = set(SHM.glob(pattern)) if SHM.is_dir() else set()
+    yield
+    if SHM.is_dir():
+        for path in set(SHM.glob(pattern)) - before:
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from a fixed seed but draws fresh inputs (never zeros or constants)."""
