@@ -665,9 +665,9 @@ class _LaunchConfig:
     """Tile sizes and flags of one call.
 
     GPU tiles come from compiling for sm_90 without a GPU (see ``test_kernels_compile_for_sm90``)
-    and keeping the largest tiles with no register spills at head_dim 64: fp16/bf16 forward
-    64 x 32 with 4 warps, two-pass backward 64 x 32 with 8 warps; fp32 (IEEE dots, no tensor-core
-    shortcut) 32 x 32 with 8 warps. 64 x 64 tiles spill: the bias gathers hold one 64-bit
+    and keeping the largest tiles with no register spills at head_dim 64, with triton 3.6 (the
+    GPU image's) and 3.9: fp16/bf16 forward 64 x 32 with 4 warps, two-pass backward 64 x 16 with
+    8 warps; fp32 (IEEE dots, no tensor-core shortcut) 32 x 32 with 8 warps. 64 x 64 tiles spill: the bias gathers hold one 64-bit
     address per score per table. The fused backward of T5 / no table (``fused``, not ``window``)
     takes a wide key tile, BLOCK_M x BLOCK_N = 32 x 64 in bf16 / fp16 with 8 warps: its dQ
     atomics are BLOCK_M x head_dim per tile, L^2 head_dim / BLOCK_N per (batch, head) in all,
@@ -686,19 +686,28 @@ class _LaunchConfig:
         if self.interpreted:
             default_m, default_n, self.num_warps = 16, 32 if (fused and not window) else 16, 4
         elif window:
-            # DeBERTa in the kernel: square tiles (the window of BLOCK_M + BLOCK_N - 1 distances
-            # pads to 2 BLOCK_N, so the window products cost 2x the content product per table);
-            # bf16 32 x 32 (forward 4 warps, backward 8: 1 block per SM, see the sm_90 register
-            # test), fp32 16 x 16
-            default_m = default_n = 16 if q.dtype == torch.float32 else 32
-            self.num_warps = 8 if backward else 4
+            # DeBERTa in the kernel: square tiles (the backward's window halves are one tile wide;
+            # the window of BLOCK_M + BLOCK_N - 1 distances pads to 2 BLOCK_N, so the window
+            # products cost 2x the content product per table). bf16 forward 32 x 32 with 4 warps;
+            # bf16 backward 16 x 16 with 4 warps: no spills with triton 3.6 (the GPU image's) and
+            # 3.9, and 2 blocks per SM; 32 x 32 with 8 warps spills 16 bytes per thread with 3.6
+            # (none with 3.9), and without the carried half-window 40 / 16 (see the sm_90 register
+            # test). 16 x 16 doubles the dQ atomics (L^2 head_dim / BLOCK_N per (batch, head)):
+            # which wins needs a card (bench_biased_attention --tune). fp32 16 x 16 with 8 warps
+            bf16_backward = backward and q.dtype != torch.float32
+            default_m = default_n = 16 if (q.dtype == torch.float32 or backward) else 32
+            self.num_warps = 4 if bf16_backward else (8 if backward else 4)
         elif fused:
             # T5 / no table, fp16 / bf16 (fp32 takes two passes on a GPU, see the launcher)
             default_m, default_n, self.num_warps = 32, 64, 8
         elif q.dtype == torch.float32:
             default_m, default_n, self.num_warps = 32, 32, 8
+        elif backward:
+            # the two-pass backward of the generic tables: 64 x 16 with 8 warps (64 x 32 spills 16
+            # bytes per thread with triton 3.6, none with 3.9)
+            default_m, default_n, self.num_warps = 64, 16, 8
         else:
-            default_m, default_n, self.num_warps = 64, 32, 8 if backward else 4
+            default_m, default_n, self.num_warps = 64, 32, 4
         if self.block_d > 64 and not self.interpreted:  # wider heads: halve the query tile
             default_m = max(16, default_m // 2)
             default_n = default_m if window else (max(32, default_n // 2) if fused else default_n)

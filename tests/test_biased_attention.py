@@ -413,9 +413,10 @@ def test_kernels_compile_for_sm90_without_spills():
     assert not spills, f"register spills (stack bytes): {spills}"
 
 
-@pytest.mark.xfail(strict=True, reason="not reached yet: the bf16 backward kernels hold 215-255 "
-                   "registers per thread at 8 warps (1 block per SM); fewer warps or smaller tiles "
-                   "spill. Needs the GPU to choose between spills and occupancy (bench --tune)")
+@pytest.mark.xfail(strict=True, reason="not reached yet: DeBERTa's bf16 backward runs 2 blocks per SM "
+                   "(16 x 16 tiles, 4 warps), but the two-pass and T5 fused bf16 backward kernels hold "
+                   "216-255 registers per thread at 8 warps (1 block per SM); fewer warps or smaller tiles "
+                   "spill or cost atomics. Needs the GPU to choose between spills and occupancy (bench --tune)")
 def test_backward_kernels_two_blocks_per_sm_without_spills():
     """The issue's bar: every backward kernel at >= 2 resident blocks per SM on sm_90 (the bias
     gathers are latency-bound), with no spills (the fp32 DeBERTa backward included)."""
