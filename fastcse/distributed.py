@@ -105,6 +105,17 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
+def gather_to_main(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others; ``[obj]`` in one process
+    (any picklable object: e.g. each rank's own method state for rank 0's checkpoint file)."""
+    if not is_distributed():
+        return [obj]
+    rank, world = world_info()
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """``(n, ...)`` on each of W ranks -> ``(W * n, ...)`` in rank order, differentiable.
 

@@ -41,7 +41,7 @@ from fastcse.checkpoint import (DamagedCheckpoint, check_compatible, list_checkp
                                load_checkpoint, read_meta, save_checkpoint)
 from fastcse.config import ConfigError, TrainConfig, parse_args, read_json_object, resolve_precision
 from fastcse.data import DataError, TrainingData, load_training_data
-from fastcse.distributed import all_finite, barrier, join, mean_over_ranks
+from fastcse.distributed import all_finite, barrier, gather_to_main, join, mean_over_ranks
 from fastcse.ds_config import engine_config, fill_ds_config, zero_init_config, zero_stage
 from fastcse.files import atomic_replace_dir
 from fastcse.grad_cache import cached_method_step
@@ -494,7 +494,7 @@ class Trainer:
                  "method": self.method.state_dict(), "config": self.cfg.to_dict(),
                  # what differs between ranks (ESimCSE's per-rank queue, its ZeRO-3 momentum shards):
                  # every rank's, gathered into rank 0's trainer.pt (the one file the checkpoint has)
-                 "method_ranks": _gather_to_main(self.method.rank_state_dict())}
+                 "method_ranks": gather_to_main(self.method.rank_state_dict())}
         self.last_checkpoint = save_checkpoint(self.ckpt_root, self.step, trainer_state=state,
                                                keep=self.cfg.run.save_total_limit, config=self.cfg.to_dict(),
                                                **self._checkpointed())
@@ -664,20 +664,6 @@ class Trainer:
     def close(self) -> None:
         if self.runlog is not None:
             self.runlog.close()
-
-
-def _gather_to_main(obj):
-    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others; ``[obj]`` in one process."""
-    import torch.distributed as dist
-
-    from fastcse.distributed import is_distributed, world_info
-
-    if not is_distributed():
-        return [obj]
-    rank, world = world_info()
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def _report(e: Exception) -> int:
