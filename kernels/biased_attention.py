@@ -255,6 +255,28 @@ def _biased_attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _key_tile(K, V, KMASK, b, h, pid, seqlen, offs_d, d_valid, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_kmb,
+              BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """A backward program's key tile ``pid``: its positions, which exist, the (BLOCK_N, head_dim)
+    mask, K and V (fp32 when UPCAST_DOT) and which keys are real (padding mask applied)."""
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seqlen
+    mask_nd = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = n_valid
+    if HAS_KMASK:
+        key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
+    return offs_n, n_valid, mask_nd, k, v, key_ok
+
+
+@triton.jit
 def _fused_bwd_program(
     Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
     POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
@@ -288,19 +310,9 @@ def _fused_bwd_program(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     qk_scale = sm_scale * 1.4426950408889634
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < seqlen
-    mask_nd = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=mask_nd, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=mask_nd, other=0.0)
-    if UPCAST_DOT:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    key_ok = n_valid
-    if HAS_KMASK:
-        key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
+    offs_n, n_valid, mask_nd, k, v, key_ok = _key_tile(
+        K, V, KMASK, b, h, pid, seqlen, offs_d, d_valid, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_kmb, BLOCK_N, HAS_KMASK, UPCAST_DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     carry_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -509,19 +521,9 @@ def _biased_attn_bwd_kernel(
             HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST)
     else:
         if KV_PASS:
-            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < seqlen
-            mask_nd = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=mask_nd, other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=mask_nd, other=0.0)
-            if UPCAST_DOT:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            key_ok = n_valid
-            if HAS_KMASK:
-                key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
+            offs_n, n_valid, mask_nd, k, v, key_ok = _key_tile(
+                K, V, KMASK, b, h, pid, seqlen, offs_d, d_valid, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_kmb, BLOCK_N, HAS_KMASK, UPCAST_DOT)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         else:
