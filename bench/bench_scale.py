@@ -1,19 +1,21 @@
 """A DeBERTa-v2 shape trained a few steps under ZeRO-3 on 2 CPU ranks (gloo): measured peak resident
 memory per rank and step time against ``fastcse.plan`` (issue #14's CPU benchmark run; not CI).
 
-    python bench/bench_scale.py --shape xlarge --batch 8 --seq 32 [--offload] [--steps 3]
+    python bench/bench_scale.py --shape xlarge --batch 8 --seq 32 [--offload | --ds-file F] [--precision fp32]
 
 Launches ``deepspeed --num_gpus 2`` on this file as the worker: each rank runs ``fastcse.train.main``
-(random init from the shape's config, the bundled wiki sample, ``--precision bf16``, the planner's
-assumption, and ``--gradient-checkpointing``) and records ``/proc/self/status`` VmRSS right after
-importing torch / deepspeed / transformers / fastcse (the baseline) and VmHWM (peak RSS) after the
-last step. The final checkpoint is not written (``Trainer.save`` is replaced by the recording: a
-900M ZeRO-3 checkpoint is 14 GB of disk writes and not what is measured). A watchdog stops the run
-when the machine's MemAvailable falls below ``--min-available-gb`` (other people's jobs share it).
+(random init from the shape's config, the bundled wiki sample, ``--precision bf16`` by default, and
+``--gradient-checkpointing``) and records ``/proc/self/status`` VmRSS right after importing torch /
+deepspeed / transformers / fastcse (the baseline) and VmHWM (peak RSS) after the last step. On a CPU
+without bf16 matrix units (AVX2 only) bf16 GEMMs run about 100x slower than fp32 (0.5 vs 41
+GFLOP/s per core measured on an AMD EPYC, 2026-12-02): use ``--precision fp32`` there. The final
+checkpoint is not written (``Trainer.save`` is replaced by the recording: a 900M ZeRO-3 checkpoint
+is 14 GB of disk writes and not what is measured). A watchdog stops the run when the machine's
+MemAvailable falls below ``--min-available-gb`` (other people's jobs share it).
 
-Compared: the planner's per-rank figure for the same settings (``total_gb``, plus under
-``--offload`` the CPU-side states ``cpu_gb_per_node / 2``) against VmHWM minus the baseline (the
-planner models tensors, not the interpreter and libraries). Results go to
+Compared: the planner's per-rank figure for the same DeepSpeed file, precision and ``--device cpu``
+(``total_gb``, plus the host-side states ``cpu_gb_per_node / 2`` when offloaded) against VmHWM
+minus the baseline (the planner models tensors, not the interpreter and libraries). Results go to
 ``bench/results/scale_cpu.csv``.
 """
 
@@ -63,6 +65,30 @@ def _mem_available_gb() -> float:
     raise KeyError("MemAvailable")
 
 
+def _tensor_census(top: int = 12) -> dict:
+    """Every tensor storage the process holds (found through the garbage collector, views of one
+    storage counted once): total GB, and the largest storages with a tensor's shape and dtype. What
+    RSS holds beyond this is the allocator's and the libraries' (and glibc's retained heap)."""
+    import gc
+
+    import torch
+
+    storages: dict = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu" or obj.is_meta:
+                continue
+            st = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 (some tensor subclasses refuse storage access)
+            continue
+        key = st.data_ptr()
+        if key and key not in storages:
+            storages[key] = (st.nbytes(), f"{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}")
+    biggest = sorted(storages.values(), key=lambda v: -v[0])[:top]
+    return {"total_gb": round(sum(n for n, _ in storages.values()) / 1e9, 3), "storages": len(storages),
+            "largest": [(round(n / 1e9, 3), what) for n, what in biggest]}
+
+
 # ------------------------------------------------------------------------------------------------
 # the worker (each rank)
 # ------------------------------------------------------------------------------------------------
@@ -90,6 +116,12 @@ def _worker(argv: list[str]) -> int:
 
     def mark(name):
         stages.append({"at": name, "hwm_kb": _status_kb("VmHWM"), "rss_kb": _status_kb("VmRSS")})
+        if name in ("engine", "step 1"):
+            stages[-1]["tensors"] = _tensor_census()
+        # kept on disk as it goes: a run the watchdog stops still shows where its memory went
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"marks-rank{rank}.json").write_text(json.dumps(  # (where, VmHWM GB, VmRSS GB)
+            [(s["at"], round(s["hwm_kb"] * 1024 / 1e9, 2), round(s["rss_kb"] * 1024 / 1e9, 2)) for s in stages]))
 
     def build(*a, **k):
         encoder = real_build(*a, **k)
@@ -105,6 +137,21 @@ def _worker(argv: list[str]) -> int:
         mark(f"step {len([s for s in stages if s['at'].startswith('step')]) + 1}")
         return out
 
+    import fastcse.step
+
+    real_backward, real_opt_step = fastcse.step.DeepSpeedStep.backward, fastcse.step.DeepSpeedStep.step
+
+    def backward(self, *a, **k):  # the forward's peak, then the backward's (VmHWM only grows)
+        mark("forward")
+        real_backward(self, *a, **k)
+        mark("backward")
+
+    def opt_step(self, *a, **k):
+        out = real_opt_step(self, *a, **k)
+        mark("optimizer")
+        return out
+
+    fastcse.step.DeepSpeedStep.backward, fastcse.step.DeepSpeedStep.step = backward, opt_step
     fastcse.train.build_encoder, fastcse.train.Trainer.setup = build, setup
     fastcse.train.Trainer.train_step = train_step
     rc = fastcse.train.main(argv)
@@ -117,11 +164,10 @@ def _worker(argv: list[str]) -> int:
 # the driver
 # ------------------------------------------------------------------------------------------------
 
-def _plan(config: Path, args) -> dict:
+def _plan(config: Path, ds_file: str, args) -> dict:
     cmd = [sys.executable, "-m", "fastcse.plan", "--model", str(config), "--gpus", "2", "--gpu-mem", "24",
-           "--batch", str(args.batch), "--seq", str(args.seq), "--zero", "3", "--checkpointing", "--json"]
-    if args.offload:
-        cmd.append("--offload")
+           "--batch", str(args.batch), "--seq", str(args.seq), "--ds", ds_file, "--checkpointing",
+           "--precision", args.precision, "--device", "cpu", "--json"]
     rows = json.loads(subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout)
     row = next(r for r in rows if r["gpus"] == 2)
     row["command"] = " ".join(["python", "-m", "fastcse.plan"] + cmd[3:])
@@ -142,7 +188,7 @@ def append_csv(result: dict) -> None:
                      f"{_status_total_gb():.1f} GB RAM",
            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
            "shape": f"deberta-v2-{result['shape']}", "ranks": 2, "ds_config": result["config"],
-           "malloc_mmap_threshold": result.get("malloc_mmap_threshold", "glibc default"), "precision": "bf16",
+           "malloc_mmap_threshold": result.get("malloc_mmap_threshold", "glibc default"), "precision": result.get("precision", "bf16"),
            "checkpointing": 1, "batch": batch, "seq": result["seq"], "steps": n,
            "step_s_first": round(step_s[0], 2), "step_s_rest_mean": round(sum(step_s[1:]) / max(1, n - 1), 2),
            "hwm_gb_rank0": round(ranks[0]["hwm_kb"] * 1024 / 1e9, 3),
@@ -177,6 +223,8 @@ def main() -> int:
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--csv-from", type=Path, help="append the CSV row of an earlier run's result-*.json and exit")
     ap.add_argument("--ds-file", help="a DeepSpeed config instead of ds_configs/zero3[_offload].json")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="fp32 on CPUs without bf16 matrix units (AVX2 only: bf16 GEMMs run ~100x slower there)")
     args = ap.parse_args()
     if args.csv_from:
         append_csv(json.loads(args.csv_from.read_text()))
@@ -185,11 +233,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     config = args.out / f"deberta-v2-{args.shape}.json"
     config.write_text(json.dumps(SHAPES[args.shape], indent=1))
-    plan = _plan(config, args)
     ds_file = args.ds_file or f"ds_configs/{'zero3_offload' if args.offload else 'zero3'}.json"
+    plan = _plan(config, ds_file, args)
     ds = Path(ds_file).stem
     run_dir = args.out / f"{args.shape}-{ds}"
-    train_args = ["--model-config", str(config), "--ds", ds_file, "--precision", "bf16",
+    train_args = ["--model-config", str(config), "--ds", ds_file, "--precision", args.precision,
                   "--gradient-checkpointing", "--batch-size", str(args.batch), "--max-seq-length", str(args.seq),
                   "--max-steps", str(args.steps), "--max-examples", "2000", "--no-evaluate", "--no-export",
                   "--no-progress", "--overwrite", "--output-dir", str(run_dir)]
@@ -206,6 +254,9 @@ def main() -> int:
         lowest = min(lowest, _mem_available_gb())
         if lowest < args.min_available_gb:
             stopped = f"MemAvailable fell to {lowest:.2f} GB (< {args.min_available_gb}): stopped"
+            for rank in (0, 1):  # each rank's marks so far (a rank rewrites its file at every mark)
+                print(f"rank {rank} marks before the stop:", (run_dir / f"marks-rank{rank}.json").read_text()
+                      if (run_dir / f"marks-rank{rank}.json").is_file() else "none", flush=True)
             os.killpg(proc.pid, signal.SIGKILL)  # our own launch (its own session): launcher and ranks
             proc.wait()
     wall = time.perf_counter() - t0
@@ -221,12 +272,13 @@ def main() -> int:
         steps = [r for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
     print(f"rc={proc.returncode} wall={wall:.0f}s lowest MemAvailable={lowest:.2f} GB "
           f"(before {available_before:.2f}){' ' + stopped if stopped else ''}", flush=True)
-    planned = plan["total_gb"] + (plan["cpu_gb_per_node"] / 2 if args.offload else 0.0)
+    # the planner's GPU figure plus, offloaded, this rank's share of the host-side states
+    planned = plan["total_gb"] + plan["cpu_gb_per_node"] / 2
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "batch": args.batch, "seq": args.seq,
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
-              "shape": args.shape, "config": ds, "rc": proc.returncode, "stopped": stopped, "wall_s": wall,
+              "shape": args.shape, "config": ds, "precision": args.precision, "rc": proc.returncode, "stopped": stopped, "wall_s": wall,
               "available_before_gb": available_before, "lowest_available_gb": lowest, "planned_gb": planned,
               "plan": plan, "ranks": ranks, "steps": steps}
     (args.out / f"result-{args.shape}-{ds}.json").write_text(json.dumps(result, indent=1))

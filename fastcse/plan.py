@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -44,6 +45,10 @@ LN_STATS = 2 * FP32  # LayerNorm / RMSNorm saves fp32 mean and rstd (or variance
 DS_ALLREDUCE_BUCKET = 500_000_000  # engine.allreduce_gradients (no ZeRO): grads flattened per bucket
 DS_SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3 steps the optimizer one sub-group at a time
 
+Precision = Literal["bf16", "fp32"]
+PRECISIONS = ("bf16", "fp32")
+PARAM_BYTES = {"bf16": BF16, "fp32": FP32}  # a parameter's, gradient's and activation's bytes
+ADAM_TEMPORARIES = {"cuda": 1, "cpu": 2}  # fp32 temporaries of torch AdamW's update, per updated element
 Method = Literal["simcse-unsup", "simcse-sup", "esimcse"]
 Attention = Literal["flash", "eager"]
 # sequences through the trainable encoder per anchor (fastcse.methods: [x; x], [s0; s1; hard], [x; rep(x)])
@@ -94,6 +99,12 @@ class Architecture:
     relative_positions: int = 0  # DeBERTa: rows of the relative-position table (2 x span)
     relative_kinds: int = 0  # DeBERTa: 2 with c2p and p2c
     conv: bool = False  # DeBERTa-v2's convolution beside the first layer
+    # every module that owns parameters, in registration order (the forward's, for these encoders):
+    # (encoder layer index or -1 outside the layers, the sizes of the parameters it owns directly)
+    modules: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    # indices into ``modules`` of those one forward calls twice (DeBERTa's query / key projections,
+    # shared with the relative embeddings): ZeRO-3's hooks never release these once gathered
+    called_twice: frozenset[int] = frozenset()
 
     @property
     def n_params(self) -> int:
@@ -139,15 +150,27 @@ def build_architecture(config, name: str = "") -> Architecture:
         model = T5EncoderModel(config) if is_t5 else AutoModel.from_config(config)
     numels = tuple(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    modules, called_twice = [], set()
+    shared_keys = (model_type == "deberta-v2" and getattr(config, "relative_attention", False)
+                   and getattr(config, "share_att_key", False))
+    for name, module in model.named_modules():
+        own = tuple(p.numel() for p in module.parameters(recurse=False))
+        if own:
+            layer = re.search(r"(?:^|\.)(?:layer|block)\.(\d+)(?:\.|$)", name)
+            if shared_keys and name.endswith(("attention.self.query_proj", "attention.self.key_proj")):
+                called_twice.add(len(modules))
+            modules.append((int(layer.group(1)) if layer else -1, own))
     if is_t5:
         heads, head_dim = config.num_heads, config.d_kv
         return Architecture(
             name=name, model_type=model_type, family="t5", param_numels=numels, largest_module_params=largest,
+            modules=tuple(modules), called_twice=frozenset(called_twice),
             hidden=config.d_model, layers=config.num_layers, heads=heads, head_dim=head_dim,
             intermediate=config.d_ff, activation=config.dense_act_fn, gated=config.is_gated_act)
     heads = config.num_attention_heads
     head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // heads
     common = dict(name=name, model_type=model_type, param_numels=numels, largest_module_params=largest,
+                  modules=tuple(modules), called_twice=frozenset(called_twice),
                   hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads, head_dim=head_dim,
                   intermediate=config.intermediate_size, activation=str(config.hidden_act))
     if model_type == "deberta-v2":
@@ -187,7 +210,7 @@ class ModelStates:
 
 
 def model_state_bytes(n_params: int, gpus: int, zero: int, *, offload: bool = False,
-                      persistent_params: int = 0) -> ModelStates:
+                      persistent_params: int = 0, precision: Precision = "bf16") -> ModelStates:
     """Mixed-precision AdamW (bf16 parameters and gradients, 12 bytes of fp32 optimizer state per
     parameter), for Psi = ``n_params`` over N = ``gpus`` ranks::
 
@@ -201,22 +224,164 @@ def model_state_bytes(n_params: int, gpus: int, zero: int, *, offload: bool = Fa
     offload_param under ZeRO-3): the optimizer states and DeepSpeed's fp32 gradient partition
     (4 Psi / N) live in CPU memory, ZeRO-2/3 gradients go there bucket by bucket (none stay on
     the GPU), and ZeRO-3's parameter partitions too.
+
+    ``precision="fp32"`` (no bf16 / fp16 section: CPUs without bf16 matrix units): 4-byte
+    parameters and gradients; the optimizer holds Adam's two moments (8 Psi) and DeepSpeed's fp32
+    master partition, a clone of the parameters' even when they are fp32 already (12; measured on
+    ZeRO-3: three sub-group buffers beside the flat parameter partition); without ZeRO the torch
+    optimizer updates the parameters in place (8).
     """
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if offload and zero == 0:
         raise ValueError("--offload needs ZeRO stage 1, 2 or 3 (DeepSpeed offloads ZeRO's partitions)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    width = PARAM_BYTES[precision]
+    adam = ADAM_BYTES if precision == "bf16" or zero >= 1 else ADAM_BYTES - FP32
     psi, n = float(n_params), float(gpus)
-    params = BF16 * psi / n + BF16 * persistent_params if zero == 3 else BF16 * psi
-    grads = BF16 * psi / n if zero >= 2 else BF16 * psi
-    optimizer = ADAM_BYTES * psi / n if zero >= 1 else ADAM_BYTES * psi
+    params = width * psi / n + width * persistent_params if zero == 3 else width * psi
+    grads = width * psi / n if zero >= 2 else width * psi
+    optimizer = adam * psi / n if zero >= 1 else adam * psi
     if not offload:
         return ModelStates(params, grads, optimizer)
-    cpu = (ADAM_BYTES + FP32) * psi / n
+    cpu = (adam + FP32) * psi / n
     if zero == 3:
-        cpu += BF16 * psi / n
-        params = BF16 * persistent_params
+        cpu += width * psi / n
+        params = width * persistent_params
     return ModelStates(params=params, grads=0.0 if zero >= 2 else grads, optimizer=0.0, cpu=cpu)
+
+
+# --------------------------------------------------------------------------------------------
+# ZeRO-3's gathered parameters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed ``zero_optimization`` values that size the buffers (in elements). The defaults
+    are DeepSpeed's own, which ``ds_configs/zero3*.json`` keep; ``None``: fastcse.train's "auto"
+    (reduce bucket h^2, prefetch bucket 0.9 h^2, persistence threshold 10 h)."""
+
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    prefetch_bucket: Optional[int] = None
+    reduce_bucket: Optional[int] = None
+    persistence_threshold: Optional[int] = None
+    sub_group_size: int = DS_SUB_GROUP_SIZE
+
+    def prefetch(self, hidden: int) -> int:
+        return int(0.9 * hidden * hidden) if self.prefetch_bucket is None else self.prefetch_bucket
+
+    def bucket(self, hidden: int) -> int:
+        return hidden * hidden if self.reduce_bucket is None else self.reduce_bucket
+
+    def threshold(self, hidden: int) -> int:
+        return 10 * hidden if self.persistence_threshold is None else self.persistence_threshold
+
+
+_ZERO_KEYS = {"stage3_max_live_parameters": "max_live_parameters",
+              "stage3_max_reuse_distance": "max_reuse_distance",
+              "stage3_prefetch_bucket_size": "prefetch_bucket", "reduce_bucket_size": "reduce_bucket",
+              "stage3_param_persistence_threshold": "persistence_threshold", "sub_group_size": "sub_group_size"}
+
+
+def read_ds_config(path: str | Path) -> tuple[dict, ZeroSettings]:
+    """A DeepSpeed config file's ZeRO section and the buffer settings it gives ("auto": fastcse.train's
+    value, absent: DeepSpeed's default). Returns (the section, the settings)."""
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--ds {path}: {exc}") from exc
+    zero = ds.get("zero_optimization", {})
+    values = {}
+    for key, field_name in _ZERO_KEYS.items():
+        value = zero.get(key)
+        if value is None or value == "auto":
+            continue
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"--ds {path}: zero_optimization.{key} must be a non-negative number or \"auto\", "
+                             f"got {value!r}")
+        values[field_name] = int(value)
+    return zero, ZeroSettings(**values)
+
+
+def _zero3_trace(arch: Architecture, checkpointing: bool, threshold: int) -> list[tuple[int, int]]:
+    """The order ZeRO-3 fetches modules in one training step, as (module index, gathered elements):
+    the forward in module order, then the backward in reverse; with checkpointing each layer is
+    recomputed (its forward again) right before its backward. Modules whose parameters are all
+    persistent (at most ``threshold`` elements each) are never gathered and are left out."""
+    sizes = [sum(n for n in own if n > threshold) for _, own in arch.modules]
+    forward = [i for i, size in enumerate(sizes) if size]
+    layer_of = {i: arch.modules[i][0] for i in forward}
+    if not checkpointing:
+        return [(i, sizes[i]) for i in forward + forward[::-1]]
+    layers: dict[int, list[int]] = {}
+    for i in forward:
+        if layer_of[i] >= 0:
+            layers.setdefault(layer_of[i], []).append(i)
+    backward, done = [], set()
+    for i in reversed(forward):
+        layer = layer_of[i]
+        if layer < 0:
+            backward.append(i)
+        elif layer not in done:  # the layer's recomputed forward, then its backward
+            done.add(layer)
+            backward += layers[layer] + layers[layer][::-1]
+    return [(i, sizes[i]) for i in forward + backward]
+
+
+def zero3_gathered_elements(arch: Architecture, settings: ZeroSettings = ZeroSettings(), *,
+                            checkpointing: bool = False) -> int:
+    """Peak parameter elements ZeRO-3 holds gathered (whole) at once during a step, from a replay of
+    DeepSpeed's policy (deepspeed/runtime/zero/partitioned_param_coordinator.py) over the step's
+    module order (:func:`_zero3_trace`), once the first step has recorded that order:
+
+    * a module's parameters are gathered before it runs, and the next modules' are prefetched while
+      fewer than min(max_live_parameters - gathered, prefetch bucket) elements are in flight;
+    * after it runs, they are released unless the module runs again within ``max_reuse_distance``
+      elements of the modules that follow (so with DeepSpeed's default of 1e9, a model under ~1e9
+      parameters stays gathered from its forward through its backward);
+    * a module one forward calls twice (:attr:`Architecture.called_twice`) is never released
+      (measured on DeBERTa-v2: every layer's query and key projections stay gathered from step
+      to step, whatever the limits).
+
+    Counted per module, not per parameter (DeepSpeed prefetches parameter by parameter: the
+    prefetch may overshoot here by up to one module)."""
+    threshold = settings.threshold(arch.hidden)
+    trace = _zero3_trace(arch, checkpointing, threshold)
+    prefetch = settings.prefetch(arch.hidden)
+    gathered: set[int] = set()
+    live = peak = 0
+    frontier = 0  # the prefetch queue's head: the trace position it has walked to
+    for step, (module, size) in enumerate(trace):
+        frontier = max(frontier, step + 1)
+        if module not in gathered:
+            gathered.add(module)
+            live += size
+        budget, fetched = min(settings.max_live_parameters - live, prefetch), 0
+        while frontier < len(trace) and fetched < budget:
+            nxt, nxt_size = trace[frontier]
+            if nxt not in gathered:
+                gathered.add(nxt)
+                live += nxt_size
+                fetched += nxt_size
+            frontier += 1
+        peak = max(peak, live)
+        traversed, reused = 0, False
+        for later, later_size in trace[step + 1:]:
+            if traversed >= settings.max_reuse_distance:
+                break
+            if later == module:
+                reused = True
+                break
+            traversed += later_size
+        # a module the prefetch has walked past its next use stays gathered for it, as in DeepSpeed
+        if module not in arch.called_twice and not reused and all(m != module for m, _ in trace[step + 1:frontier]):
+            gathered.discard(module)
+            live -= size
+    return peak
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +604,10 @@ class PlanOptions:
     queue_size: int = 128  # ESimCSE
     gpus_per_node: int = 8
     reserve: float = 0.10  # share of GPU memory kept for the CUDA context, NCCL, fragmentation
-    persistence_threshold: Optional[int] = None  # ZeRO-3; None: 10 x hidden (fastcse.train's "auto")
+    persistence_threshold: Optional[int] = None  # ZeRO-3; None: zero_settings' (10 x hidden: fastcse.train's "auto")
+    precision: Precision = "bf16"
+    device: Literal["cuda", "cpu"] = "cuda"  # cpu: the CPU benchmark runs (input-dtype dropout masks, single-tensor AdamW)
+    zero_settings: ZeroSettings = field(default_factory=ZeroSettings)  # the DeepSpeed config's buffer sizes
 
 
 @dataclass
@@ -467,21 +635,31 @@ class GpuPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _buffer_bytes(arch: Architecture, zero: int, momentum_gathered: bool) -> float:
-    """DeepSpeed's working buffers with fastcse.train's bucket sizes (h^2 reduce bucket,
-    0.9 h^2 ZeRO-3 prefetch): without ZeRO the gradients are flattened for all-reduce in
-    buckets of up to 5e8 elements; ZeRO-1/2 reduce through two buckets (overlap_comm); ZeRO-3
-    gathers each module's full parameters while it runs (the largest module, plus the prefetch),
-    and ESimCSE's fp32 momentum encoder gathers its own."""
-    h2 = arch.hidden * arch.hidden
-    if zero == 0:
-        return BF16 * min(arch.n_params, DS_ALLREDUCE_BUCKET)
-    if zero in (1, 2):
-        return 2 * BF16 * h2
-    gathered = BF16 * (arch.largest_module_params + 0.9 * h2) + BF16 * h2
+def _buffer_bytes(arch: Architecture, opts: PlanOptions, momentum_gathered: bool) -> tuple[float, float]:
+    """DeepSpeed's working buffers, as (held all along, held only through forward + backward):
+    without ZeRO the gradients are flattened for all-reduce in buckets of up to 5e8 elements during
+    backward; ZeRO-1/2 reduce through two gradient buckets (overlap_comm), allocated once; ZeRO-3
+    keeps one reduce bucket and gathers parameters while modules run
+    (:func:`zero3_gathered_elements`: from the largest module plus the prefetch, with small
+    gather limits, up to the whole model with DeepSpeed's defaults) and reduce-scatters each
+    module's whole gradient, all released before the optimizer step; ESimCSE's fp32 momentum
+    encoder gathers its own, one module at a time."""
+    width = PARAM_BYTES[opts.precision]
+    settings = opts.zero_settings
+    bucket = settings.bucket(arch.hidden)
+    if opts.zero == 0:
+        return 0.0, width * min(arch.n_params, DS_ALLREDUCE_BUCKET)
+    if opts.zero in (1, 2):
+        return 2.0 * width * bucket, 0.0
+    # the largest module's backward: its gathered weight, its whole gradient and reduce_scatter's
+    # flattened copy of it (deepspeed/runtime/comm/coalesced_collectives.py) are alive at once
+    # (measured on 2 gloo ranks: 1.72 GB above the states in DeBERTa-v2-large's fp32 backward,
+    # 3 x 0.52 GB of word embeddings plus the activations)
+    gathered = width * (zero3_gathered_elements(arch, settings, checkpointing=opts.checkpointing)
+                        + 2 * arch.largest_module_params)
     if momentum_gathered:
         gathered += FP32 * arch.largest_module_params
-    return gathered
+    return float(width * bucket), float(gathered)
 
 
 def plan_for(arch: Architecture, gpus: int, opts: PlanOptions) -> GpuPlan:
@@ -490,14 +668,22 @@ def plan_for(arch: Architecture, gpus: int, opts: PlanOptions) -> GpuPlan:
     if opts.batch % gpus:
         notes.append(f"batch {opts.batch} does not split over {gpus} GPUs (rounded up per GPU)")
     per_gpu = math.ceil(opts.batch / gpus)
-    threshold = 10 * arch.hidden if opts.persistence_threshold is None else opts.persistence_threshold
-    states = model_state_bytes(arch.n_params, gpus, opts.zero, offload=opts.offload,
+    threshold = opts.zero_settings.threshold(arch.hidden) if opts.persistence_threshold is None \
+        else opts.persistence_threshold
+    if opts.persistence_threshold is not None:
+        opts = replace(opts, zero_settings=replace(opts.zero_settings, persistence_threshold=threshold))
+    states = model_state_bytes(arch.n_params, gpus, opts.zero, offload=opts.offload, precision=opts.precision,
                                persistent_params=arch.persistent_params(threshold) if opts.zero == 3 else 0)
     sequences = VIEWS[opts.method] * per_gpu
     esimcse = opts.method == "esimcse"
     # ESimCSE's momentum encoder embeds the positive views without gradient
-    acts = activation_bytes(arch, sequences, opts.seq, opts.attention, no_grad_sequences=per_gpu if esimcse else 0)
-    activations = acts.checkpointed if opts.checkpointing else acts.full
+    # CPU dropout keeps an input-dtype mask, CUDA's a bool one
+    mask = CUDA_DROPOUT_MASK if opts.device == "cuda" else PARAM_BYTES[opts.precision]
+    acts = activation_bytes(arch, sequences, opts.seq, opts.attention, no_grad_sequences=per_gpu if esimcse else 0,
+                            mask_bytes=mask)
+    # fp32 activations: the bf16 figure doubled (a bound: LayerNorm statistics are fp32 either way)
+    widen = PARAM_BYTES[opts.precision] // BF16
+    activations = (acts.checkpointed if opts.checkpointing else acts.full) * widen
     momentum, cpu = 0.0, states.cpu
     if esimcse:
         # an fp32 copy of the encoder (fastcse.methods.ESimCSE), sharded like the model under ZeRO-3
@@ -507,15 +693,21 @@ def plan_for(arch: Architecture, gpus: int, opts: PlanOptions) -> GpuPlan:
         else:
             momentum += shard
         momentum += FP32 * opts.queue_size * arch.hidden
-    loss = loss_bytes(arch.hidden, opts.batch, gpus, opts.method, queue_size=opts.queue_size)
-    buffers = _buffer_bytes(arch, opts.zero, esimcse and opts.zero == 3)
+    loss = loss_bytes(arch.hidden, opts.batch, gpus, opts.method, queue_size=opts.queue_size) * widen
+    held, transient = _buffer_bytes(arch, opts, esimcse and opts.zero == 3)
     # the optimizer step turns this rank's gradient partition into fp32 (on the CPU when offloaded),
-    # after the activations are freed
+    # one ZeRO-3 sub-group at a time, after the activations and gathered parameters are freed; torch's
+    # AdamW then builds its denominator sqrt(v) / c + eps out of place: one temporary of the update's
+    # size with the foreach kernels (CUDA's default), two with the single-tensor loop (CPU tensors:
+    # the sqrt and the quotient)
+    updated = arch.n_params if opts.zero == 0 else min(
+        arch.n_params / gpus, opts.zero_settings.sub_group_size if opts.zero == 3 else math.inf)
     step = 0.0
     if not opts.offload:
-        step = FP32 * (arch.n_params if opts.zero == 0 else
-                       min(arch.n_params / gpus, DS_SUB_GROUP_SIZE if opts.zero == 3 else math.inf))
-    total = states.total + momentum + buffers + max(activations + loss, step)
+        step = FP32 * updated * (1 + ADAM_TEMPORARIES[opts.device])
+    else:  # offloaded: the same update runs on the host, on CPU tensors
+        cpu += FP32 * updated * (1 + ADAM_TEMPORARIES["cpu"])
+    total = states.total + momentum + held + max(transient + activations + loss, step)
     usable = opts.gpu_mem * GB * (1.0 - opts.reserve)
     ranks_per_node = min(gpus, opts.gpus_per_node)
 
@@ -525,8 +717,9 @@ def plan_for(arch: Architecture, gpus: int, opts: PlanOptions) -> GpuPlan:
     return GpuPlan(
         gpus=gpus, params_gb=gb(states.params), grads_gb=gb(states.grads), optimizer_gb=gb(states.optimizer),
         model_states_gb=gb(states.total), activations_gb=gb(activations), loss_gb=gb(loss), total_gb=gb(total),
-        fits=bool(total <= usable and not notes), momentum_gb=gb(momentum), buffers_gb=gb(buffers),
-        step_gb=gb(step), activations_full_gb=gb(acts.full), activations_checkpointed_gb=gb(acts.checkpointed),
+        fits=bool(total <= usable and not notes), momentum_gb=gb(momentum), buffers_gb=gb(held + transient),
+        step_gb=gb(step), activations_full_gb=gb(acts.full * widen),
+        activations_checkpointed_gb=gb(acts.checkpointed * widen),
         cpu_gb_per_node=gb(cpu * ranks_per_node), usable_gb=gb(usable), batch_per_gpu=opts.batch / gpus,
         sequences_per_gpu=sequences, notes=notes)
 
@@ -547,8 +740,8 @@ def format_table(arch: Architecture, opts: PlanOptions, rows: Sequence[GpuPlan],
     lines = [
         f"{arch.name}: {arch.model_type}, {arch.n_params / 1e9:.3f} B parameters, {arch.layers} layers, "
         f"hidden {arch.hidden}, {arch.heads} heads",
-        f"ZeRO-{opts.zero}{offload}; bf16 mixed-precision AdamW; {opts.method}, batch {opts.batch} x seq "
-        f"{opts.seq}; {opts.attention} attention, {ckpt}",
+        f"ZeRO-{opts.zero}{offload}; {'bf16 mixed-precision' if opts.precision == 'bf16' else 'fp32'} AdamW; "
+        f"{opts.method}, batch {opts.batch} x seq {opts.seq}; {opts.attention} attention, {ckpt}",
         f"GB per GPU (1e9 bytes); fits: total <= {rows[0].usable_gb:.1f} GB "
         f"({opts.gpu_mem:g} GB less {opts.reserve:.0%} reserve); act/ckpt: activations with checkpointing",
         "",
@@ -570,7 +763,13 @@ def format_table(arch: Architecture, opts: PlanOptions, rows: Sequence[GpuPlan],
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     notes = sorted({n for r in rows for n in r.notes})
     lines += [""] + [f"note: {n}" for n in notes] if notes else []
-    lines.append(f"> marks --gpus {highlight}; total = states + momentum + buffers + max(act + loss, step)")
+    z = opts.zero_settings
+    if opts.zero == 3:
+        lines.append(f"ZeRO-3 gather limits: max_live_parameters {z.max_live_parameters:.3g}, max_reuse_distance "
+                     f"{z.max_reuse_distance:.3g}, prefetch {z.prefetch(arch.hidden):.3g} elements; "
+                     f"sub_group_size {z.sub_group_size:.3g}")
+    lines.append(f"> marks --gpus {highlight}; total = states + momentum + held buffers + max(gathered parameters "
+                 f"+ act + loss, step)")
     return "\n".join(lines)
 
 
@@ -582,7 +781,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GB (1e9 bytes)")
     p.add_argument("--batch", type=int, required=True, help="sentences per step over all GPUs")
     p.add_argument("--seq", type=int, required=True, help="tokens per sequence")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=3)
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="ZeRO stage (default: the --ds file's, else 3)")
+    p.add_argument("--ds", metavar="FILE",
+                   help="the DeepSpeed config of the run (ds_configs/*.json): its ZeRO stage, offload, bucket "
+                        "sizes, gather limits (stage3_max_live_parameters / max_reuse_distance) and "
+                        "sub_group_size; without it DeepSpeed's defaults, as ds_configs/zero3.json keeps them")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                   help="bf16 mixed precision (GPUs), or fp32 (CPUs without bf16 matrix units)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: plan a CPU run (gloo ranks): input-dtype dropout masks, torch AdamW's single-tensor "
+                        "update")
     p.add_argument("--offload", action="store_true",
                    help="optimizer states (and, under ZeRO-3, parameters) in CPU memory")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
@@ -605,6 +814,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             print(f"--{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    settings = ZeroSettings()
+    if args.ds:
+        try:
+            zero, settings = read_ds_config(args.ds)
+        except ValueError as exc:
+            print(f"fastcse.plan: {exc}", file=sys.stderr)
+            return 2
+        stage = int(zero.get("stage", 0))
+        if args.zero is not None and args.zero != stage:
+            print(f"--zero {args.zero} contradicts --ds {args.ds} (stage {stage})", file=sys.stderr)
+            return 2
+        args.zero = stage
+        offloaded = any(str((zero.get(k) or {}).get("device", "none")) == "cpu"
+                        for k in ("offload_optimizer", "offload_param"))
+        args.offload = args.offload or offloaded
+    if args.zero is None:
+        args.zero = 3
     if args.offload and args.zero == 0:
         print("--offload needs --zero 1, 2 or 3", file=sys.stderr)
         return 2
@@ -616,7 +842,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = PlanOptions(gpu_mem=args.gpu_mem, batch=args.batch, seq=args.seq, zero=args.zero, offload=args.offload,
                        checkpointing=args.checkpointing, method=args.method, attention=args.attn,
                        queue_size=args.queue_size, gpus_per_node=args.gpus_per_node, reserve=args.reserve,
-                       persistence_threshold=args.persistence_threshold)
+                       persistence_threshold=args.persistence_threshold, precision=args.precision,
+                       device=args.device, zero_settings=settings)
     counts = sorted(set(GPU_COUNTS) | {args.gpus})
     rows = plan(arch, opts, counts)
     if args.json:
