@@ -607,6 +607,9 @@ class PlanOptions:
     persistence_threshold: Optional[int] = None  # ZeRO-3; None: zero_settings' (10 x hidden: fastcse.train's "auto")
     precision: Precision = "bf16"
     device: Literal["cuda", "cpu"] = "cuda"  # cpu: the CPU benchmark runs (input-dtype dropout masks, single-tensor AdamW)
+    # the DeepSpeed file names its own optimizer (FusedAdam on a GPU, DeepSpeedCPUAdam offloaded: both
+    # update in place) instead of fastcse's torch AdamW; None: as the shipped configs (only with --offload)
+    ds_optimizer: Optional[bool] = None
     zero_settings: ZeroSettings = field(default_factory=ZeroSettings)  # the DeepSpeed config's buffer sizes
 
 
@@ -697,16 +700,18 @@ def plan_for(arch: Architecture, gpus: int, opts: PlanOptions) -> GpuPlan:
     held, transient = _buffer_bytes(arch, opts, esimcse and opts.zero == 3)
     # the optimizer step turns this rank's gradient partition into fp32 (on the CPU when offloaded),
     # one ZeRO-3 sub-group at a time, after the activations and gathered parameters are freed; torch's
-    # AdamW then builds its denominator sqrt(v) / c + eps out of place: one temporary of the update's
-    # size with the foreach kernels (CUDA's default), two with the single-tensor loop (CPU tensors:
-    # the sqrt and the quotient)
+    # AdamW (fastcse's, when the DeepSpeed file names no optimizer) then builds its denominator
+    # sqrt(v) / c + eps out of place: one temporary of the update's size with the foreach kernels
+    # (CUDA's default), two with the single-tensor loop (CPU tensors: the sqrt and the quotient);
+    # DeepSpeed's own optimizers update in place
     updated = arch.n_params if opts.zero == 0 else min(
         arch.n_params / gpus, opts.zero_settings.sub_group_size if opts.zero == 3 else math.inf)
+    own_optimizer = opts.offload if opts.ds_optimizer is None else opts.ds_optimizer
     step = 0.0
     if not opts.offload:
-        step = FP32 * updated * (1 + ADAM_TEMPORARIES[opts.device])
-    else:  # offloaded: the same update runs on the host, on CPU tensors
-        cpu += FP32 * updated * (1 + ADAM_TEMPORARIES["cpu"])
+        step = FP32 * updated * (1 + (0 if own_optimizer else ADAM_TEMPORARIES[opts.device]))
+    elif not own_optimizer:  # offloaded torch AdamW: its temporaries on the host (the fp32 gradients are there)
+        cpu += FP32 * updated * ADAM_TEMPORARIES["cpu"]
     total = states.total + momentum + held + max(transient + activations + loss, step)
     usable = opts.gpu_mem * GB * (1.0 - opts.reserve)
     ranks_per_node = min(gpus, opts.gpus_per_node)
@@ -814,10 +819,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             print(f"--{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
-    settings = ZeroSettings()
+    settings, ds_optimizer = ZeroSettings(), None
     if args.ds:
         try:
             zero, settings = read_ds_config(args.ds)
+            ds_optimizer = "optimizer" in json.loads(Path(args.ds).read_text())
         except ValueError as exc:
             print(f"fastcse.plan: {exc}", file=sys.stderr)
             return 2
@@ -843,7 +849,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        checkpointing=args.checkpointing, method=args.method, attention=args.attn,
                        queue_size=args.queue_size, gpus_per_node=args.gpus_per_node, reserve=args.reserve,
                        persistence_threshold=args.persistence_threshold, precision=args.precision,
-                       device=args.device, zero_settings=settings)
+                       device=args.device, zero_settings=settings, ds_optimizer=ds_optimizer)
     counts = sorted(set(GPU_COUNTS) | {args.gpus})
     rows = plan(arch, opts, counts)
     if args.json:
