@@ -20,6 +20,11 @@ Usage::
     python -m bench.bench_encoder --quick            # CPU, tiny shapes, seconds
     python -m bench.bench_encoder                    # GPU: bf16, base shapes
     python -m bench.bench_encoder --models bert --backends eager varlen --workloads wiki32
+    python -m bench.bench_encoder --models deberta-v3 --workloads long512 --backends eager biased disentangled-flash
+
+``disentangled-flash`` (PyPI ``disentangled-flash``, a fused Triton DeBERTa attention with a fused
+backward and in-kernel dropout) is the peer of the ``biased`` kernel: its encoder replaces the
+backbone's, on the same weights, when the package is installed and the device is CUDA.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wiki1m"
 CSV_NAME = "encoder.csv"
 MODELS = ("bert", "deberta-v3", "t5")
 BACKENDS = ("eager", "sdpa", "varlen", "biased")
+# peers' fused encoders, run when installed (an optional extra of the benchmarks, never of the
+# package): disentangled-flash replaces a DeBERTa-v2/v3 backbone's encoder with its Triton
+# training path (CUDA only; on other devices it leaves HF's attention in place)
+PEERS = ("disentangled-flash",)
 WORKLOADS = ("wiki32", "long512")
 
 
@@ -102,6 +111,16 @@ def make_batch(lengths: list[int], vocab: int, device, *, pad_id: int = 0):
 
 def backend_runs(model: str, backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run ``model`` here, else the reason to skip it."""
+    if backend in PEERS:
+        import importlib.util
+
+        if model != "deberta-v3":
+            return "a DeBERTa-v2/v3 encoder only"
+        if importlib.util.find_spec("disentangled_flash") is None:
+            return "not installed (pip install disentangled-flash; on the GPU machine carry its wheel)"
+        if device.type != "cuda":
+            return "its Triton path is CUDA-only (elsewhere it keeps HF's attention)"
+        return None
     config = model_config(model, tiny=True)
     from fastcse.models.encoder import _backbone_class
 
@@ -114,6 +133,16 @@ def backend_runs(model: str, backend: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return "Triton kernel: interpreted on CPU, not benchmarked"
     return None
+
+
+def install_peer(enc: SentenceEncoder, peer: str) -> str | None:
+    """Put ``peer``'s encoder into ``enc``'s backbone (same weights: it keeps the parameters); None
+    on success, else why it did not take."""
+    from disentangled_flash import enable_deberta_training
+
+    enable_deberta_training(enc.backbone, backend="triton")
+    kind = type(enc.backbone.encoder).__name__
+    return None if kind == "DebertaV2OptimizedEncoder" else f"{peer} left the encoder as {kind}"
 
 
 def bench_one(enc: SentenceEncoder, model: str, backend: str, workload: str, *, device, tiny: bool, batch: int,
@@ -159,7 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, short long-sequences, few reps")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=attn.ATTN_BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS),
+                        choices=tuple(attn.ATTN_BACKENDS) + PEERS,
+                        help=f"attention backends, or a peer's encoder ({', '.join(PEERS)}: when installed)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -198,14 +229,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if reason:
                 print(f"skip {model:<11} {backend:<7}: {reason}")
                 continue
-            enc = SentenceEncoder.from_config(config, pooling="cls", attn_backend=backend, dtype=dtype,
-                                              max_seq_length=512)
+            enc = SentenceEncoder.from_config(config, pooling="cls", attn_backend="eager" if backend in PEERS else backend,
+                                              dtype=dtype, max_seq_length=512)
             # one set of random weights per model, so every backend computes the same function
             if weights is None:
                 weights = {k: v.clone() for k, v in enc.state_dict().items()}
             else:
                 enc.load_state_dict(weights)
             enc.to(device).train()
+            if backend in PEERS:
+                reason = install_peer(enc, backend)
+                if reason:
+                    print(f"skip {model:<11} {backend:<7}: {reason}")
+                    continue
             for workload in args.workloads:
                 for method in timings_for(args.timing, device):
                     new = bench_one(enc, model, backend, workload, device=device, tiny=tiny, batch=args.batch,

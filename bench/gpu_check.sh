@@ -34,6 +34,11 @@
 # `python3` only (no `python`), no DeepSpeed, no flash-attn and no network: fastcse is installed
 # with `pip install --no-deps --no-build-isolation --no-index -e .` (the image's setuptools); if
 # that fails, PYTHONPATH gets the checkout plus a sitecustomize.py that maps fastcse.kernels.
+# The peer of the DeBERTa kernel (issue #11: disentangled-flash, pure Python + Triton) runs in the
+# encoder_biased step when it imports there: download its wheel into the ignored .whl/ folder here
+# (`python3 -m pip download --no-deps -d .whl disentangled-flash==1.1.1`), name .whl in the call's
+# carry, and begin the command with the device README's `pip install ... --target /tmp/site
+# .whl/*.whl && export PYTHONPATH=/tmp/site`; without it the step skips that provider and says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -196,7 +201,7 @@ run_step infonce_262144 30 90 python3 -m bench.bench_infonce "${LOSS_BIG[@]}" --
 run_step encoder_bert 30 90 python3 -m bench.bench_encoder "${BERT[@]}" --models bert --workloads wiki32 \
   --backends eager sdpa varlen --csv "$OUT/encoder.csv"
 run_step encoder_biased 30 90 python3 -m bench.bench_encoder "${BIASED_ENC[@]}" --models deberta-v3 t5 \
-  --workloads long512 --backends eager biased --csv "$OUT/encoder.csv"
+  --workloads long512 --backends eager biased disentangled-flash --csv "$OUT/encoder.csv"
 run_step attention 25 90 python3 -m bench.bench_biased_attention "${ATTN[@]}" --providers eager,biased \
   --csv "$OUT/biased_attention.csv"
 run_step train 40 120 python3 -m bench.bench_train "${TRAIN[@]}" --csv "$OUT/train.csv"
