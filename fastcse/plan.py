@@ -287,8 +287,8 @@ _ZERO_KEYS = {"stage3_max_live_parameters": "max_live_parameters",
 
 
 def read_ds_config(path: str | Path) -> tuple[dict, ZeroSettings]:
-    """A DeepSpeed config file's ZeRO section and the buffer settings it gives ("auto": fastcse.train's
-    value, absent: DeepSpeed's default). Returns (the section, the settings)."""
+    """A DeepSpeed config file and the buffer settings its ZeRO section gives ("auto": fastcse.train's
+    value, absent: DeepSpeed's default). Returns (the whole config, the settings)."""
     path = Path(path)
     try:
         ds = json.loads(path.read_text())
@@ -304,7 +304,7 @@ def read_ds_config(path: str | Path) -> tuple[dict, ZeroSettings]:
             raise ValueError(f"--ds {path}: zero_optimization.{key} must be a non-negative number or \"auto\", "
                              f"got {value!r}")
         values[field_name] = int(value)
-    return zero, ZeroSettings(**values)
+    return ds, ZeroSettings(**values)
 
 
 def _zero3_trace(arch: Architecture, checkpointing: bool, threshold: int) -> list[tuple[int, int]]:
@@ -822,11 +822,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings, ds_optimizer = ZeroSettings(), None
     if args.ds:
         try:
-            zero, settings = read_ds_config(args.ds)
-            ds_optimizer = "optimizer" in json.loads(Path(args.ds).read_text())
+            ds, settings = read_ds_config(args.ds)
         except ValueError as exc:
             print(f"fastcse.plan: {exc}", file=sys.stderr)
             return 2
+        zero, ds_optimizer = ds.get("zero_optimization", {}), "optimizer" in ds
         stage = int(zero.get("stage", 0))
         if args.zero is not None and args.zero != stage:
             print(f"--zero {args.zero} contradicts --ds {args.ds} (stage {stage})", file=sys.stderr)
