@@ -248,6 +248,23 @@ _SCALAR_READS = {torch.Tensor.__bool__: True, torch.Tensor.item: 1, torch.Tensor
                  torch.Tensor.__int__: 1, torch.Tensor.__index__: 1, torch.Tensor.tolist: 1}
 
 
+def _cuda_dropout(input, p=0.5, training=True, inplace=False):
+    """Dropout as ATen runs it on a CUDA tensor: one ``native_dropout`` (a bool mask saved for
+    backward) when training with ``0 < p < 1`` on a non-empty input. ATen decides by the C++
+    ``is_cuda``, which a meta tensor answers False, so without this a meta run takes the CPU
+    composite (an ``empty_like`` mask of the input's dtype, ``bernoulli_``, ``div_``, ``mul``):
+    four ops and twice the mask bytes of the bf16 run on a card. ``None`` when ATen would not
+    fuse (or for ``inplace``, left to ATen)."""
+    if not (isinstance(input, torch.Tensor) and input.is_meta and training and not inplace
+            and 0.0 < float(p) < 1.0 and input.numel() > 0):
+        return None
+    return torch.native_dropout(input, float(p), True)[0]
+
+
+# F.dropout (nn.Dropout's call) and torch.dropout (= _VF.dropout, what F.dropout lowers to)
+_DROPOUTS = {torch.nn.functional.dropout, torch.dropout}
+
+
 class _MetaRun(TorchFunctionMode):
     def __init__(self, as_cuda: bool):
         super().__init__()
@@ -269,6 +286,10 @@ class _MetaRun(TorchFunctionMode):
             return torch.device("cuda", 0)
         if func is torch.Tensor.cuda:
             return args[0].to("meta")
+        if func in _DROPOUTS:
+            fused = _cuda_dropout(*args, **kwargs)
+            if fused is not None:
+                return fused
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "meta"
         args = tree_map(lambda x: torch.device("meta") if isinstance(x, torch.device) and x.type == "cuda"

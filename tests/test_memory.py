@@ -150,6 +150,27 @@ def test_meta_as_cuda_takes_cuda_branches():
     assert not x.is_cuda
 
 
+@pytest.mark.parametrize("call", ["functional", "module", "torch"])
+def test_meta_as_cuda_dropout_is_cudas_native_dropout(call):
+    """On a card dropout is one native_dropout with a bool mask; a plain meta run takes the CPU
+    composite (a mask of the input's dtype). Both counted exactly; eval mode and p = 0 allocate nothing."""
+    n, bf16 = 1000 * 768, 2
+    drop = {"functional": lambda x: torch.nn.functional.dropout(x, 0.1, True),
+            "module": torch.nn.Dropout(0.1), "torch": lambda x: torch.dropout(x, 0.1, True)}[call]
+    for as_cuda, mask_bytes in ((True, 1), (False, bf16)):
+        with meta_run(as_cuda=as_cuda):
+            x = torch.empty(1000, 768, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            with StorageCounter() as c:
+                y = drop(x)
+            assert c.current == n * (bf16 + mask_bytes), (as_cuda, c.current)
+            assert (type(y.grad_fn).__name__ == "NativeDropoutBackward0") == as_cuda
+            y.sum().backward()
+            assert x.grad.shape == x.shape
+            with StorageCounter() as c:
+                same = (torch.nn.functional.dropout(x, 0.1, training=False), torch.nn.functional.dropout(x, 0.0))
+            assert c.peak == 0 and all(t is x for t in same)
+
+
 def test_stub_kernel_launches_records_and_skips():
     triton = pytest.importorskip("triton")
     import triton.language as tl
