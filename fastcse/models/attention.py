@@ -55,6 +55,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .recompute import recompute_saved
 from .unpad import PackedBatch, pack, unpad_input
 
 logger = logging.getLogger(__name__)
@@ -320,9 +321,32 @@ def bert_position_ids(backbone: torch.nn.Module, input_ids: torch.Tensor) -> tor
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
 
+def _bert_qkv(self_attn: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """BertSelfAttention's query, key and value projections of packed ``hidden``, ``(total, hidden)``
+    each, as one GEMM against the three weights stacked: under autocast ``hidden`` is cast once
+    (three calls each cast it and keep their own bf16 copy for backward), and one product three
+    times as wide fills more of the GPU than three (64 wiki sentences are ~1,400 tokens: a
+    ``(1400, 768) x (768, 768)`` product is a third of a wave of 128 x 256 tiles on 132 SMs).
+    The input gradient is one GEMM summing the three in fp32 as well.
+
+    Called as modules instead: ZeRO-3 partitions (``ds_id``: DeepSpeed gathers them in the
+    modules' hooks), modules with hooks or a replaced ``forward``, adapters that are not plain
+    ``nn.Linear``, mixed biases."""
+    mods = (self_attn.query, self_attn.key, self_attn.value)
+    biases = [m.bias for m in mods]
+    plain = all(type(m) is torch.nn.Linear and "forward" not in vars(m) and not hasattr(m.weight, "ds_id")
+                and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+    if not plain or (any(b is None for b in biases) and not all(b is None for b in biases)):
+        return tuple(m(hidden) for m in mods)
+    weight = torch.cat([m.weight for m in mods])
+    bias = None if biases[0] is None else torch.cat(biases)
+    return F.linear(hidden, weight, bias).split(mods[0].out_features, dim=-1)
+
+
 def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         token_type_ids: torch.Tensor | None = None, *, kernel: VarlenKernel = "auto",
-                        checkpoint: bool = False) -> tuple[torch.Tensor, PackedBatch]:
+                        checkpoint: bool = False, recompute_activation: bool = True
+                        ) -> tuple[torch.Tensor, PackedBatch]:
     """Run a HF BERT / RoBERTa / XLM-R encoder on packed tokens.
 
     Args:
@@ -332,6 +356,9 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
         kernel: the varlen attention kernel (:func:`varlen_attention`).
         checkpoint: recompute each layer in backward (activation checkpointing) instead of storing
             its activations.
+        recompute_activation: recompute the MLP activation's output in backward from its input
+            (which the activation keeps anyway) instead of keeping both
+            (:func:`fastcse.models.recompute.recompute_saved`; bitwise the same gradients).
 
     Returns ``(hidden, packed)``: the last hidden states of the real tokens ``(total_tokens, hidden)``
     and the :class:`PackedBatch` describing them.
@@ -352,14 +379,19 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     def run_layer(layer, hidden):
         self_attn = layer.attention.self
         nheads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
-        q = self_attn.query(hidden).view(-1, nheads, head_dim)
-        k = self_attn.key(hidden).view(-1, nheads, head_dim)
-        v = self_attn.value(hidden).view(-1, nheads, head_dim)
+        q, k, v = (x.view(-1, nheads, head_dim) for x in _bert_qkv(self_attn, hidden))
         dropout_p = self_attn.dropout.p if self_attn.training else 0.0
         scale = getattr(self_attn, "scaling", head_dim ** -0.5)
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
         attn_out = layer.attention.output(context.reshape(-1, nheads * head_dim), hidden)
-        return layer.output(layer.intermediate(attn_out), attn_out)
+        if checkpoint or not recompute_activation:  # a checkpointed layer recomputes all of it
+            return layer.output(layer.intermediate(attn_out), attn_out)
+        # BertIntermediate's two steps, so that the activation's output is not kept for backward
+        inter = layer.intermediate
+        pre = inter.dense(attn_out)
+        act = inter.intermediate_act_fn(pre)
+        with recompute_saved(act, inter.intermediate_act_fn, pre):
+            return layer.output(act, attn_out)
 
     for layer in backbone.encoder.layer:
         hidden = _maybe_checkpoint(run_layer, layer, hidden, checkpoint)
