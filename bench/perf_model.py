@@ -1279,7 +1279,8 @@ AUTOCAST_FP32 = {torch.layer_norm, torch.exp, torch.Tensor.exp, torch.log, torch
                  torch.Tensor.reciprocal, torch.logsumexp, torch.Tensor.logsumexp, torch._C._nn.cross_entropy_loss,
                  torch._C._nn.nll_loss_nd, torch.cosine_similarity, torch.cdist, torch._C._nn.mse_loss,
                  # the Python functionals reach a function mode as themselves (handle_torch_function)
-                 torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.cross_entropy,
+                 torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.rms_norm,
+                 torch.rms_norm, torch.nn.functional.cross_entropy,
                  torch.nn.functional.nll_loss, torch.nn.functional.mse_loss}
 AUTOCAST_SET_DTYPE = {torch.Tensor.softmax, torch.softmax, torch.Tensor.log_softmax, torch.log_softmax,
                       torch.Tensor.sum, torch.sum, torch.Tensor.cumsum, torch.cumsum, torch.linalg.vector_norm,

@@ -77,12 +77,13 @@ HIDDEN_WORKSPACE: dict = {
 
 
 def custom_op_body(func) -> Optional[Callable]:
-    """The Python function behind a ``torch.library.custom_op`` overload, or None."""
+    """The Python function behind a ``torch.library.custom_op`` overload, or None (also for the
+    ``fastcse_meta`` stand-ins of CUDA kernels, which are leaves: they have no body to run)."""
     try:
         from torch._library.custom_ops import _maybe_get_opdef
     except ImportError:  # pragma: no cover - older PyTorch
         return None
-    if not isinstance(func, torch._ops.OpOverload):
+    if not isinstance(func, torch._ops.OpOverload) or func.namespace == META_STAND_INS:
         return None
     opdef = _maybe_get_opdef(func._name)
     return None if opdef is None else opdef._init_fn
@@ -261,8 +262,70 @@ def _cuda_dropout(input, p=0.5, training=True, inplace=False):
     return torch.native_dropout(input, float(p), True)[0]
 
 
-# F.dropout (nn.Dropout's call) and torch.dropout (= _VF.dropout, what F.dropout lowers to)
-_DROPOUTS = {torch.nn.functional.dropout, torch.dropout}
+
+
+# CUDA kernels whose ATen op has no meta kernel, only a CompositeImplicitAutograd decomposition
+# for the backends without one (a meta run would trace the decomposition): stand-ins with their
+# shapes (fake kernels) and CUDA's autograd formula, never inlined by StorageCounter.
+META_STAND_INS = "fastcse_meta"
+
+
+@torch.library.custom_op(f"{META_STAND_INS}::fused_rms_norm", mutates_args=())
+def _fused_rms_norm(input: torch.Tensor, normalized_shape: list[int], weight: Optional[torch.Tensor],
+                    eps: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("fastcse_meta::fused_rms_norm stands in for CUDA's aten::_fused_rms_norm in meta runs only")
+
+
+@_fused_rms_norm.register_fake
+def _(input, normalized_shape, weight, eps):
+    rows = list(input.shape[:input.dim() - len(normalized_shape)])
+    return torch.empty_like(input), input.new_empty(rows + [1] * len(normalized_shape), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{META_STAND_INS}::fused_rms_norm_backward", mutates_args=())
+def _fused_rms_norm_backward(grad: torch.Tensor, input: torch.Tensor, normalized_shape: list[int],
+                             rstd: torch.Tensor, weight: Optional[torch.Tensor]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("fastcse_meta::fused_rms_norm_backward stands in for CUDA's kernel in meta runs only")
+
+
+@_fused_rms_norm_backward.register_fake
+def _(grad, input, normalized_shape, rstd, weight):
+    return torch.empty_like(input), torch.empty_like(weight) if weight is not None else input.new_empty(0)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    # CUDA's formula (derivatives.yaml): the input, the weight and the fp32 rstd are kept
+    input, normalized_shape, weight, _ = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.normalized_shape = normalized_shape
+    ctx.set_materialize_grads(False)  # rstd's gradient is never used: no zeros made for it
+
+
+def _rms_norm_backward(ctx, grad, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    dx, dw = _fused_rms_norm_backward(grad, input, ctx.normalized_shape, rstd, weight)
+    return dx, None, dw if weight is not None else None, None
+
+
+_fused_rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def _cuda_rms_norm(input, normalized_shape, weight=None, eps=None):
+    """``F.rms_norm`` as ATen runs it on a CUDA tensor: one ``_fused_rms_norm`` kernel forward and
+    one backward (torch >= 2.9), unless the weight's dtype differs from the input's (then ATen
+    decomposes, as here). A meta tensor would take the decomposition. ``None`` when ATen would."""
+    if not (isinstance(input, torch.Tensor) and input.is_meta and input.is_floating_point()
+            and (weight is None or weight.dtype == input.dtype)):
+        return None
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    return _fused_rms_norm(input, shape, weight, eps)[0]
+
+
+# what a meta run posing as CUDA runs instead: F.dropout (nn.Dropout's call) and torch.dropout
+# (= _VF.dropout, what F.dropout lowers to); F.rms_norm and torch.rms_norm
+_CUDA_STAND_INS = {torch.nn.functional.dropout: _cuda_dropout, torch.dropout: _cuda_dropout,
+                   torch.nn.functional.rms_norm: _cuda_rms_norm, torch.rms_norm: _cuda_rms_norm}
 
 
 class _MetaRun(TorchFunctionMode):
@@ -286,8 +349,9 @@ class _MetaRun(TorchFunctionMode):
             return torch.device("cuda", 0)
         if func is torch.Tensor.cuda:
             return args[0].to("meta")
-        if func in _DROPOUTS:
-            fused = _cuda_dropout(*args, **kwargs)
+        stand_in = _CUDA_STAND_INS.get(func)
+        if stand_in is not None:
+            fused = stand_in(*args, **kwargs)
             if fused is not None:
                 return fused
         if _is_cuda_device(kwargs.get("device")):

@@ -229,6 +229,33 @@ def test_unpatch_restores_hf_forward():
     assert torch.equal(_hidden(model, ids, mask), before)
 
 
+def test_t5_norms_run_as_one_rms_norm_and_unpatch(monkeypatch):
+    """Every T5LayerNorm (encoder and decoder) is one F.rms_norm call when input and weight share
+    a dtype (HF's own forward otherwise); unpatching restores HF's."""
+    torch.manual_seed(0)
+    config = _t5_config()
+    model = T5Model(config).eval()
+    norms = [m for m in model.modules() if type(m).__name__ == "T5LayerNorm"]
+    # two per encoder block, three per decoder block, a final one each
+    assert len(norms) == 2 * config.num_layers + 3 * config.num_decoder_layers + 2
+    patch_biased_attention(model)
+    calls = []
+    # torch.rms_norm: what F.rms_norm calls once (F.rms_norm itself is re-entered through
+    # handle_torch_function while a torch-function mode is active, so spying on it counts twice)
+    rms_norm = torch.rms_norm
+    monkeypatch.setattr(torch, "rms_norm", lambda *a, **k: (calls.append(a[0].dtype), rms_norm(*a, **k))[1])
+    ids, mask = _batch()
+    _hidden(model, ids, mask, encoder_only=False)
+    assert len(calls) == len(norms) and set(calls) == {torch.float32}
+    calls.clear()
+    norms[0](torch.randn(3, norms[0].weight.shape[0], dtype=torch.float64))  # mixed: HF's forward
+    assert calls == []
+    unpatch_biased_attention(model)
+    assert not any("forward" in vars(m) or hasattr(m, "_fastcse_rms_norm") for m in norms)
+    _hidden(model, ids, mask, encoder_only=False)
+    assert calls == []
+
+
 @pytest.mark.parametrize("build", [
     lambda: BertModel(BertConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
                                  intermediate_size=64)),

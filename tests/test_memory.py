@@ -1,6 +1,7 @@
 """fastcse.memory: the storage-counting mode counts known allocation patterns exactly."""
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,35 @@ def test_meta_as_cuda_dropout_is_cudas_native_dropout(call):
             with StorageCounter() as c:
                 same = (torch.nn.functional.dropout(x, 0.1, training=False), torch.nn.functional.dropout(x, 0.0))
             assert c.peak == 0 and all(t is x for t in same)
+
+
+def test_meta_as_cuda_rms_norm_is_cudas_fused_kernel():
+    """On a card F.rms_norm is one _fused_rms_norm kernel each way, keeping the input and an fp32
+    rstd per row; a plain meta run (and a mixed-dtype call anywhere) traces the decomposition."""
+    rows, d, bf16 = 1000, 768, 2
+    for as_cuda in (True, False):
+        with meta_run(as_cuda=as_cuda):
+            x = torch.empty(rows, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            w = torch.empty(d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            ops = []
+            with StorageCounter(on_op=lambda func, *rest: ops.append(str(func))) as c:
+                y = torch.nn.functional.rms_norm(x, (d,), w, 1e-6)
+                kept = c.current
+                y.sum().backward()
+            kernels = [op for op in ops if "rms_norm" in op]
+            if as_cuda:
+                assert kernels == ["fastcse_meta.fused_rms_norm.default",
+                                   "fastcse_meta.fused_rms_norm_backward.default"]
+                assert kept == rows * d * bf16 + rows * 4  # the output and rstd (x and w were inputs)
+            else:
+                assert kernels == [] and len(ops) > 6
+            assert x.grad.shape == x.shape and w.grad.shape == w.shape
+        with meta_run(as_cuda=True):
+            ops.clear()
+            with StorageCounter(on_op=lambda func, *rest: ops.append(str(func))), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ATen's "Mismatch dtype ... Can not dispatch to fused"
+                torch.rms_norm(x, (d,), w.float(), 1e-6)
+            assert not any("fused_rms_norm" in op for op in ops)
 
 
 def test_stub_kernel_launches_records_and_skips():
