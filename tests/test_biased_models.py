@@ -7,6 +7,7 @@ bucketing / clamping distances so log buckets and clamped positions are exercise
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from fastcse.models import biased as biased_module
 from fastcse.models.biased import patch_biased_attention, unpatch_biased_attention
 from tests.helpers import assert_close, rel_error
 
@@ -254,6 +256,23 @@ def test_t5_norms_run_as_one_rms_norm_and_unpatch(monkeypatch):
     assert not any("forward" in vars(m) or hasattr(m, "_fastcse_rms_norm") for m in norms)
     _hidden(model, ids, mask, encoder_only=False)
     assert calls == []
+
+
+@pytest.mark.cuda
+def test_t5_norm_is_torchs_fused_kernel_on_cuda():
+    """What bench/perf_model.py assumes of a card: the patched norm runs aten::_fused_rms_norm
+    forward and its fused backward (torch >= 2.9), within bf16 rounding of HF's."""
+    torch.manual_seed(0)
+    reference = T5EncoderModel(_t5_config()).cuda().to(torch.bfloat16)
+    norm = reference.encoder.final_layer_norm
+    fast = copy.deepcopy(norm)
+    fast.forward = types.MethodType(biased_module._t5_norm_forward, fast)
+    x = torch.randn(4, 9, norm.weight.shape[0], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fast(x).float().pow(2).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"aten::_fused_rms_norm", "aten::_fused_rms_norm_backward"} <= names, sorted(names)
+    assert_close(fast(x).float(), norm(x).float(), rtol=1e-2, atol=1e-2, name="fused vs HF bf16")
 
 
 @pytest.mark.parametrize("build", [
