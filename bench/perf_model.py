@@ -347,6 +347,17 @@ def mta_launches(numels: list, depth: int) -> int:
     return launches + (1 if blocks else 0)
 
 
+def _fused_adamw_cost(func, args, kwargs, out, card) -> Cost:
+    # torch.optim.AdamW(fused=True): multi_tensor_apply at depth 4, each element of parameters,
+    # gradients and both moments read once, parameters and moments written once (28 bytes a
+    # parameter in fp32; the step counters too)
+    params = args[0]
+    read = sum(touched_bytes(t) for t in _tensors((args, kwargs)))
+    written = sum(t.numel() * t.element_size() for lst in (args[0], args[2], args[3]) for t in lst)
+    launches = mta_launches([t.numel() for t in params], 4) if card.gpu else 1
+    return Cost(str(func), "memory", bytes=read + written, launches=max(1, launches))
+
+
 def _foreach_cost(func, args, kwargs, out, card) -> Cost:
     lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
     first = lists[0] if lists else []
@@ -441,6 +452,8 @@ ATEN_RULES: dict = {
     aten._scaled_dot_product_flash_attention_backward.default: _sdpa_fused_cost("flash", True),
     aten._scaled_dot_product_efficient_attention.default: _sdpa_fused_cost("efficient", False),
     aten._scaled_dot_product_efficient_attention_backward.default: _sdpa_fused_cost("efficient", True),
+    aten._fused_adamw_.default: _fused_adamw_cost,
+    aten._fused_adamw_.tensor_lr: _fused_adamw_cost,
 }
 
 
@@ -673,6 +686,16 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
     scores = float(bh) * seq * seq
     tiles = bh * math.ceil(seq / bm) * math.ceil(seq / bn)
     atomics = 0.0
+    if launch.arguments.get("STORE_DS"):
+        # DeBERTa's score-gradient pass: S recomputed (plus the forward's window products), dV,
+        # dP, dK = dS^T Q and p2c's H^T W_q; dS stored (its dtype), no dQ, no atomics
+        flops = 4 * unit + (unit * bw / bn if c2p else 0.0) + (2 * unit * bw / bm if p2c else 0.0)
+        ds = launch.arguments["DS"]
+        moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + 2 * touched_bytes(k)
+                 + _pos_bytes(launch) + bh * seq * seq * ds.element_size())
+        return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=q.dtype,
+                    efficiency=TRITON_TILE_EFFICIENCY,
+                    exps=_serial_exps(card, scores, _philox_calls(launch, scores), 0.0))
     if fused:
         flops = 5 * unit
         flops += 3 * unit * bw / bn if c2p else 0.0  # Q W_k^T recomputed, G W_k (dQ), G^T Q (dW_k)
@@ -702,6 +725,37 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
                 exps=_serial_exps(card, scores, _philox_calls(launch, scores), atomics))
 
 
+def _disentangled_dq_cost(launch: Launch, card: Card) -> Cost:
+    # one query tile per program: dS K over every key tile (2 L^2 D per (batch, head)) and c2p's
+    # G W_k over the distance blocks its rows reach (ceil((L + BLOCK_M - 1) / BLOCK_N) blocks of
+    # BLOCK_M x BLOCK_N x D); dS read twice (its rows, then their skewed diagonals; the second
+    # mostly from L2, counted anyway), K and W_k once (L2 across a head's tiles), dQ written
+    ds, k, dq = launch.arguments["DS"], launch.arguments["K"], launch.arguments["DQ"]
+    bh, seq, dim = ds.shape[0], ds.shape[1], k.shape[3]
+    bm, bn = int(launch.arguments["BLOCK_M"]), int(launch.arguments["BLOCK_N"])
+    flops = 2.0 * bh * seq * seq * dim
+    if launch.arguments.get("HAS_POSK"):
+        flops += 2.0 * bh * math.ceil(seq / bm) * math.ceil((seq + bm - 1) / bn) * bm * bn * dim
+    moved = 2 * touched_bytes(ds) + touched_bytes(k) + touched_bytes(dq) + touched_bytes(launch.arguments["POSK"])
+    return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=ds.dtype, efficiency=TRITON_TILE_EFFICIENCY)
+
+
+def _disentangled_window_grad_cost(launch: Launch, card: Card) -> Cost:
+    # one block of BLOCK distances and one head per program, over the batch: c2p's G^T Q and
+    # p2c's H^T K, each (i, j) pair once per table (2 L^2 D per (batch, head) and table, plus the
+    # tiles' ragged edges); dS read once for c2p and twice for p2c (two row tiles per diagonal
+    # block), Q / K once (a head's rows are re-read by its distance blocks from L2)
+    ds, q = launch.arguments["DS"], launch.arguments["Q"]
+    bh, seq, dim = ds.shape[0], ds.shape[1], q.shape[3]
+    tables = int(bool(launch.arguments.get("HAS_POSK"))) + int(bool(launch.arguments.get("HAS_POSQ")))
+    block = int(launch.arguments["BLOCK"])
+    edge = (seq + block) / seq  # the ragged first / last tiles of each distance block's range
+    flops = 2.0 * bh * seq * seq * dim * tables * edge
+    moved = (int(bool(launch.arguments.get("HAS_POSK"))) + 2 * int(bool(launch.arguments.get("HAS_POSQ")))) \
+        * touched_bytes(ds) + 2 * touched_bytes(q) + tables * 4 * launch.grid[1] * (2 * seq - 1) * dim
+    return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=ds.dtype, efficiency=TRITON_TILE_EFFICIENCY)
+
+
 # fastcse's Triton kernels, by kernel name: what one launch reads, writes and computes
 # (read off kernels/*.py; update with the kernel).
 KERNEL_COSTS: dict = {
@@ -712,6 +766,8 @@ KERNEL_COSTS: dict = {
     "_biased_attn_fwd_kernel": _biased_fwd_cost,
     "_biased_attn_bwd_delta_kernel": _biased_bwd_delta_cost,
     "_biased_attn_bwd_kernel": _biased_bwd_cost,
+    "_disentangled_dq_kernel": _disentangled_dq_cost,
+    "_disentangled_window_grad_kernel": _disentangled_window_grad_cost,
 }
 
 
@@ -1248,8 +1304,8 @@ def encoder_bars(card: Card) -> list:
 # --------------------------------------------------------------------------------------------
 #
 # A step is bench/bench_train.py's timed step less its collate: the encoder's forward, the loss,
-# backward, clip_grad_norm_(1.0), AdamW (fastcse.optim.build_optimizer: torch.optim.AdamW with
-# PyTorch's default on CUDA, the foreach implementation), the LR schedule and zero_grad, under bf16
+# backward, clip_grad_norm_(1.0), AdamW (fastcse.optim.build_optimizer: torch.optim.AdamW, fused
+# when the parameters are on CUDA, as here), the LR schedule and zero_grad, under bf16
 # autocast with fp32 master weights (``--precision auto`` on an H100/H200). The fastcse paths run
 # ``fastcse.train.Trainer.train_step`` itself (the trainer's method, PlainStep and info_nce objects,
 # built as Trainer.setup builds them, the encoder on meta; ``--grad-cache-chunk K`` for the cached
@@ -1694,14 +1750,14 @@ def step_prediction(card, model: str, path: str, shape_name: str, batch: int) ->
 
 def step_costs_split(tr: Trace, card: Card) -> dict:
     """Where a step's device time goes (seconds): matmul-bound kernels (GEMMs, attention, the
-    loss's tiles), memory-bound kernels, the fixed per-kernel time, AdamW's foreach update, the
-    clipping; and the host's issue time."""
+    loss's tiles), memory-bound kernels, the fixed per-kernel time, AdamW's update (fused on a
+    card, foreach elsewhere), the clipping; and the host's issue time."""
     out = dict(matmul=0.0, memory=0.0, fixed=0.0, adamw=0.0, clip=0.0, host=0.0)
     for c in tr.costs:
         if c.kind in ("matmul", "memory"):
             t = device_seconds(c, card)
             fixed = c.launches * card.kernel_us * 1e-6
-            if c.name.startswith("aten._foreach_"):
+            if c.name.startswith(("aten._foreach_", "aten._fused_adamw_")):
                 out["clip" if c.name in _CLIP_FOREACH else "adamw"] += t
             else:
                 out["fixed"] += fixed
@@ -1712,17 +1768,6 @@ def step_costs_split(tr: Trace, card: Card) -> dict:
 
 
 _CLIP_FOREACH = {"aten._foreach_norm.Scalar", "aten._foreach_mul_.Tensor"}
-
-
-def fused_adamw_seconds(tr: Trace, card: Card, params: list) -> float:
-    """The step with torch.optim.AdamW(fused=True) in place of the foreach update (an estimate:
-    one multi_tensor_apply pass, fp32 param / grad / both moments read, param / moments written,
-    28 bytes a parameter; nothing else changed)."""
-    costs = [c for c in tr.costs if not (c.name.startswith("aten._foreach_") and c.name not in _CLIP_FOREACH)]
-    numels = [p for p in params]
-    fused = Cost("fused AdamW (estimate)", "memory", bytes=28.0 * sum(numels), launches=mta_launches(numels, 4))
-    # AdamW runs after the clipping: put it at the end (host order does not change the device sum)
-    return simulate(costs + [fused], card)
 
 
 def packed_attention_seconds(tr: Trace, card: Card) -> float:
@@ -1742,31 +1787,19 @@ def packed_attention_seconds(tr: Trace, card: Card) -> float:
     return simulate(costs, card)
 
 
-def graphed_compiled_seconds(tr: Trace, card: Card, params: list) -> float:
+def graphed_compiled_seconds(tr: Trace, card: Card) -> float:
     """A design estimate for the step captured in a CUDA graph with its elementwise kernels fused
-    (torch.compile-like) and fused AdamW: the host never waits, memory-bound kernels pay their
-    bytes but not their fixed per-kernel time (their bytes are kept, though fusion would also cut
-    them: an upper bound on time), matmul-bound kernels unchanged, AdamW as fused_adamw_seconds."""
+    (torch.compile-like): the host never waits, memory-bound kernels pay their bytes but not their
+    fixed per-kernel time (their bytes are kept, though fusion would also cut them: an upper
+    bound on time), matmul-bound kernels and the fused AdamW update unchanged."""
     total = 0.0
     for c in tr.costs:
-        if c.kind not in ("matmul", "memory") or (c.name.startswith("aten._foreach_")
-                                                  and c.name not in _CLIP_FOREACH):
+        if c.kind not in ("matmul", "memory"):
             continue
-        total += device_seconds(c, card) - (c.launches * card.kernel_us * 1e-6 if c.kind == "memory" else 0.0)
-    numels = list(params)
-    fused = Cost("fused AdamW (estimate)", "memory", bytes=28.0 * sum(numels), launches=mta_launches(numels, 4))
-    return total + device_seconds(fused, card)
-
-
-def _param_numels(model: str) -> list:
-    config, _, _ = _step_model_config(model)
-    from unittest import mock
-
-    from fastcse.models import SentenceEncoder
-
-    with torch.device("meta"), mock.patch.object(torch.nn.Module, "cpu", lambda module: module):
-        enc = SentenceEncoder.from_config(config, pooling="cls", attn_backend="sdpa")
-    return [p.numel() for p in enc.parameters() if p.requires_grad]
+        fused_update = c.name.startswith("aten._fused_adamw_")
+        total += device_seconds(c, card) - (c.launches * card.kernel_us * 1e-6
+                                            if c.kind == "memory" and not fused_update else 0.0)
+    return total
 
 
 STEP_BARS = [
@@ -1790,7 +1823,7 @@ def _step_figures(card: Card, tr: Trace, batch: int) -> str:
     s = tr.seconds(card)
     split = step_costs_split(tr, card)
     return (f"{batch / s:.0f} sent/s ({s * 1e3:.2f} ms: GEMM/attention {split['matmul'] * 1e3:.2f}, memory-bound "
-            f"{split['memory'] * 1e3:.2f}, fixed {split['fixed'] * 1e3:.2f} ms per-kernel, AdamW foreach "
+            f"{split['memory'] * 1e3:.2f}, fixed {split['fixed'] * 1e3:.2f} ms per-kernel, AdamW "
             f"{split['adamw'] * 1e3:.2f}, clip {split['clip'] * 1e3:.2f}; host issue {split['host'] * 1e3:.2f}), "
             f"peak {tr.peak_bytes / 2 ** 30:.2f} GiB")
 
@@ -1806,18 +1839,15 @@ def step_bars(card: Card) -> list:
         def compute(name=name, model=model, shape=shape, batch=batch, num=num, den=den, target=target):
             a, b = step_trace(card, model, num, shape, batch), step_trace(card, model, den, shape, batch)
             ta, tb = a.seconds(card), b.seconds(card)
-            numels = _param_numels(model)
-            fa, fb = fused_adamw_seconds(a, card, numels), fused_adamw_seconds(b, card, numels)
             da, db = device_only_seconds(a, card), device_only_seconds(b, card)
-            ga = graphed_compiled_seconds(a, card, numels)
+            ga = graphed_compiled_seconds(a, card)
             pa = packed_attention_seconds(a, card)
             return _bar(name, tb / ta, target, "x", ">=",
                         detail=f"{num} {_step_figures(card, a, batch)}; {den} {_step_figures(card, b, batch)}; "
-                               f"design estimates for {num} against {den} as it is: fused AdamW {tb / fa:.2f}x "
-                               f"({batch / fa:.0f} sent/s); CUDA graph (device time alone) {tb / da:.2f}x; "
-                               f"packed attention tiles {tb / pa:.2f}x; CUDA graph + fused elementwise + fused "
-                               f"AdamW {tb / ga:.2f}x ({batch / ga:.0f} sent/s); both paths with fused AdamW "
-                               f"{fb / fa:.2f}x, both device-only {db / da:.2f}x")
+                               f"design estimates for {num} against {den} as it is: CUDA graph (device time "
+                               f"alone) {tb / da:.2f}x; packed attention tiles {tb / pa:.2f}x; CUDA graph + fused "
+                               f"elementwise {tb / ga:.2f}x ({batch / ga:.0f} sent/s); both device-only "
+                               f"{db / da:.2f}x")
         specs.append((name, compute))
     for name, model, shape, batch, target in STEP_MEMORY_BARS:
         name = f"{name}, bf16 (predicted)"

@@ -9,8 +9,15 @@ import torch
 from fastcse.config import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over ``model``'s trainable parameters, weight decay on matrices only."""
+def build_optimizer(model: torch.nn.Module, o: OptimConfig, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s trainable parameters, weight decay on matrices only.
+
+    ``fused``: torch's fused AdamW (one multi-tensor kernel per ~110 tensors reading parameter,
+    gradient and both moments once; the Hugging Face Trainer's default since torch 2.8) instead of
+    the foreach update, which makes about ten passes over the same state; ``None`` takes it when
+    every trainable parameter is on CUDA (BERT-base: ~0.7 ms of an H200 step instead of ~1.9 by
+    bench/perf_model.py). Callers handing it to DeepSpeed ZeRO pass ``fused=False``.
+    """
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -18,7 +25,11 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
         # biases and LayerNorm weights are not decayed (as the Hugging Face Trainer SimCSE used)
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    params = decay + no_decay
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                             **({"fused": True} if fused else {}))
 
 
 def warmup_steps(o: OptimConfig, total_steps: int) -> int:

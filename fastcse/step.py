@@ -138,7 +138,9 @@ class DeepSpeedStep:
         self._last_checkpoint = last_checkpoint
         kwargs = {}
         if "optimizer" not in ds:
-            kwargs["optimizer"] = build_optimizer(encoder, o)
+            # torch's foreach AdamW: ZeRO re-points its groups to the flat fp32 partitions, a use of
+            # the fused kernel not tried here (a DeepSpeed file can name DeepSpeed's FusedAdam)
+            kwargs["optimizer"] = build_optimizer(encoder, o, fused=False)
         else:
             kwargs["model_parameters"] = [p for p in encoder.parameters() if p.requires_grad]
         if "scheduler" not in ds:

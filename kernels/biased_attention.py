@@ -21,10 +21,15 @@ the relative embeddings its distances reach (window products) and gathers the di
 ``/ scale`` is the kernel's single ``sm_scale`` multiply.
 
 Forward: online softmax over key tiles; one log-sum-exp per query row is stored, never the
-L x L matrix. Backward: DeBERTa, T5's distance row and calls without a table run one fused
-column-parallel pass (scores and probabilities recomputed once, dQ by fp32 atomics; DeBERTa's
-embedding gradients and T5's table gradient summed per distance inside the tiles, then added
-per embedding / bucket by the host); fp32 T5 on a GPU and the generic per-row / per-column
+L x L matrix. Backward: DeBERTa runs three passes without an atomic: a column-parallel one
+recomputes the scores once and gives dK, dV and the score gradient dS, stored in the inputs'
+dtype (batch * heads * L^2: the backward's one L x L buffer, 48 MiB at DeBERTa-v3-base's 8 x
+512 in bf16, freed when it returns); a row-parallel one gives dQ from dS; a distance-parallel one
+sums the relative embeddings' gradients per distance over the batch (the host adds the
+distances that share an embedding). T5's distance row and calls without a table run one fused
+column-parallel pass (scores and probabilities recomputed once, dQ by fp32 atomics; T5's table
+gradient summed per distance inside the tiles, then added per bucket by the host); fp32 T5 on
+a GPU and the generic per-row / per-column
 tables keep two passes, one column-parallel (dK, dV and the column-table gradient) and one
 row-parallel (dQ and the row-table gradient), so dQ needs no atomics there. Generic table
 gradients are scattered with fp32 atomics into per-batch buffers (several ``(i, j)`` pairs share
@@ -279,7 +284,7 @@ def _key_tile(K, V, KMASK, b, h, pid, seqlen, offs_d, d_valid, stride_kb, stride
 @triton.jit
 def _fused_bwd_program(
     Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
-    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS,
     pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -287,11 +292,12 @@ def _fused_bwd_program(
     stride_rtb, stride_rth, stride_rtm, stride_rtc, stride_ctb, stride_cth, stride_ctn, stride_ctc,
     stride_drb, stride_drh, stride_drm, stride_drc, stride_dcb, stride_dch, stride_dcn, stride_dcc,
     stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
-    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
+    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_POSK: tl.constexpr, HAS_POSQ: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_DIST: tl.constexpr,
+    STORE_DS: tl.constexpr,
 ):
     """The single-pass backward of one key tile: loops over every query tile once, recomputes
     its scores once, and produces dK, dV (registers, stored at the end), dQ (fp32 atomics into
@@ -306,7 +312,13 @@ def _fused_bwd_program(
     a per-distance (batch, heads, 1, 2 L - 1) buffer: each tile sums dS along its BLOCK_M +
     BLOCK_N - 1 diagonals (gathered BLOCK_M window columns at a time) and adds one value per
     distance, instead of one atomic per score; the host adds the distances that share a bucket.
-    DeBERTa's window halves need square tiles; the other paths take any BLOCK_M x BLOCK_N."""
+    DeBERTa's window halves need square tiles; the other paths take any BLOCK_M x BLOCK_N.
+
+    STORE_DS (DeBERTa): no dQ and no window gradients here, hence no atomics at all: the score
+    gradient (sm_scale folded in, in the inputs' dtype) is stored to DS, (batch * heads, L, L),
+    for :func:`_disentangled_dq_kernel` (dQ, row-parallel) and
+    :func:`_disentangled_window_grad_kernel` (the window gradients, distance-parallel); p2c's
+    part of dK (H^T W_q) stays here."""
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     qk_scale = sm_scale * 1.4426950408889634
@@ -317,6 +329,7 @@ def _fused_bwd_program(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     carry_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     carry_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ds_base = DS + bh.to(tl.int64) * stride_sh
     for start_m in range(0, seqlen, BLOCK_M):
         # window column of score (i, j), and its inverses: the key of (i, t) and the query of
         # (t, j); rebuilt every iteration (a few integer ops) rather than held in registers
@@ -406,11 +419,15 @@ def _fused_bwd_program(
         ds = ds * sm_scale  # the content and window terms are sm_scale times a dot product
         ds_lo = ds.to(q.dtype)
         dk += tl.dot(tl.trans(ds_lo), q, input_precision=DOT_PRECISION)
-        dq = tl.dot(ds_lo, k, input_precision=DOT_PRECISION)
-        if HAS_POSK or HAS_POSQ:
+        if STORE_DS:  # (int32 offsets inside one (batch, head): L^2 < 2**31 up to L = 46,340)
+            tl.store(ds_base + offs_m[:, None] * stride_sm + offs_n[None, :], ds_lo.to(DS.dtype.element_ty),
+                     mask=mask_mn)
+        else:
+            dq = tl.dot(ds_lo, k, input_precision=DOT_PRECISION)
+        if (HAS_POSK or HAS_POSQ) and not STORE_DS:
             dpos_rows = h * stride_dph + (dist_lo + seqlen - 1)[:, None].to(tl.int64) * stride_dpe + offs_d[None, :]
             dpos_ok = w_lo_ok[:, None] & d_valid[None, :]
-        if HAS_POSK:
+        if HAS_POSK and not STORE_DS:
             # G[i, t] = dS[i, key of (i, t)]: key i - t + T - 1 (lower half), i - t - 1 (upper)
             g_key = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
             g_lo = tl.where(g_key < BLOCK_N, tl.gather(ds, tl.minimum(g_key, BLOCK_N - 1), axis=1), 0.0)
@@ -433,13 +450,15 @@ def _fused_bwd_program(
             h_hi = h_hi.to(q.dtype)
             dk += tl.dot(tl.trans(h_lo), wq_lo.to(q.dtype), input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(h_hi), wq_hi.to(q.dtype), input_precision=DOT_PRECISION)
-            carry_q += tl.dot(h_lo, k.to(q.dtype), input_precision=DOT_PRECISION)
-            tl.atomic_add(DPOSQ + dpos_rows, carry_q, mask=dpos_ok, sem="relaxed")
-            carry_q = tl.dot(h_hi, k.to(q.dtype), input_precision=DOT_PRECISION)
-        tl.atomic_add(DQ_ACC + b * stride_dab + h * stride_dah + offs_m[:, None] * stride_dam + offs_d[None, :],
-                      dq, mask=mask_md, sem="relaxed")
+            if not STORE_DS:
+                carry_q += tl.dot(h_lo, k.to(q.dtype), input_precision=DOT_PRECISION)
+                tl.atomic_add(DPOSQ + dpos_rows, carry_q, mask=dpos_ok, sem="relaxed")
+                carry_q = tl.dot(h_hi, k.to(q.dtype), input_precision=DOT_PRECISION)
+        if not STORE_DS:
+            tl.atomic_add(DQ_ACC + b * stride_dab + h * stride_dah + offs_m[:, None] * stride_dam
+                          + offs_d[None, :], dq, mask=mask_md, sem="relaxed")
 
-    if HAS_POSK or HAS_POSQ:
+    if (HAS_POSK or HAS_POSQ) and not STORE_DS:
         # the last query tile's upper half: distances after its lower half
         last_d0 = ((seqlen - 1) // BLOCK_M) * BLOCK_M - pid * BLOCK_N - (BLOCK_N - 1) + BLOCK_N
         dist = last_d0 + tl.arange(0, BLOCK_N)
@@ -472,9 +491,9 @@ def _biased_attn_bwd_kernel(
     stride_drb, stride_drh, stride_drm, stride_drc,
     stride_dcb, stride_dch, stride_dcn, stride_dcc,
     stride_kmb,
-    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS,
     stride_pkh, stride_pke, stride_pqh, stride_pqe,
-    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
+    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -489,6 +508,8 @@ def _biased_attn_bwd_kernel(
     HAS_POSK: tl.constexpr = False, HAS_POSQ: tl.constexpr = False, BLOCK_W: tl.constexpr = 16,
     # FUSED_DQ with a distance-only row table (T5): its gradient per distance (see _fused_bwd_program)
     ROW_DIST: tl.constexpr = False,
+    # FUSED_DQ for DeBERTa: the score gradient stored to DS instead of dQ / window atomics
+    STORE_DS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -508,7 +529,7 @@ def _biased_attn_bwd_kernel(
     if FUSED_DQ:
         _fused_bwd_program(
             Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
-            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ,
+            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS,
             pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -516,9 +537,9 @@ def _biased_attn_bwd_kernel(
             stride_rtb, stride_rth, stride_rtm, stride_rtc, stride_ctb, stride_cth, stride_ctn, stride_ctc,
             stride_drb, stride_drh, stride_drm, stride_drc, stride_dcb, stride_dch, stride_dcn, stride_dcc,
             stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
-            stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe,
+            stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_W, HAS_ROW, HAS_COL, HAS_KMASK, HAS_DROPOUT,
-            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST)
+            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST, STORE_DS)
     else:
         if KV_PASS:
             offs_n, n_valid, mask_nd, k, v, key_ok = _key_tile(
@@ -627,6 +648,125 @@ def _biased_attn_bwd_kernel(
 
 
 @triton.jit
+def _disentangled_dq_kernel(
+    DS, K, POSK, C2P_I, DQ, seqlen, num_heads,
+    stride_sh, stride_sm, stride_kb, stride_kh, stride_kn, stride_pkh, stride_pke,
+    stride_dqb, stride_dqh, stride_dqm,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_POSK: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """DeBERTa's dQ from the stored score gradient, one query tile per program (no atomics):
+    dQ_i = sum_j dS[i, j] K_j (the content term) + sum_d dS[i, i - d] W_k[c2p(d)] (c2p's term,
+    over the BLOCK_N-wide blocks of the distances d = i - j its rows reach: each (i, j) once)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < seqlen
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    rows = DS + bh.to(tl.int64) * stride_sh + offs_m[:, None].to(tl.int64) * stride_sm
+    k_base = K + b * stride_kb + h * stride_kh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < seqlen
+        ds = tl.load(rows + offs_n[None, :], mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :],
+                    other=0.0)
+        if UPCAST_DOT:
+            ds = ds.to(tl.float32)
+            k = k.to(tl.float32)
+        dq += tl.dot(ds, k.to(ds.dtype), input_precision=DOT_PRECISION)
+    if HAS_POSK:
+        for d0 in range(pid * BLOCK_M - seqlen + 1, pid * BLOCK_M + BLOCK_M, BLOCK_N):
+            wk, dist, w_ok = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0, seqlen, offs_d, d_valid,
+                                          BLOCK_N, BLOCK_N)
+            key = offs_m[:, None] - dist[None, :]
+            ok = m_valid[:, None] & w_ok[None, :] & (key >= 0) & (key < seqlen)
+            g = tl.load(rows + key, mask=ok, other=0.0)  # G[i, t] = dS[i, i - d0 - t]
+            if UPCAST_DOT:
+                g = g.to(tl.float32)
+            dq += tl.dot(g, wk.to(g.dtype), input_precision=DOT_PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _disentangled_window_grad_kernel(
+    DS, Q, K, DPOSK, DPOSQ, seqlen, batch, num_heads,
+    stride_sh, stride_sm, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_dph, stride_dpe,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_POSK: tl.constexpr, HAS_POSQ: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """DeBERTa's relative-embedding gradients per distance, one block of BLOCK distances
+    d = i - j and one head per program, summed over the batch in registers and stored once (no
+    atomics): DPOSK[h, d] = sum_{b, i} dS[i, i - d] Q_i (c2p), DPOSQ[h, d] = sum_{b, j}
+    dS[j + d, j] K_j (p2c). c2p's dS[i, i - d0 - t] is read along rows (coalesced); p2c's
+    dS[j + d0 + t, j] walks a diagonal, so its two BLOCK x BLOCK row tiles are read whole and
+    the diagonal gathered in registers (as the fused backward's H)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    d0 = pid * BLOCK - (seqlen - 1)
+    offs_t = tl.arange(0, BLOCK)
+    dist = d0 + offs_t
+    t_ok = dist < seqlen
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    acc_k = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    acc_q = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    # p2c's gather: row (j - j0) + t of the two stacked row tiles holds dS[j + d0 + t, j]
+    stacked = offs_t[:, None] + offs_t[None, :]  # (t, j - j0)
+    for b in range(batch):
+        ds_base = DS + (b * num_heads + h) * stride_sh
+        if HAS_POSK:
+            # the queries i whose keys i - d fall inside [0, L) for some d of the block
+            lo = (tl.maximum(d0, 0) // BLOCK) * BLOCK
+            hi = tl.minimum(seqlen, d0 + BLOCK - 1 + seqlen)
+            for start_m in range(lo, hi, BLOCK):
+                offs_m = start_m + offs_t
+                m_valid = offs_m < seqlen
+                key = offs_m[:, None] - dist[None, :]
+                ok = m_valid[:, None] & t_ok[None, :] & (key >= 0) & (key < seqlen)
+                g = tl.load(ds_base + offs_m[:, None].to(tl.int64) * stride_sm + key, mask=ok, other=0.0)
+                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                            mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+                if UPCAST_DOT:
+                    g = g.to(tl.float32)
+                    q = q.to(tl.float32)
+                acc_k += tl.dot(tl.trans(g), q.to(g.dtype), input_precision=DOT_PRECISION)
+        if HAS_POSQ:
+            # the keys j whose queries j + d fall inside [0, L)
+            lo = (tl.maximum(-(d0 + BLOCK - 1), 0) // BLOCK) * BLOCK
+            hi = tl.minimum(seqlen, seqlen - d0)
+            for start_n in range(lo, hi, BLOCK):
+                offs_n = start_n + offs_t
+                n_valid = offs_n < seqlen
+                r_lo = start_n + d0 + offs_t
+                r_hi = r_lo + BLOCK
+                tile_lo = tl.load(ds_base + r_lo[:, None].to(tl.int64) * stride_sm + offs_n[None, :],
+                                  mask=((r_lo >= 0) & (r_lo < seqlen))[:, None] & n_valid[None, :], other=0.0)
+                tile_hi = tl.load(ds_base + r_hi[:, None].to(tl.int64) * stride_sm + offs_n[None, :],
+                                  mask=((r_hi >= 0) & (r_hi < seqlen))[:, None] & n_valid[None, :], other=0.0)
+                ht = tl.where(stacked < BLOCK, tl.gather(tile_lo, tl.minimum(stacked, BLOCK - 1), axis=0),
+                              tl.gather(tile_hi, tl.maximum(stacked - BLOCK, 0), axis=0))  # (t, j): dS[j + d, j]
+                ht = tl.where(t_ok[:, None] & n_valid[None, :], ht, 0.0)
+                k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                            mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                if UPCAST_DOT:
+                    ht = ht.to(tl.float32)
+                    k = k.to(tl.float32)
+                acc_q += tl.dot(ht, k.to(ht.dtype), input_precision=DOT_PRECISION)
+    rows = h * stride_dph + (dist + seqlen - 1)[:, None].to(tl.int64) * stride_dpe + offs_d[None, :]
+    ok = t_ok[:, None] & d_valid[None, :]
+    if HAS_POSK:
+        tl.store(DPOSK + rows, acc_k, mask=ok)
+    if HAS_POSQ:
+        tl.store(DPOSQ + rows, acc_q, mask=ok)
+
+
+@triton.jit
 def _dropout_mask_kernel(MASK, SEED, dropout_p, seqlen, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # writes the keep-mask the attention kernels draw (for the eager reference and tests)
     pid_m = tl.program_id(0)
@@ -690,15 +830,12 @@ class _LaunchConfig:
         elif window:
             # DeBERTa in the kernel: square tiles (the backward's window halves are one tile wide;
             # the window of BLOCK_M + BLOCK_N - 1 distances pads to 2 BLOCK_N, so the window
-            # products cost 2x the content product per table). bf16 forward 32 x 32 with 4 warps;
-            # bf16 backward 16 x 16 with 4 warps: no spills with triton 3.6 (the GPU image's) and
-            # 3.9, and 2 blocks per SM; 32 x 32 with 8 warps spills 16 bytes per thread with 3.6
-            # (none with 3.9), and without the carried half-window 40 / 16 (see the sm_90 register
-            # test). 16 x 16 doubles the dQ atomics (L^2 head_dim / BLOCK_N per (batch, head)):
-            # which wins needs a card (bench_biased_attention --tune). fp32 16 x 16 with 8 warps
-            bf16_backward = backward and q.dtype != torch.float32
-            default_m = default_n = 16 if (q.dtype == torch.float32 or backward) else 32
-            self.num_warps = 4 if bf16_backward else (8 if backward else 4)
+            # products cost 2x the content product per table). bf16 forward 32 x 32 with 4 warps.
+            # bf16 backward (the score-gradient pass: no dQ, no window gradients, no atomics)
+            # 32 x 32 with 8 warps, no spills with triton 3.9 (sm_90 register test; 4 warps
+            # spill 32 bytes per thread, 16 x 16 with 4 warps 16). fp32 16 x 16 with 8 warps
+            default_m = default_n = 16 if q.dtype == torch.float32 else 32
+            self.num_warps = 8 if backward else 4
         elif fused:
             # T5 / no table, fp16 / bf16 (fp32 takes two passes on a GPU, see the launcher)
             default_m, default_n, self.num_warps = 32, 64, 8
@@ -716,6 +853,14 @@ class _LaunchConfig:
             self.num_warps = 8
         self.block_m = block_m or default_m
         self.block_n = block_n or default_n
+        # DeBERTa's dQ and window-gradient passes over the stored score gradient (tiles of their
+        # own: no score recomputation, two accumulators at most)
+        if self.interpreted:
+            self.dq_block_m, self.dq_block_n, self.dist_block, self.pass_warps = 16, 16, 16, 4
+        else:
+            # (fp32: 16-distance blocks, the 32-wide ones spill 336 bytes per thread on sm_90)
+            self.dq_block_m, self.dq_block_n, self.pass_warps = 64, 32, 4
+            self.dist_block = 16 if q.dtype == torch.float32 else 32
         # the relative embeddings one tile's distances reach (i - j over the tile), padded
         self.block_w = triton.next_power_of_2(self.block_m + self.block_n - 1)
         self.num_warps = num_warps or self.num_warps
@@ -828,10 +973,11 @@ def biased_attention_backward(
     summed afterwards) and cast to the table's dtype. ``None`` for an absent table. With
     ``raw_table_grads`` the fp32 buffers are returned as they are ((batch, heads, rows, entries),
     or (batch, heads, 1, 2 seq - 1) per distance on the fused T5 path).
-    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride). ``fused``: one
+    ``dq`` / ``dk`` / ``dv``: optional output buffers (unit last stride). DeBERTa's windows always
+    take the three passes over a stored score gradient (see the module doc). ``fused``: one
     column-parallel pass for everything (scores and probabilities recomputed once; dQ by fp32
     atomics into a zeroed (batch, heads, seq, head_dim) buffer). ``None`` (the default) takes it
-    wherever the model shows it cheaper: DeBERTa's windows (always), no table, or a row table
+    wherever the model shows it cheaper: no table, or a row table
     broadcast over queries (T5's distance row, whose gradient is then summed per distance inside
     the tiles); the generic per-row / per-column tables keep two passes. ``passes`` (two-pass
     only) picks the column-parallel pass (``"kv"``: dk, dv, column-table grad) and / or the
@@ -869,11 +1015,16 @@ def biased_attention_backward(
     dcol = grad_buffer(col_table) if ("kv" in passes or fused) else None
     # DeBERTa's window gradients per distance i - j + L - 1, summed over the batch: (heads,
     # 2 L - 1, head_dim) fp32, 1 / (batch * L / (2 head_dim)) of a (batch, heads, L, entries) table
-    dist_grad = [None if pos is None else torch.zeros((heads, max(1, 2 * seqlen - 1), head_dim),
+    # (written whole by _disentangled_window_grad_kernel: every distance block stores its rows)
+    dist_grad = [None if pos is None else torch.empty((heads, max(1, 2 * seqlen - 1), head_dim),
                                                        dtype=torch.float32, device=q.device)
                  for pos in (pos_key, pos_query)]
+    # DeBERTa: the score gradient, stored by the fused pass, read by the dQ and window passes
+    # (batch * heads * L^2 in the inputs' dtype: 48 MiB at 8 x 12 x 512^2 in bf16, where the
+    # atomics it replaces cost ~70 % of the fused pass on an H200 by the performance model)
+    ds = torch.empty((batch * heads, seqlen, seqlen), dtype=q.dtype, device=q.device) if window else None
     dq_acc = torch.zeros((batch, heads, seqlen, head_dim), dtype=torch.float32, device=q.device) \
-        if fused else None
+        if fused and not window else None
     if seqlen > 0 and batch * heads > 0:
         delta = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
         _biased_attn_bwd_delta_kernel[(triton.cdiv(seqlen, cfg.block_m), batch * heads)](
@@ -914,11 +1065,28 @@ def biased_attention_backward(
             *_table_strides(drow), *_table_strides(dcol),
             0 if kmask is None else kmask.stride(0),
             *pos_args, q if dq_acc is None else dq_acc, q if dpk is None else dpk, q if dpq is None else dpq,
+            q if ds is None else ds,
             *pos_strides,
             *((0, 0, 0) if dq_acc is None else dq_acc.stride()[:3]),
             *((0, 0) if dist_ref is None else dist_ref.stride()[:2]),
+            *((0, 0) if ds is None else ds.stride()[:2]),
         )
-        if fused:
+        if window:
+            _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
+                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, STORE_DS=True, **common)
+            pk, ci, _, _ = pos_args
+            small = dict(DOT_PRECISION=cfg.dot_precision, UPCAST_DOT=cfg.upcast_dot, BLOCK_D=cfg.block_d,
+                         HEAD_DIM=head_dim, num_warps=cfg.pass_warps, num_stages=cfg.num_stages)
+            _disentangled_dq_kernel[(triton.cdiv(seqlen, cfg.dq_block_m), batch * heads)](
+                ds, k, pk, ci, dq, seqlen, heads, ds.stride(0), ds.stride(1),
+                k.stride(0), k.stride(1), k.stride(2), *pos_strides[:2], dq.stride(0), dq.stride(1), dq.stride(2),
+                BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, HAS_POSK=pos_key is not None, **small)
+            _disentangled_window_grad_kernel[(triton.cdiv(2 * seqlen - 1, cfg.dist_block), heads)](
+                ds, q, k, q if dpk is None else dpk, q if dpq is None else dpq, seqlen, batch, heads,
+                ds.stride(0), ds.stride(1), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                k.stride(2), *dist_ref.stride()[:2], BLOCK=cfg.dist_block,
+                HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, **small)
+        elif fused:
             _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
                 *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, **common)
             dq.copy_(dq_acc)

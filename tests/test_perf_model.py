@@ -284,9 +284,10 @@ def _gemm_flops(tr):
 def test_step_trace_flops_autocast_and_adamw_bytes():
     """GPU step of the fused path (tiny BERT, 64 wiki sentences, h200): the Linear GEMMs do
     6 x (Linear weights) x (real tokens of [x; x]) FLOPs in bf16 (autocast played on meta: bf16
-    operands reach the flash varlen kernel), and AdamW's foreach update moves the hand count of
-    bytes: per fp32 element lerp_ 12, mul_ 8, addcmul_ 12, sqrt 8, div_ 8, add_ 8, addcdiv_ 16
-    (72 B), plus the decoupled weight decay's mul_ (8 B) on the matrices when --weight-decay is set."""
+    operands reach the flash varlen kernel), and AdamW's update (torch's fused kernel: the
+    parameters are on CUDA) moves 28 bytes a parameter (fp32 parameter, gradient and moments
+    read, parameter and moments written), one launch per parameter group, plus each fp32 step
+    counter read there and bumped by a foreach add (read + written)."""
     from bench.bench_train import linear_weights
 
     card = pm.CARDS["h200"]
@@ -301,10 +302,12 @@ def test_step_trace_flops_autocast_and_adamw_bytes():
     params = [p for p in enc.parameters() if p.requires_grad]
     every = sum(p.numel() for p in params)
     decayed = sum(p.numel() for p in params if p.ndim >= 2)
-    adamw = sum(c.bytes for c in tr.costs if c.name.startswith("aten._foreach_") and c.name not in pm._CLIP_FOREACH)
-    from fastcse.config import OptimConfig
-
-    assert adamw == 72 * every + (8 * decayed if OptimConfig().weight_decay else 0)  # default decay 0: no mul_
+    updates = [c for c in tr.costs if c.name.startswith("aten._fused_adamw_")]
+    assert len(updates) == 2 and sum(c.launches for c in updates) == 2  # decayed matrices, and the rest
+    assert sum(c.bytes for c in updates) == 28 * every + 4 * len(params)
+    counters = sum(c.bytes for c in tr.costs if c.name.startswith("aten._foreach_add_"))
+    assert counters == 8 * len(params)
+    assert decayed < every  # both groups hold parameters
     clip = sum(c.bytes for c in tr.costs if c.name in pm._CLIP_FOREACH)
     assert clip == pytest.approx(4 * every + 8 * every, abs=64 * len(params))  # norm reads, mul_ reads + writes
     assert sum(c.kind == "sync" for c in tr.costs) == 4  # unpad's lengths, the finite check, loss.item(), the norm
@@ -349,6 +352,20 @@ def test_multi_tensor_apply_launches():
     assert pm.mta_launches([10] * 110, 1) == 1 and pm.mta_launches([10] * 111, 1) == 2
     assert pm.mta_launches([65536 * 320], 1) == 1 and pm.mta_launches([65536 * 321], 1) == 2
     assert pm.mta_launches([10] * 37, 4) == 2  # depth 4: 36 tensors a launch
+
+
+def test_fused_adamw_for_cuda_parameters():
+    """build_optimizer takes torch's fused AdamW for CUDA parameters (the default elsewhere),
+    unless told not to (the traced step's bytes: test_step_trace_flops_autocast_and_adamw_bytes)."""
+    from fastcse.config import OptimConfig
+    from fastcse.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    assert not build_optimizer(model, OptimConfig()).defaults.get("fused")
+    with pm.meta_run(as_cuda=True):
+        meta_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)).to("meta")
+        assert build_optimizer(meta_model, OptimConfig()).defaults["fused"] is True
+        assert not build_optimizer(meta_model, OptimConfig(), fused=False).defaults.get("fused")
 
 
 def test_step_prediction_string():

@@ -14,9 +14,10 @@
   allows) and, with the per-distance index of HF's (bucketed, clamped) ``relative_pos``, are handed
   to :func:`~fastcse.biased_attention.disentangled_attention`. On the kernel the c2p / p2c terms
   are computed inside the tiles from those embeddings: HF's ``seq x 2 span`` c2p / p2c tables are
-  never built, and the embeddings' gradients are accumulated per distance in the kernel's fused
-  backward. HF's ``/ scale`` (``sqrt(head_dim * scale_factor)``, rounded to the activation dtype
-  as HF's ``scale.to(dtype)``) is one multiply of the whole score inside the kernel.
+  never built, and the embeddings' gradients are summed per distance by the kernel's backward
+  (a distance-parallel pass over the stored score gradient, no atomics). HF's ``/ scale``
+  (``sqrt(head_dim * scale_factor)``, rounded to the activation dtype as HF's
+  ``scale.to(dtype)``) is one multiply of the whole score inside the kernel.
 
 T5 / MT5 / UMT5 models also get their RMS norms (``T5LayerNorm`` and its copies) as one
 ``F.rms_norm`` call (:func:`_t5_norm_forward`): torch's fused kernel on CUDA.
