@@ -635,6 +635,13 @@ def _pos_bytes(launch: Launch) -> int:
     return total
 
 
+def _tile_unit(bh: int, seq: int, dim: int, bm: int, bn: int) -> tuple[float, float]:
+    """One ``L x L x D`` product per (batch, head) over whole tiles (2 FLOPs a multiply-add) and
+    the scores those tiles hold: a sequence shorter than its tile pays the whole tile."""
+    rows, cols = math.ceil(seq / bm) * bm, math.ceil(seq / bn) * bn
+    return 2.0 * bh * rows * cols * dim, float(bh) * rows * cols
+
+
 def _biased_fwd_cost(launch: Launch, card: Card) -> Cost:
     # flash-style: S = Q K^T and O = P V per (batch, head): 4 L^2 D FLOPs, L^2 exponentials;
     # q, k, v, out once (one head's K and V fit in L2 across its query tiles), lse, tables.
@@ -643,11 +650,10 @@ def _biased_fwd_cost(launch: Launch, card: Card) -> Cost:
     bh, seq, dim = _attention_dims(launch)
     q, k, v, out = launch.args[:4]
     c2p, p2c, bm, bn, bw = _window(launch)
-    unit = 2.0 * bh * seq * seq * dim
+    unit, scores = _tile_unit(bh, seq, dim, bm, bn)
     flops = 2 * unit + (unit * bw / bn if c2p else 0.0) + (unit * bw / bm if p2c else 0.0)
     moved = (sum(touched_bytes(t) for t in (q, k, v, out)) + 4 * bh * seq + _table_bytes(launch)
              + _pos_bytes(launch))
-    scores = float(bh) * seq * seq
     return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=q.dtype,
                 efficiency=TRITON_TILE_EFFICIENCY,
                 exps=_serial_exps(card, scores, _philox_calls(launch, scores), 0.0))
@@ -682,8 +688,7 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
     kv_pass = bool(launch.arguments["KV_PASS"])
     fused = bool(launch.arguments.get("FUSED_DQ"))
     c2p, p2c, bm, bn, bw = _window(launch)
-    unit = 2.0 * bh * seq * seq * dim
-    scores = float(bh) * seq * seq
+    unit, scores = _tile_unit(bh, seq, dim, bm, bn)
     tiles = bh * math.ceil(seq / bm) * math.ceil(seq / bn)
     atomics = 0.0
     if launch.arguments.get("STORE_DS"):

@@ -42,10 +42,14 @@ def _graph_keeps(output: torch.Tensor, inputs: tuple) -> bool:
             continue
         seen.add(node)
         for name in dir(node):
-            if name.startswith("_saved_"):
+            if not name.startswith("_saved_"):
+                continue
+            try:
                 value = getattr(node, name)
-                if isinstance(value, torch.Tensor) and _identity(value) in wanted:
-                    found.add(_identity(value))
+            except RuntimeError:  # a saved value this node cannot hand out: not one of ours
+                continue
+            if isinstance(value, torch.Tensor) and _identity(value) in wanted:
+                found.add(_identity(value))
         todo.extend(next_node for next_node, _ in node.next_functions)
     return found == wanted
 
