@@ -642,6 +642,36 @@ def _tile_unit(bh: int, seq: int, dim: int, bm: int, bn: int) -> tuple[float, fl
     return 2.0 * bh * rows * cols * dim, float(bh) * rows * cols
 
 
+def _segment_tile_pairs(lengths: list, block: int, other: int) -> int:
+    """Tiles a packed-sequence launch visits (kernels/biased_attention.py's _segment_span): each
+    ``block``-row tile of the packed tokens loops over the ``other``-wide tiles from the start of
+    its first row's sequence (rounded down to a tile) to the end of its last row's."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + int(n))
+    seg = [b for b, n in enumerate(lengths) for _ in range(int(n))]
+    total, pairs = cu[-1], 0
+    for first in range(0, total, block):
+        lo = cu[seg[first]] // other * other
+        hi = cu[seg[min(first + block, total) - 1] + 1]
+        pairs += math.ceil((hi - lo) / other)
+    return pairs
+
+
+def _launch_unit(launch: Launch, bh: int, seq: int, dim: int, bm: int, bn: int, column_pass: bool):
+    """(unit, scores, tiles) of a launch: :func:`_tile_unit` over the whole square, or over the
+    tiles a packed-sequence launch visits (HAS_SEG; the real lengths of :data:`VARLEN_LENGTHS`;
+    ``column_pass``: key tiles own the loop, as the fused backward's)."""
+    if not launch.arguments.get("HAS_SEG"):
+        unit, scores = _tile_unit(bh, seq, dim, bm, bn)
+        return unit, scores, bh * math.ceil(seq / bm) * math.ceil(seq / bn)
+    lengths = VARLEN_LENGTHS["lengths"]
+    if lengths is None or sum(lengths) != seq:
+        raise NotModelled("a packed-sequence attention launch traced without its real lengths")
+    pairs = bh * (_segment_tile_pairs(lengths, bn, bm) if column_pass else _segment_tile_pairs(lengths, bm, bn))
+    return 2.0 * pairs * bm * bn * dim, float(pairs) * bm * bn, pairs
+
+
 def _biased_fwd_cost(launch: Launch, card: Card) -> Cost:
     # flash-style: S = Q K^T and O = P V per (batch, head): 4 L^2 D FLOPs, L^2 exponentials;
     # q, k, v, out once (one head's K and V fit in L2 across its query tiles), lse, tables.
@@ -650,7 +680,7 @@ def _biased_fwd_cost(launch: Launch, card: Card) -> Cost:
     bh, seq, dim = _attention_dims(launch)
     q, k, v, out = launch.args[:4]
     c2p, p2c, bm, bn, bw = _window(launch)
-    unit, scores = _tile_unit(bh, seq, dim, bm, bn)
+    unit, scores, _ = _launch_unit(launch, bh, seq, dim, bm, bn, column_pass=False)
     flops = 2 * unit + (unit * bw / bn if c2p else 0.0) + (unit * bw / bm if p2c else 0.0)
     moved = (sum(touched_bytes(t) for t in (q, k, v, out)) + 4 * bh * seq + _table_bytes(launch)
              + _pos_bytes(launch))
@@ -688,8 +718,7 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
     kv_pass = bool(launch.arguments["KV_PASS"])
     fused = bool(launch.arguments.get("FUSED_DQ"))
     c2p, p2c, bm, bn, bw = _window(launch)
-    unit, scores = _tile_unit(bh, seq, dim, bm, bn)
-    tiles = bh * math.ceil(seq / bm) * math.ceil(seq / bn)
+    unit, scores, tiles = _launch_unit(launch, bh, seq, dim, bm, bn, column_pass=kv_pass)
     atomics = 0.0
     if launch.arguments.get("STORE_DS"):
         # DeBERTa's score-gradient pass: S recomputed (plus the forward's window products), dV,

@@ -413,7 +413,8 @@ def layer_activation_terms(arch: Architecture, sequences: int, seq: int, attenti
 
         BERT / DeBERTa (post-LN):  2t(h + 3A + A) + m th (attention-out dropout) + 2t(3h) (LayerNorm
                                    inputs, LN1 output) + 16t (LN stats) + m th (FFN dropout) + FFN
-        T5 (pre-RMSNorm):          two RMSNorms of (2 + 4 + 2 + 2) th + 16t, 2t(3A + A),
+        T5 (pre-RMSNorm):          two RMSNorms of (2 + 4 + 2 + 2) th + 16t (HF's; fastcse's
+                                   fused path: torch's rms_norm, (2 + 2) th + 4t), 2t(3A + A),
                                    2 m th (dropout masks) + FFN
         FFN:                       t f x (2 + 2 fused GELU | 10 HF's gelu_new | 2 relu)
                                    (+ 2 gate, + m + 2 T5's inner dropout)
@@ -432,12 +433,17 @@ def layer_activation_terms(arch: Architecture, sequences: int, seq: int, attenti
     t, h, f, a_width, m = sequences * seq, arch.hidden, arch.intermediate, arch.attention_width, mask_bytes
     scores = sequences * arch.heads * seq * seq
     terms: dict[str, int] = {}
-    if arch.family == "t5":
-        terms["RMSNorms (bf16 input, fp32 copy, normalised, output) x 2"] = 2 * (BF16 + FP32 + BF16 + BF16) * t * h
+    if arch.family == "t5" and attention == "flash":
+        # fastcse.models.biased runs T5's norms as torch's fused rms_norm: it keeps its input and
+        # an fp32 rstd per row; the next projection keeps the output
+        terms["RMSNorms (bf16 input, fp32 rstd, output) x 2"] = 2 * (2 * BF16 * t * h + FP32 * t)
     else:
-        terms["layer input (q/k/v projections)"] = BF16 * t * h
-        terms["LayerNorm inputs x 2, LN1 output (FFN input)"] = 3 * BF16 * t * h
-    terms["LayerNorm statistics x 2"] = 2 * LN_STATS * t
+        if arch.family == "t5":
+            terms["RMSNorms (bf16 input, fp32 copy, normalised, output) x 2"] = 2 * (BF16 + FP32 + BF16 + BF16) * t * h
+        else:
+            terms["layer input (q/k/v projections)"] = BF16 * t * h
+            terms["LayerNorm inputs x 2, LN1 output (FFN input)"] = 3 * BF16 * t * h
+        terms["LayerNorm statistics x 2"] = 2 * LN_STATS * t
     terms["q, k, v"] = 3 * BF16 * t * a_width
     terms["attention output (output projection input)"] = BF16 * t * a_width
     terms["dropout masks (attention output, FFN output)"] = 2 * m * t * h
@@ -482,14 +488,14 @@ def backward_workspace_bytes(arch: Architecture, sequences: int, seq: int, atten
     """Transient bytes while one layer runs backward, on top of what is saved: the incoming and
     outgoing activation gradients (2 x 2th) and the FFN's intermediate gradients (2tf, 4tf gated),
     or, in the attention, dq, dk, dv (3 x 2tA) and, for DeBERTa's fused kernel (position terms inside
-    the tiles, one fused backward: fastcse.kernels.biased_attention), dq accumulated in fp32 by
-    atomics (4tA) and the fp32 gradients of pos_key / pos_query per relative distance (heads x
-    (2L - 1) x head width each)."""
+    the tiles: fastcse.kernels.biased_attention), its stored score gradient (bf16, sequences x heads
+    x L^2) and the fp32 gradients of pos_key / pos_query per relative distance (heads x (2L - 1) x
+    head width each)."""
     t, h = sequences * seq, arch.hidden
     ffn = 2 * BF16 * t * h + (2 if arch.gated else 1) * BF16 * t * arch.intermediate
     attn = 2 * BF16 * t * h + 3 * BF16 * t * arch.attention_width
     if arch.relative_kinds and attention == "flash":
-        attn += FP32 * t * arch.attention_width
+        attn += BF16 * sequences * arch.heads * seq * seq
         attn += arch.relative_kinds * FP32 * (2 * seq - 1) * arch.attention_width
     return max(ffn, attn)
 

@@ -88,6 +88,16 @@ def _dropout_keep(seed, bh, offs_m, start_n, seqlen, dropout_p,
 
 
 @triton.jit
+def _segment_span(SEG, CU, first, BLOCK: tl.constexpr, STEP: tl.constexpr, seqlen):
+    """The other side's range a tile of packed rows ``first .. first + BLOCK - 1`` needs: from the
+    start of its first row's sequence (rounded down to a multiple of STEP, so loop tiles stay
+    aligned: the dropout counter needs keys from multiples of 8) to the end of its last row's."""
+    lo = tl.load(CU + tl.load(SEG + first))
+    hi = tl.load(CU + tl.load(SEG + tl.minimum(first + BLOCK, seqlen) - 1) + 1)
+    return (lo // STEP) * STEP, hi
+
+
+@triton.jit
 def _window_rows(POS, IDX, h, stride_ph, stride_pe, d0, seqlen, offs_d, d_valid,
                  BLOCK_W: tl.constexpr, W_USED: tl.constexpr):
     """DeBERTa's relative embeddings for the distances ``d0 .. d0 + W_USED - 1`` (one tile's):
@@ -149,6 +159,9 @@ def _biased_attn_fwd_kernel(
     # DeBERTa in the kernel: c2p = q_i . POSK[C2P_I[i - j + L - 1]] and p2c = k_j . POSQ[P2C_I[..]]
     # from the BLOCK_W >= BLOCK_M + BLOCK_N - 1 relative embeddings a tile's distances reach
     HAS_POSK: tl.constexpr = False, HAS_POSQ: tl.constexpr = False, BLOCK_W: tl.constexpr = 16,
+    # packed sequences (one batch row of several): token i attends to j only when SEG[i] ==
+    # SEG[j]; each query tile visits only the key tiles of its rows' sequences (CU: cu_seqlens)
+    SEG=None, CU=None, HAS_SEG: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -160,6 +173,12 @@ def _biased_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < seqlen
     d_valid = offs_d < HEAD_DIM
+    if HAS_SEG:
+        seg_m = tl.load(SEG + offs_m, mask=m_valid, other=-1)
+        start, stop = _segment_span(SEG, CU, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, seqlen)
+    else:
+        start = 0
+        stop = seqlen
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
@@ -176,7 +195,7 @@ def _biased_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen, BLOCK_N):
+    for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < seqlen
         mask_nd = n_valid[:, None] & d_valid[None, :]
@@ -215,6 +234,8 @@ def _biased_attn_fwd_kernel(
         if HAS_KMASK:
             key_ok = key_ok & (tl.load(KMASK + b * stride_kmb + offs_n, mask=n_valid, other=0) != 0)
         s = tl.where(key_ok[None, :], s, float("-inf"))
+        if HAS_SEG:
+            s = tl.where(seg_m[:, None] == tl.load(SEG + offs_n, mask=n_valid, other=-2)[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row whose keys are all masked so far has m_new = -inf: subtract 0 instead (p = 0)
@@ -284,7 +305,7 @@ def _key_tile(K, V, KMASK, b, h, pid, seqlen, offs_d, d_valid, stride_kb, stride
 @triton.jit
 def _fused_bwd_program(
     Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
-    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS, SEG, CU,
     pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -297,7 +318,7 @@ def _fused_bwd_program(
     BLOCK_W: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_POSK: tl.constexpr, HAS_POSQ: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_DIST: tl.constexpr,
-    STORE_DS: tl.constexpr,
+    STORE_DS: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     """The single-pass backward of one key tile: loops over every query tile once, recomputes
     its scores once, and produces dK, dV (registers, stored at the end), dQ (fp32 atomics into
@@ -330,7 +351,13 @@ def _fused_bwd_program(
     carry_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     carry_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     ds_base = DS + bh.to(tl.int64) * stride_sh
-    for start_m in range(0, seqlen, BLOCK_M):
+    if HAS_SEG:  # packed sequences: only the query tiles of this key tile's sequences
+        seg_n = tl.load(SEG + offs_n, mask=n_valid, other=-2)
+        start, stop = _segment_span(SEG, CU, pid * BLOCK_N, BLOCK_N, BLOCK_M, seqlen)
+    else:
+        start = 0
+        stop = seqlen
+    for start_m in range(start, stop, BLOCK_M):
         # window column of score (i, j), and its inverses: the key of (i, t) and the query of
         # (t, j); rebuilt every iteration (a few integer ops) rather than held in registers
         t_idx = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
@@ -383,6 +410,8 @@ def _fused_bwd_program(
                             COL_T, COL_I, stride_ctb, stride_cth, stride_ctn, stride_ctc,
                             HAS_ROW, HAS_COL) * 1.4426950408889634
         s = tl.where(key_ok[None, :], s, float("-inf"))
+        if HAS_SEG:
+            s = tl.where(tl.load(SEG + offs_m, mask=m_valid, other=-1)[:, None] == seg_n[None, :], s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -510,6 +539,8 @@ def _biased_attn_bwd_kernel(
     ROW_DIST: tl.constexpr = False,
     # FUSED_DQ for DeBERTa: the score gradient stored to DS instead of dQ / window atomics
     STORE_DS: tl.constexpr = False,
+    # FUSED_DQ on packed sequences (see the forward kernel)
+    SEG=None, CU=None, HAS_SEG: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -529,7 +560,7 @@ def _biased_attn_bwd_kernel(
     if FUSED_DQ:
         _fused_bwd_program(
             Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
-            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS,
+            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS, SEG, CU,
             pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -539,7 +570,7 @@ def _biased_attn_bwd_kernel(
             stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
             stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_W, HAS_ROW, HAS_COL, HAS_KMASK, HAS_DROPOUT,
-            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST, STORE_DS)
+            HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST, STORE_DS, HAS_SEG)
     else:
         if KV_PASS:
             offs_n, n_valid, mask_nd, k, v, key_ok = _key_tile(
@@ -896,6 +927,7 @@ def biased_attention_forward(
     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
     pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher.
 
@@ -906,7 +938,9 @@ def biased_attention_forward(
     (1 or batch, heads, 1 or seq, entries); ``row_index`` / ``col_index``: int32 (2 seq - 1,),
     entry ``i - j + seq - 1`` giving the table column for distance ``i - j``.
     ``key_padding_mask``: (batch, seq), nonzero = attend. ``seed``: int64 (1,) tensor, read only
-    when ``dropout_p > 0``.
+    when ``dropout_p > 0``. ``segments``: ``(segment_ids, cu_seqlens)``, int32, for packed
+    sequences in one batch row (batch 1): token ``i`` attends to ``j`` only within its sequence,
+    and each tile visits the other side's tiles of its sequences only.
 
     Returns ``out`` (batch, heads, seq, head_dim) stored as (batch, seq, heads, head_dim) so that
     merging the heads afterwards is free, and ``lse`` (batch, heads, seq) fp32 in base 2; both are
@@ -946,9 +980,20 @@ def biased_attention_forward(
         HAS_ROW=row_table is not None, HAS_COL=col_table is not None, HAS_KMASK=kmask is not None,
         HAS_DROPOUT=dropout_p > 0.0, UPCAST_DOT=cfg.upcast_dot, DOT_PRECISION=cfg.dot_precision,
         HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, BLOCK_W=cfg.block_w,
+        **_segment_arguments(q, segments),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+def _segment_arguments(q: torch.Tensor, segments) -> dict:
+    """The kernels' packed-sequence arguments (placeholders without ``segments``)."""
+    if segments is None:
+        return dict(SEG=q, CU=q, HAS_SEG=False)
+    if q.shape[0] != 1:
+        raise ValueError("packed sequences (segments) take a batch of one row")
+    seg, cu = (x.contiguous() for x in segments)
+    return dict(SEG=seg, CU=cu, HAS_SEG=True)
 
 
 def biased_attention_backward(
@@ -963,6 +1008,7 @@ def biased_attention_backward(
     raw_table_grads: bool = False, passes: tuple[str, ...] | None = None, fused: bool | None = None,
     pos_key: torch.Tensor | None = None, c2p_index: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None, p2c_index: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Backward launcher: (dq, dk, dv, d_row_table, d_col_table), same shapes as the inputs;
     with ``pos_key`` / ``pos_query`` (DeBERTa in the kernel, always ``fused``) two more,
@@ -993,7 +1039,9 @@ def biased_attention_backward(
         # the CPU tests cover the fused path
         fused = passes is None and (window or (col_table is None and (row_table is None or distance_row)
                                                and (q.dtype != torch.float32 or interpreted())))
-    fused = fused or window
+    if segments is not None and (window or row_table is not None or col_table is not None):
+        raise ValueError("packed sequences (segments) take no bias table")
+    fused = fused or window or segments is not None  # (the two-pass kernels know no segments)
     passes = ("kv", "q") if passes is None else passes
     row_dist = fused and distance_row and not window
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
@@ -1088,7 +1136,8 @@ def biased_attention_backward(
                 HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, **small)
         elif fused:
             _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
-                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, **common)
+                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, **_segment_arguments(q, segments),
+                **common)
             dq.copy_(dq_acc)
         else:
             if "kv" in passes:
@@ -1295,6 +1344,69 @@ _disentangled_fwd_op.register_autograd(_disentangled_backward, setup_context=_di
 
 
 # --------------------------------------------------------------------------------------------
+# packed sequences: the varlen path's attention without padding, in tiles that span sequences
+# --------------------------------------------------------------------------------------------
+
+# FlashAttention's varlen kernels give each sequence its own 128-row tiles, so a 20-token
+# SimCSE sentence pays a 128 x 128 tile per head. Here the packed (tokens, heads, head_dim) rows
+# are one sequence of the kernel, tiles run across sequence boundaries, a score is kept only
+# within a sequence, and each tile visits only the other side's tiles its sequences reach.
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(tokens, heads, head_dim) as the kernels' (1, heads, tokens, head_dim), no copy."""
+    return x.permute(1, 0, 2).unsqueeze(0)
+
+
+@torch.library.custom_op("fastcse::packed_attention_fwd", mutates_args=())
+def _packed_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                   cu_seqlens: torch.Tensor, seed: torch.Tensor | None, scale: float,
+                   dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = biased_attention_forward(_as_rows(q), _as_rows(k), _as_rows(v), None, None, None, None, None, seed,
+                                        scale, dropout_p, segments=(segment_ids, cu_seqlens))
+    return out[0].transpose(0, 1), lse  # out is stored (1, tokens, heads, head_dim): packed rows
+
+
+@_packed_fwd_op.register_fake
+def _(q, k, v, segment_ids, cu_seqlens, seed, scale, dropout_p):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((1, q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcse::packed_attention_bwd", mutates_args=())
+def _packed_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, segment_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                   seed: torch.Tensor | None, scale: float,
+                   dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, _, _ = biased_attention_backward(
+        _as_rows(grad_out), _as_rows(q), _as_rows(k), _as_rows(v), _as_rows(out), lse, None, None, None, None, None,
+        seed, scale, dropout_p, segments=(segment_ids, cu_seqlens))
+    return tuple(g[0].transpose(0, 1).contiguous() for g in (dq, dk, dv))
+
+
+@_packed_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, segment_ids, cu_seqlens, seed, scale, dropout_p):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _packed_setup_context(ctx, inputs, output):
+    q, k, v, segment_ids, cu_seqlens, seed, scale, dropout_p = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids, cu_seqlens, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _packed_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, segment_ids, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _packed_bwd_op(grad_out, q, k, v, out, lse, segment_ids, cu_seqlens, seed, ctx.scale,
+                                ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points of the triton tier (inputs checked by fastcse.biased_attention, the dispatch)
 # --------------------------------------------------------------------------------------------
 
@@ -1344,4 +1456,18 @@ def disentangled_attention_triton(
     """
     out, _ = _disentangled_fwd_op(q, k, v, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
                                   _draw_seed(q, dropout_p, seed), float(scale), float(dropout_p))
+    return out
+
+
+def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                            cu_seqlens: torch.Tensor, *, scale: float, dropout_p: float = 0.0,
+                            seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable attention over packed sequences: ``q, k, v`` (tokens, heads, head_dim) with
+    a unit last stride, ``segment_ids`` (tokens,) the sequence of each token (int64, as
+    :class:`~fastcse.models.unpad.PackedBatch` holds it), ``cu_seqlens`` (sequences + 1,) their
+    offsets (int32). Dropout as :func:`biased_attention_triton` (Philox in
+    packed coordinates, regenerated in the backward). Returns (tokens, heads, head_dim).
+    Unchecked (:func:`fastcse.models.attention.varlen_attention` calls it)."""
+    out, _ = _packed_fwd_op(q, k, v, segment_ids, cu_seqlens, _draw_seed(q, dropout_p, seed), float(scale),
+                            float(dropout_p))
     return out

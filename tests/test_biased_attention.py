@@ -318,18 +318,21 @@ report = {}
 KERNELS = (("fwd", "fwd", False, None), ("bwd_kv", "bwd", False, "kv"), ("bwd_q", "bwd", False, "q"),
            ("bwd_dist", "bwd", False, "dist"),
            ("fwd_window", "fwd", True, None), ("bwd_window", "bwd", True, "fused"),
-           ("bwd_window_dq", "dq", True, None), ("bwd_window_dpos", "dpos", True, None))
+           ("bwd_window_dq", "dq", True, None), ("bwd_window_dpos", "dpos", True, None),
+           ("fwd_packed", "fwd", False, "packed"), ("bwd_packed", "bwd", False, "packed"))
 for dtype in (torch.bfloat16, torch.float32):
     for label, kernel, window, backward_pass in KERNELS:
         dist = backward_pass == "dist"
-        if dist and dtype == torch.float32:
-            continue  # fp32 T5 runs the two-pass backward on a GPU (its fused kernel spills)
+        packed = backward_pass == "packed"  # the varlen path's packed sequences: no table, no mask
+        if (dist or packed) and dtype == torch.float32:
+            continue  # fp32 T5 runs the two-pass backward on a GPU (its fused kernel spills); no fp32 packed
         cfg = ba._LaunchConfig(torch.empty(1, 1, 1, 64, dtype=dtype, device="meta"), None, None,
-                               backward=kernel == "bwd", window=window, fused=dist)
+                               backward=kernel == "bwd", window=window, fused=dist or (packed and kernel == "bwd"))
         fn = {"fwd": ba._biased_attn_fwd_kernel, "bwd": ba._biased_attn_bwd_kernel,
               "dq": ba._disentangled_dq_kernel, "dpos": ba._disentangled_window_grad_kernel}[kernel]
         consts = dict(HEAD_DIM=64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                      HAS_ROW=not window, HAS_COL=not (window or dist), HAS_KMASK=True, HAS_DROPOUT=True,
+                      HAS_ROW=not (window or packed), HAS_COL=not (window or dist or packed), HAS_KMASK=not packed,
+                      HAS_SEG=packed, HAS_DROPOUT=True,
                       UPCAST_DOT=False, DOT_PRECISION=cfg.dot_precision,
                       HAS_POSK=window, HAS_POSQ=window, BLOCK_W=cfg.block_w)
         if kernel in ("dq", "dpos"):  # DeBERTa's passes over the stored score gradient
@@ -343,7 +346,7 @@ for dtype in (torch.bfloat16, torch.float32):
         if kernel == "bwd":
             consts.update(KV_PASS=backward_pass != "q",
                           LOOP_BLOCK=cfg.block_n if backward_pass == "q" else cfg.block_m,
-                          FUSED_DQ=backward_pass in ("fused", "dist"), ROW_DIST=dist,
+                          FUSED_DQ=backward_pass in ("fused", "dist", "packed"), ROW_DIST=dist,
                           STORE_DS=window and backward_pass == "fused")
         signature = {}
         for name in fn.arg_names:
@@ -353,11 +356,11 @@ for dtype in (torch.bfloat16, torch.float32):
                 signature[name] = "fp32"
             elif name in ("LSE", "DELTA", "DROW", "DCOL", "DQ_ACC", "DPOSK", "DPOSQ"):
                 signature[name] = "*fp32"
-            elif name in ("ROW_I", "COL_I", "C2P_I", "P2C_I"):
+            elif name in ("ROW_I", "COL_I", "C2P_I", "P2C_I", "CU"):
                 signature[name] = "*i32"
             elif name == "KMASK":
                 signature[name] = "*u8"
-            elif name == "SEED":
+            elif name in ("SEED", "SEG"):
                 signature[name] = "*i64"
             elif name.isupper():
                 signature[name] = "*" + TY[dtype]
@@ -419,7 +422,7 @@ def test_kernels_compile_for_sm90_without_spills():
     windows) for sm_90 (H100) with the tiles the launcher picks there, every feature on, and
     require no register spills (stack use)."""
     report = _sm90_report()
-    assert len(report) == 15
+    assert len(report) == 17
     spills = {name: r for name, r in report.items() if r["stack"] != 0 and name not in _KNOWN_SPILLS}
     assert not spills, f"register spills (stack bytes): {spills}"
 

@@ -15,13 +15,19 @@ Backends (``attn_backend=``):
     (:func:`varlen_attention`; ``auto`` takes the first that can run, :func:`pick_varlen_kernel`):
     1. ``flash_attn``: the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed
        (fp16/bf16 CUDA);
-    2. ``aten_flash``: PyTorch's own FlashAttention-2 varlen kernels (``aten._flash_attention_forward``
+    2. ``triton``: fastcse's flash kernel (``fastcse.kernels.biased_attention``, no bias table) on
+       the packed rows as one sequence, a score kept only within a sequence and each tile visiting
+       only the tiles its sequences reach (fp16/bf16 CUDA, no window; ``auto`` from
+       :data:`TRITON_VARLEN_MIN_SEQUENCES` sequences of at most :data:`TRITON_VARLEN_MAX_SEQLEN`
+       tokens): FlashAttention gives each sequence its own 128-row tiles, mostly empty for
+       SimCSE's ~20-token sentences. In-kernel Philox dropout, regenerated in the backward;
+    3. ``aten_flash``: PyTorch's own FlashAttention-2 varlen kernels (``aten._flash_attention_forward``
        / ``_backward`` as the custom op ``fastcse::flash_varlen_fwd``, ``fastcse.kernels.flash_varlen``;
        fp16/bf16 CUDA on sm80+, head_dim <= 256): attention dropout inside the kernel, the backward
        replays its mask from the saved Philox state; windows too. ``bench/perf_model.py`` costs it
        as flash over the real tokens: faster than padded SDPA (padded tokens, plus the scatter and
        gather) and than nested tensors (the same kernels plus ~20 dispatched ops of host time);
-    3. ``padded_sdpa``: everywhere else (CPU, fp32, old GPUs): the packed q/k/v are scattered into a
+    4. ``padded_sdpa``: everywhere else (CPU, fp32, old GPUs): the packed q/k/v are scattered into a
        padded ``(batch, heads, max_seqlen, head_dim)`` block, attended with SDPA and a key-padding
        mask, and gathered back (the CPU twin, exact against HF eager).
     By name only: ``torch_varlen`` (``torch.nn.attention.varlen.varlen_attn``: no dropout, no
@@ -61,8 +67,15 @@ from .unpad import PackedBatch, pack, unpad_input
 logger = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("auto", "eager", "sdpa", "varlen", "biased", "rotary")
-VarlenKernel = Literal["auto", "flash_attn", "aten_flash", "torch_varlen", "nested", "padded_sdpa"]
-VARLEN_KERNELS = ("auto", "flash_attn", "aten_flash", "torch_varlen", "nested", "padded_sdpa")
+VarlenKernel = Literal["auto", "flash_attn", "triton", "aten_flash", "torch_varlen", "nested", "padded_sdpa"]
+VARLEN_KERNELS = ("auto", "flash_attn", "triton", "aten_flash", "torch_varlen", "nested", "padded_sdpa")
+# ``auto`` takes the ``triton`` kernel (packed tiles across sequences) on CUDA for calls of at least
+# this many sequences of at most TRITON_VARLEN_MAX_SEQLEN tokens: bench/perf_model.py on an H200
+# has it ahead from 128 SimCSE sentences a call (a BERT-base step: 9.21 -> 8.58 ms at 64 pairs,
+# 42.4 -> 32.9 ms at 512 triplets) and behind at 64 (the encoder alone, 3.70 -> 4.13 ms: its
+# launches' host work hides the device time it saves); FlashAttention's tile is 128 rows
+TRITON_VARLEN_MIN_SEQUENCES = 128
+TRITON_VARLEN_MAX_SEQLEN = 128
 
 # model_type -> the fast backend that exists for it (besides eager / sdpa)
 BERT_VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
@@ -185,15 +198,21 @@ def _aten_flash_module():
     return flash_varlen
 
 
-def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int = 64) -> str:
+def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int = 64,
+                       sequences: int = 0, max_seqlen: int = 0, window: int | None = None) -> str:
     """The varlen attention kernel ``auto`` uses for these inputs: the first of ``flash_attn``,
-    ``aten_flash``, ``padded_sdpa`` that can run them (the order of the module docstring, the
-    performance model's: flash over real tokens beats SDPA over padded ones). Never a CUDA kernel
-    for CPU tensors."""
+    ``triton`` (at least :data:`TRITON_VARLEN_MIN_SEQUENCES` sequences of at most
+    :data:`TRITON_VARLEN_MAX_SEQLEN` tokens, no window), ``aten_flash``, ``padded_sdpa`` that can
+    run them (the order of the module docstring, the performance model's: flash over real tokens
+    beats SDPA over padded ones, and many short sequences fill fastcse's packed tiles better than
+    FlashAttention's tile per sequence). Never a CUDA kernel for CPU tensors."""
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half:
         if _flash_attn_varlen() is not None:
             return "flash_attn"
+        if (window is None and sequences >= TRITON_VARLEN_MIN_SEQUENCES and 0 < max_seqlen <= TRITON_VARLEN_MAX_SEQLEN
+                and head_dim <= 128 and _packed_triton_module() is not None):
+            return "triton"
         module = _aten_flash_module()
         if module is not None and module.flash_varlen_unsupported_reason(device, dtype, head_dim) is None:
             return "aten_flash"
@@ -221,7 +240,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if kernel == "auto":
-        kernel = pick_varlen_kernel(q.device, q.dtype, dropout_p, head_dim)
+        kernel = pick_varlen_kernel(q.device, q.dtype, dropout_p, head_dim, packed.batch, packed.max_seqlen, window)
         if window is not None and kernel == "aten_flash" and not _aten_flash_module().flash_varlen_has_window():
             kernel = "padded_sdpa"  # a torch whose flash ops take no window
     if window is not None and kernel in ("torch_varlen", "nested"):
@@ -263,7 +282,30 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
             return _padded_sdpa(q, k, v, packed, dropout_p, scale)
     if kernel == "padded_sdpa":
         return _padded_sdpa(q, k, v, packed, dropout_p, scale, window)
+    if kernel == "triton":
+        if window is not None:
+            raise ValueError("varlen kernel 'triton' has no sliding window; use 'flash_attn' or 'padded_sdpa'")
+        module = _packed_triton_module(q)
+        if module is None:
+            raise RuntimeError("varlen kernel 'triton' needs Triton and fastcse.kernels, on CUDA (or on CPU under "
+                               "TRITON_INTERPRET=1)")
+        return module.packed_attention_triton(q, k, v, packed.seq_ids, packed.cu_seqlens, scale=scale,
+                                              dropout_p=dropout_p)
     raise ValueError(f"unknown varlen kernel {kernel!r}; valid kernels: {', '.join(VARLEN_KERNELS)}")
+
+
+def _packed_triton_module(q: torch.Tensor | None = None):
+    """fastcse.kernels.biased_attention when Triton imports (and, given ``q``, its kernels can run
+    on ``q`` here: CUDA, or CPU under Triton's interpreter), else None."""
+    try:
+        from fastcse.kernels._triton_utils import triton_available, triton_can_run
+    except ImportError:  # a checkout without the kernels package
+        return None
+    if not triton_available() or (q is not None and not triton_can_run(q)):
+        return None
+    from fastcse.kernels import biased_attention
+
+    return biased_attention
 
 
 @functools.lru_cache(maxsize=None)
