@@ -1804,23 +1804,6 @@ def step_costs_split(tr: Trace, card: Card) -> dict:
 _CLIP_FOREACH = {"aten._foreach_norm.Scalar", "aten._foreach_mul_.Tensor"}
 
 
-def packed_attention_seconds(tr: Trace, card: Card) -> float:
-    """The step with the varlen flash kernels' tiles packed (an estimate of a design not built: each
-    128-row query tile holds consecutive short sequences, block-diagonal masking inside the tile, so
-    the call costs ceil(tokens / 128) tiles per head instead of a whole tile per sequence). Scales
-    each flash varlen cost's FLOPs and exponentials by that tile ratio; bytes unchanged. For a step
-    with one unpadded encoder call (the uncached step)."""
-    if len(tr.varlen_calls) != 1:
-        raise NotModelled(f"packed-tile estimate: {len(tr.varlen_calls)} unpadded calls, not one")
-    lengths = tr.varlen_calls[0]
-    block = FLASH_TILES["flash"][0]
-    ratio = math.ceil(sum(lengths) / block) / sum(math.ceil(n / block) ** 2 for n in lengths)
-    costs = [Cost(c.name, c.kind, flops=c.flops * ratio, bytes=c.bytes, dtype=c.dtype, efficiency=c.efficiency,
-                  exps=c.exps * ratio, launches=c.launches) if c.name.startswith("aten._flash_attention_") else c
-             for c in tr.costs]
-    return simulate(costs, card)
-
-
 def graphed_compiled_seconds(tr: Trace, card: Card) -> float:
     """A design estimate for the step captured in a CUDA graph with its elementwise kernels fused
     (torch.compile-like): the host never waits, memory-bound kernels pay their bytes but not their
@@ -1875,11 +1858,10 @@ def step_bars(card: Card) -> list:
             ta, tb = a.seconds(card), b.seconds(card)
             da, db = device_only_seconds(a, card), device_only_seconds(b, card)
             ga = graphed_compiled_seconds(a, card)
-            pa = packed_attention_seconds(a, card)
             return _bar(name, tb / ta, target, "x", ">=",
                         detail=f"{num} {_step_figures(card, a, batch)}; {den} {_step_figures(card, b, batch)}; "
                                f"design estimates for {num} against {den} as it is: CUDA graph (device time "
-                               f"alone) {tb / da:.2f}x; packed attention tiles {tb / pa:.2f}x; CUDA graph + fused "
+                               f"alone) {tb / da:.2f}x; CUDA graph + fused "
                                f"elementwise {tb / ga:.2f}x ({batch / ga:.0f} sent/s); both device-only "
                                f"{db / da:.2f}x")
         specs.append((name, compute))
