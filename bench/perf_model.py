@@ -700,13 +700,10 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
     # the column pass (KV_PASS) adds dV = P^T dO, dP = dO V^T, dK = dS^T Q (6 L^2 D), the row pass
     # dP and dQ = dS K (4 L^2 D). Reads q, k, v, dO, lse, delta, tables; writes its gradients; the
     # fp32 table-gradient buffer (one atomic per score into DROW / DCOL) is read and written once.
-    # Fused single pass (FUSED_DQ, DeBERTa): one column-parallel pass recomputes S once (plus the
-    # two window products, as the forward), dV, dP, dK, dQ = dS K (8 L^2 D in all), and per table
-    # the skewed dS times the window for dQ / dK and its transpose times Q / K for the window
-    # gradient (2 * 2 L^2 D * BLOCK_W / BLOCK). Atomics: dQ (BLOCK_M x D per tile, fp32 buffer)
-    # and each window gradient into a (heads, 2 seq - 1, D) fp32 buffer: the window's upper half
-    # is the next query tile's lower half, carried in registers, so BLOCK_N x D per tile (plus
-    # one last flush per program).
+    # Fused single pass (FUSED_DQ, no table or packed sequences): one column-parallel pass
+    # recomputes S once, dV, dP, dK, dQ = dS K (10 L^2 D in all); dQ by atomics (BLOCK_M x D per
+    # tile into an fp32 buffer). DeBERTa (STORE_DS): the same pass without dQ, storing dS; see
+    # _disentangled_dq_cost and _disentangled_window_grad_cost for the passes that read it.
     # T5 on the fused pass (FUSED_DQ with ROW_DIST: a row table broadcast over queries, i.e. a
     # function of the distance only): S recomputed once with the table's bias, dQ by atomics as
     # above, and the table's gradient summed along each tile's diagonals (dS gathered into the
@@ -732,16 +729,10 @@ def _biased_bwd_cost(launch: Launch, card: Card) -> Cost:
                     exps=_serial_exps(card, scores, _philox_calls(launch, scores), 0.0))
     if fused:
         flops = 5 * unit
-        flops += 3 * unit * bw / bn if c2p else 0.0  # Q W_k^T recomputed, G W_k (dQ), G^T Q (dW_k)
-        flops += 3 * unit * bw / bm if p2c else 0.0  # W_q K^T recomputed, H^T W_q (dK), H K (dW_q)
         written = 3 * touched_bytes(k)  # dK, dV, dQ (cast from the fp32 buffer by the host)
-        programs = bh * math.ceil(seq / bn)
-        atomics = tiles * bm * dim + (tiles + programs) * bn * dim * (int(c2p) + int(p2c))
+        atomics = tiles * bm * dim
         moved = (sum(touched_bytes(t) for t in (q, k, v, grad_out)) + 8 * bh * seq + written
-                 + _pos_bytes(launch) + 2 * 4 * q.numel())  # the fp32 dQ buffer read + written
-        for flag, name in (("HAS_POSK", "DPOSK"), ("HAS_POSQ", "DPOSQ")):
-            if launch.arguments.get(flag):
-                moved += 2 * touched_bytes(launch.arguments[name])
+                 + 2 * 4 * q.numel())  # the fp32 dQ buffer read + written
         if launch.arguments.get("ROW_DIST"):
             atomics += tiles * 2 * bn
             moved += _table_bytes(launch) + 2 * touched_bytes(launch.arguments["DROW"])

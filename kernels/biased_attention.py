@@ -305,7 +305,7 @@ def _key_tile(K, V, KMASK, b, h, pid, seqlen, offs_d, d_valid, stride_kb, stride
 @triton.jit
 def _fused_bwd_program(
     Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
-    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS, SEG, CU,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DS, SEG, CU,
     pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -313,7 +313,7 @@ def _fused_bwd_program(
     stride_rtb, stride_rth, stride_rtm, stride_rtc, stride_ctb, stride_cth, stride_ctn, stride_ctc,
     stride_drb, stride_drh, stride_drm, stride_drc, stride_dcb, stride_dch, stride_dcn, stride_dcc,
     stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
-    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
+    stride_dab, stride_dah, stride_dam, stride_sh, stride_sm,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_POSK: tl.constexpr, HAS_POSQ: tl.constexpr,
@@ -322,12 +322,7 @@ def _fused_bwd_program(
 ):
     """The single-pass backward of one key tile: loops over every query tile once, recomputes
     its scores once, and produces dK, dV (registers, stored at the end), dQ (fp32 atomics into
-    DQ_ACC), the generic tables' gradients (atomics, as the two-pass kernel) and DeBERTa's window
-    gradients: with dS the score gradient (sm_scale folded in), c2p's part of dQ is G W_k and of
-    POSK's gradient G^T Q, where G[i, t] = dS[i, j] at the window column t of (i, j); p2c's part
-    of dK is H^T W_q and of POSQ's gradient H K, with H[t, j] = dS[i, j]. The window gradients are
-    kept per distance (DPOSK / DPOSQ: (heads, 2 L - 1, head_dim), summed over the batch); the host
-    adds the distances that share an embedding.
+    DQ_ACC) and the generic tables' gradients (atomics, as the two-pass kernel).
 
     ROW_DIST (T5): the row table is broadcast over queries, a function of i - j only, and DROW is
     a per-distance (batch, heads, 1, 2 L - 1) buffer: each tile sums dS along its BLOCK_M +
@@ -335,11 +330,13 @@ def _fused_bwd_program(
     distance, instead of one atomic per score; the host adds the distances that share a bucket.
     DeBERTa's window halves need square tiles; the other paths take any BLOCK_M x BLOCK_N.
 
-    STORE_DS (DeBERTa): no dQ and no window gradients here, hence no atomics at all: the score
-    gradient (sm_scale folded in, in the inputs' dtype) is stored to DS, (batch * heads, L, L),
-    for :func:`_disentangled_dq_kernel` (dQ, row-parallel) and
-    :func:`_disentangled_window_grad_kernel` (the window gradients, distance-parallel); p2c's
-    part of dK (H^T W_q) stays here."""
+    STORE_DS (DeBERTa's windows, which always take it): no dQ and no window gradients here,
+    hence no atomics at all: the score gradient dS (sm_scale folded in, in the inputs' dtype) is
+    stored to DS, (batch * heads, L, L), for :func:`_disentangled_dq_kernel` (dQ = dS K + G W_k,
+    row-parallel) and :func:`_disentangled_window_grad_kernel` (the window gradients G^T Q and
+    H K, distance-parallel), where G[i, t] = dS[i, j] at the window column t of (i, j) and H[t, j]
+    = dS[i, j]; p2c's part of dK, H^T W_q, stays here."""
+    tl.static_assert(STORE_DS or not (HAS_POSK or HAS_POSQ), "DeBERTa's windows take STORE_DS")
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     qk_scale = sm_scale * 1.4426950408889634
@@ -348,8 +345,6 @@ def _fused_bwd_program(
         stride_vb, stride_vh, stride_vn, stride_kmb, BLOCK_N, HAS_KMASK, UPCAST_DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    carry_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    carry_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     ds_base = DS + bh.to(tl.int64) * stride_sh
     if HAS_SEG:  # packed sequences: only the query tiles of this key tile's sequences
         seg_n = tl.load(SEG + offs_n, mask=n_valid, other=-2)
@@ -384,8 +379,8 @@ def _fused_bwd_program(
         t_lo = tl.minimum(t_idx, BLOCK_N - 1)
         t_hi = tl.maximum(t_idx - BLOCK_N, 0)
         if HAS_POSK:
-            wk_lo, dist_lo, w_lo_ok = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0, seqlen, offs_d,
-                                                   d_valid, BLOCK_N, BLOCK_N)
+            wk_lo, _, _ = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0, seqlen, offs_d,
+                                       d_valid, BLOCK_N, BLOCK_N)
             wk_hi, _, _ = _window_rows(POSK, C2P_I, h, stride_pkh, stride_pke, d0 + BLOCK_N, seqlen, offs_d,
                                        d_valid, BLOCK_N, BLOCK_N)
             if UPCAST_DOT:
@@ -394,8 +389,8 @@ def _fused_bwd_program(
             s += tl.where(lo, tl.gather(tl.dot(q, tl.trans(wk_lo), input_precision=DOT_PRECISION), t_lo, axis=1),
                           tl.gather(tl.dot(q, tl.trans(wk_hi), input_precision=DOT_PRECISION), t_hi, axis=1))
         if HAS_POSQ:
-            wq_lo, dist_lo, w_lo_ok = _window_rows(POSQ, P2C_I, h, stride_pqh, stride_pqe, d0, seqlen, offs_d,
-                                                   d_valid, BLOCK_N, BLOCK_N)
+            wq_lo, _, _ = _window_rows(POSQ, P2C_I, h, stride_pqh, stride_pqe, d0, seqlen, offs_d,
+                                       d_valid, BLOCK_N, BLOCK_N)
             wq_hi, _, _ = _window_rows(POSQ, P2C_I, h, stride_pqh, stride_pqe, d0 + BLOCK_N, seqlen, offs_d,
                                        d_valid, BLOCK_N, BLOCK_N)
             if UPCAST_DOT:
@@ -453,22 +448,6 @@ def _fused_bwd_program(
                      mask=mask_mn)
         else:
             dq = tl.dot(ds_lo, k, input_precision=DOT_PRECISION)
-        if (HAS_POSK or HAS_POSQ) and not STORE_DS:
-            dpos_rows = h * stride_dph + (dist_lo + seqlen - 1)[:, None].to(tl.int64) * stride_dpe + offs_d[None, :]
-            dpos_ok = w_lo_ok[:, None] & d_valid[None, :]
-        if HAS_POSK and not STORE_DS:
-            # G[i, t] = dS[i, key of (i, t)]: key i - t + T - 1 (lower half), i - t - 1 (upper)
-            g_key = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-            g_lo = tl.where(g_key < BLOCK_N, tl.gather(ds, tl.minimum(g_key, BLOCK_N - 1), axis=1), 0.0)
-            g_key = g_key - BLOCK_N
-            g_hi = tl.where(g_key >= 0, tl.gather(ds, tl.maximum(g_key, 0), axis=1), 0.0)
-            g_lo = g_lo.to(q.dtype)
-            g_hi = g_hi.to(q.dtype)
-            dq += tl.dot(g_lo, wk_lo.to(q.dtype), input_precision=DOT_PRECISION)
-            dq += tl.dot(g_hi, wk_hi.to(q.dtype), input_precision=DOT_PRECISION)
-            carry_k += tl.dot(tl.trans(g_lo), q, input_precision=DOT_PRECISION)  # the lower half's rows
-            tl.atomic_add(DPOSK + dpos_rows, carry_k, mask=dpos_ok, sem="relaxed")
-            carry_k = tl.dot(tl.trans(g_hi), q, input_precision=DOT_PRECISION)  # the next tile's lower half
         if HAS_POSQ:
             # H[t, j] = dS[query of (t, j), j]: query t + j - (T - 1) (lower half), t + j + 1 (upper)
             h_query = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)
@@ -479,24 +458,10 @@ def _fused_bwd_program(
             h_hi = h_hi.to(q.dtype)
             dk += tl.dot(tl.trans(h_lo), wq_lo.to(q.dtype), input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(h_hi), wq_hi.to(q.dtype), input_precision=DOT_PRECISION)
-            if not STORE_DS:
-                carry_q += tl.dot(h_lo, k.to(q.dtype), input_precision=DOT_PRECISION)
-                tl.atomic_add(DPOSQ + dpos_rows, carry_q, mask=dpos_ok, sem="relaxed")
-                carry_q = tl.dot(h_hi, k.to(q.dtype), input_precision=DOT_PRECISION)
         if not STORE_DS:
             tl.atomic_add(DQ_ACC + b * stride_dab + h * stride_dah + offs_m[:, None] * stride_dam
                           + offs_d[None, :], dq, mask=mask_md, sem="relaxed")
 
-    if (HAS_POSK or HAS_POSQ) and not STORE_DS:
-        # the last query tile's upper half: distances after its lower half
-        last_d0 = ((seqlen - 1) // BLOCK_M) * BLOCK_M - pid * BLOCK_N - (BLOCK_N - 1) + BLOCK_N
-        dist = last_d0 + tl.arange(0, BLOCK_N)
-        rows = h * stride_dph + (dist + seqlen - 1)[:, None].to(tl.int64) * stride_dpe + offs_d[None, :]
-        ok = ((dist > -seqlen) & (dist < seqlen))[:, None] & d_valid[None, :]
-        if HAS_POSK:
-            tl.atomic_add(DPOSK + rows, carry_k, mask=ok, sem="relaxed")
-        if HAS_POSQ:
-            tl.atomic_add(DPOSQ + rows, carry_q, mask=ok, sem="relaxed")
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -520,9 +485,9 @@ def _biased_attn_bwd_kernel(
     stride_drb, stride_drh, stride_drm, stride_drc,
     stride_dcb, stride_dch, stride_dcn, stride_dcc,
     stride_kmb,
-    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS,
+    POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DS,
     stride_pkh, stride_pke, stride_pqh, stride_pqe,
-    stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
+    stride_dab, stride_dah, stride_dam, stride_sh, stride_sm,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -532,7 +497,7 @@ def _biased_attn_bwd_kernel(
     KV_PASS: tl.constexpr,
     LOOP_BLOCK: tl.constexpr,  # BLOCK_M in the KV pass, BLOCK_N in the Q pass
     # FUSED_DQ: one pass only (a key tile per program, as KV_PASS), scores recomputed once; dQ
-    # goes by fp32 atomics into DQ_ACC, DeBERTa's window gradients into DPOSK / DPOSQ
+    # goes by fp32 atomics into DQ_ACC (DeBERTa: STORE_DS instead, see _fused_bwd_program)
     FUSED_DQ: tl.constexpr = False,
     HAS_POSK: tl.constexpr = False, HAS_POSQ: tl.constexpr = False, BLOCK_W: tl.constexpr = 16,
     # FUSED_DQ with a distance-only row table (T5): its gradient per distance (see _fused_bwd_program)
@@ -560,7 +525,7 @@ def _biased_attn_bwd_kernel(
     if FUSED_DQ:
         _fused_bwd_program(
             Q, K, V, DO, LSE, DELTA, DK, DV, ROW_T, ROW_I, COL_T, COL_I, KMASK, DROW, DCOL,
-            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DPOSK, DPOSQ, DS, SEG, CU,
+            POSK, C2P_I, POSQ, P2C_I, DQ_ACC, DS, SEG, CU,
             pid, bh, b, h, seed, drop_scale, sm_scale, dropout_p, seqlen,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -568,7 +533,7 @@ def _biased_attn_bwd_kernel(
             stride_rtb, stride_rth, stride_rtm, stride_rtc, stride_ctb, stride_cth, stride_ctn, stride_ctc,
             stride_drb, stride_drh, stride_drm, stride_drc, stride_dcb, stride_dch, stride_dcn, stride_dcc,
             stride_kmb, stride_pkh, stride_pke, stride_pqh, stride_pqe,
-            stride_dab, stride_dah, stride_dam, stride_dph, stride_dpe, stride_sh, stride_sm,
+            stride_dab, stride_dah, stride_dam, stride_sh, stride_sm,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_W, HAS_ROW, HAS_COL, HAS_KMASK, HAS_DROPOUT,
             HAS_POSK, HAS_POSQ, UPCAST_DOT, DOT_PRECISION, ROW_DIST, STORE_DS, HAS_SEG)
     else:
@@ -1112,11 +1077,9 @@ def biased_attention_backward(
             *_table_strides(row_table), *_table_strides(col_table),
             *_table_strides(drow), *_table_strides(dcol),
             0 if kmask is None else kmask.stride(0),
-            *pos_args, q if dq_acc is None else dq_acc, q if dpk is None else dpk, q if dpq is None else dpq,
-            q if ds is None else ds,
+            *pos_args, q if dq_acc is None else dq_acc, q if ds is None else ds,
             *pos_strides,
             *((0, 0, 0) if dq_acc is None else dq_acc.stride()[:3]),
-            *((0, 0) if dist_ref is None else dist_ref.stride()[:2]),
             *((0, 0) if ds is None else ds.stride()[:2]),
         )
         if window:
