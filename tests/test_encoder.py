@@ -299,22 +299,18 @@ def test_varlen_cuda_matches_eager(arch, dtype):
     assert rel_error(enc(ids, mask), enc(ids, mask)) > 1e-3
 
 
-def _cuda_kernel_available(kernel: str) -> bool:
-    if kernel == "flash_attn":
-        return attn._flash_attn_varlen() is not None
-    if kernel == "torch_varlen":
-        return attn._torch_varlen_attn() is not None
-    return True
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["torch_varlen", "nested", "padded_sdpa", "flash_attn"])
+@pytest.mark.parametrize("kernel", [
+    "torch_varlen", "nested", "padded_sdpa",
+    # the flash-attn package is an optional extra (the GPU image has none)
+    pytest.param("flash_attn", marks=pytest.mark.skipif(attn._flash_attn_varlen() is None,
+                                                        reason="the flash-attn package is not installed")),
+])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_varlen_kernels_cuda(kernel, dtype):
     """Each CUDA varlen kernel: output and q/k/v gradients within twice the error of per-sequence
-    SDPA in the same dtype (both against per-sequence SDPA in float32); dropout makes calls differ."""
-    if not _cuda_kernel_available(kernel):
-        pytest.skip(f"{kernel} is not available in this installation")
+    SDPA in the same dtype (both against per-sequence SDPA in float32); dropout makes calls differ.
+    torch's varlen_attn exists in every torch this project supports (>= 2.9)."""
     lengths = torch.randint(1, 200, (9,))
     lengths[0] = 257
     packed = unpad_input((torch.arange(int(lengths.max()))[None] < lengths[:, None]).long().cuda())
@@ -567,8 +563,8 @@ def test_biased_backend_matches_eager(arch):
     real tokens, pooled embeddings and parameter gradients (relative bias tables included)."""
     from fastcse.kernels._triton_utils import triton_can_run
 
-    if not triton_can_run(torch.empty(0)):
-        pytest.skip("Triton cannot run on CPU here (needs TRITON_INTERPRET=1)")
+    # the conftest sets TRITON_INTERPRET=1 on machines without CUDA, so the kernel always runs here
+    assert triton_can_run(torch.empty(0)), "Triton cannot run on CPU here (the conftest sets TRITON_INTERPRET=1)"
     config = make_config(arch)
     enc = SentenceEncoder.from_config(config, pooling="mean", attn_backend="biased").eval()
     assert enc.attn_backend == "biased"
