@@ -903,9 +903,9 @@ def biased_attention_forward(
     (1 or batch, heads, 1 or seq, entries); ``row_index`` / ``col_index``: int32 (2 seq - 1,),
     entry ``i - j + seq - 1`` giving the table column for distance ``i - j``.
     ``key_padding_mask``: (batch, seq), nonzero = attend. ``seed``: int64 (1,) tensor, read only
-    when ``dropout_p > 0``. ``segments``: ``(segment_ids, cu_seqlens)``, int32, for packed
-    sequences in one batch row (batch 1): token ``i`` attends to ``j`` only within its sequence,
-    and each tile visits the other side's tiles of its sequences only.
+    when ``dropout_p > 0``. ``segments``: ``(segment_ids, cu_seqlens)`` (integer ids per token,
+    int32 offsets) for packed sequences in one batch row (batch 1): token ``i`` attends to ``j``
+    only within its sequence, and each tile visits the other side's tiles of its sequences only.
 
     Returns ``out`` (batch, heads, seq, head_dim) stored as (batch, seq, heads, head_dim) so that
     merging the heads afterwards is free, and ``lse`` (batch, heads, seq) fp32 in base 2; both are
@@ -1058,7 +1058,8 @@ def biased_attention_backward(
             HAS_KMASK=kmask is not None, HAS_DROPOUT=dropout_p > 0.0,
             UPCAST_DOT=cfg.upcast_dot, DOT_PRECISION=cfg.dot_precision,
             HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, BLOCK_W=cfg.block_w,
-            ROW_DIST=row_dist, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ROW_DIST=row_dist, **_segment_arguments(q, segments), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         args = (
             q, k, v, grad_out, lse, delta, dq, dk, dv,
@@ -1099,8 +1100,7 @@ def biased_attention_backward(
                 HAS_POSK=pos_key is not None, HAS_POSQ=pos_query is not None, **small)
         elif fused:
             _biased_attn_bwd_kernel[(triton.cdiv(seqlen, cfg.block_n), batch * heads)](
-                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, **_segment_arguments(q, segments),
-                **common)
+                *args, KV_PASS=True, LOOP_BLOCK=cfg.block_m, FUSED_DQ=True, **common)
             dq.copy_(dq_acc)
         else:
             if "kv" in passes:
