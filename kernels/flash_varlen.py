@@ -91,10 +91,15 @@ def _setup_context(ctx, inputs, output):
     out, lse, rng_a, rng_b = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_a, rng_b)
     ctx.params = (max_seqlen, dropout_p, scale, window_left, window_right)
+    # lse and the RNG state never carry a gradient: without this autograd would launch a zero-fill for
+    # each of them in every layer's backward (three kernels a layer) only for _backward to ignore them
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_rng_a, _grad_rng_b):
     q, k, v, out, lse, cu_seqlens, rng_a, rng_b = ctx.saved_tensors
+    if grad_out is None:  # (the attention output itself fed nothing that needs a gradient)
+        return None, None, None, None, None, None, None, None, None
     max_seqlen, dropout_p, scale, window_left, window_right = ctx.params
     # the saved RNG state replays the forward's dropout mask inside the backward kernel
     dq, dk, dv = _flash_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dropout_p, scale,

@@ -88,7 +88,8 @@ def test_cpu_auto_stays_exact():
 
 def test_op_graph_replays_rng_state():
     """Traced with fake tensors: one forward node, one backward node, and the backward's RNG
-    arguments are the forward's RNG outputs (so the backward kernel replays the forward's mask)."""
+    arguments are the forward's RNG outputs (so the backward kernel replays the forward's mask).
+    No zero-filled gradient is made for the lse / RNG outputs that nothing differentiates."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def step(q, k, v, cu, g):
@@ -109,6 +110,8 @@ def test_op_graph_replays_rng_state():
     rng_a, rng_b = bwd[0].args[10], bwd[0].args[11]
     assert rng_a is getitems[2] and rng_b is getitems[3]
     assert bwd[0].args[8] == 0.2  # the same dropout_p
+    fills = [n for n in nodes if n.op == "call_function" and "zeros" in str(n.target)]
+    assert not fills, fills
 
 
 # --------------------------------------------------------------------------------------------
