@@ -53,38 +53,12 @@ import triton
 import triton.language as tl
 
 from fastcse.kernels._triton_utils import interpreted
+from fastcse.kernels.philox_dropout import philox_keep
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dropout_keep(seed, bh, offs_m, start_n, seqlen, dropout_p,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) keep-mask of queries ``offs_m`` and keys ``start_n + arange(BLOCK_N)``.
-
-    One Philox stream per (batch, head): the key is seed + bh, the counter
-    ``i * ceil(L / 8) + j // 8``, and one ``tl.randint4x`` call (four 32-bit words) gives the
-    eight keys ``j`` with the same ``j // 8`` 16 bits each (key 8 o + 2 w + 1 the high half of word
-    w, 8 o + 2 w the low half): an eighth of ``tl.rand``'s Philox calls. A key is kept when its 16
-    bits are >= dropout_p * 2**16, so the rate is dropout_p to within 2**-16 (the kept
-    values are still scaled by 1 / (1 - dropout_p); FlashAttention's kernels compare 8 bits). The
-    mask depends on (i, j) only, never on the tile sizes, so the forward, the backward kernels
-    (whatever their tiles) and :func:`dropout_keep_mask` draw the same mask. ``start_n`` must be a
-    multiple of 8 (every tile start is a multiple of 16).
-    """
-    eights = (seqlen + 7) // 8
-    offs_o = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    r0, r1, r2, r3 = tl.randint4x(seed + bh, offs_m[:, None] * eights + offs_o[None, :])
-    # join twice: [.., o, a, b] = word 2a + b of group o, so the row-major reshape puts word w of
-    # group o at column 4 o + w; then its halves at keys 2 (4 o + w) + 0 / 1 (masked after the
-    # shift too: a signed word would shift its sign bit in)
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 2))
-    r = tl.reshape(tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF), (BLOCK_M, BLOCK_N))
-    # 16-bit integers are exact in fp32: keep iff the half >= ceil(dropout_p * 2**16)
-    return r.to(tl.float32) >= dropout_p * 65536.0
 
 
 @triton.jit
@@ -244,7 +218,7 @@ def _biased_attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, seqlen, dropout_p, BLOCK_M, BLOCK_N)
+            keep = philox_keep(seed, bh, offs_m, start_n, seqlen, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -410,7 +384,7 @@ def _fused_bwd_program(
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, pid * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N)
+            keep = philox_keep(seed, bh, offs_m, pid * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
             p_drop = tl.where(keep, p * drop_scale, 0.0)
         else:
@@ -585,7 +559,7 @@ def _biased_attn_bwd_kernel(
                 p_t = tl.exp2(s_t - lse[None, :])
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
                 if HAS_DROPOUT:
-                    keep_t = tl.trans(_dropout_keep(seed, bh, offs_m, pid * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N))
+                    keep_t = tl.trans(philox_keep(seed, bh, offs_m, pid * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N))
                     dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
                     p_drop_t = tl.where(keep_t, p_t * drop_scale, 0.0)
                 else:
@@ -624,7 +598,7 @@ def _biased_attn_bwd_kernel(
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 if HAS_DROPOUT:
-                    keep = _dropout_keep(seed, bh, offs_m, start, seqlen, dropout_p, BLOCK_M, BLOCK_N)
+                    keep = philox_keep(seed, bh, offs_m, start, seqlen, dropout_p, BLOCK_M, BLOCK_N)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -770,7 +744,7 @@ def _dropout_mask_kernel(MASK, SEED, dropout_p, seqlen, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m, pid_n * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N)
+    keep = philox_keep(tl.load(SEED), bh, offs_m, pid_n * BLOCK_N, seqlen, dropout_p, BLOCK_M, BLOCK_N)
     mask = (offs_m < seqlen)[:, None] & (offs_n < seqlen)[None, :]
     tl.store(MASK + bh.to(tl.int64) * seqlen * seqlen + offs_m[:, None] * seqlen + offs_n[None, :],
              keep.to(tl.int8), mask=mask)
