@@ -608,8 +608,9 @@ _INT_OP_EXP_EQUIVALENT = _PHILOX_EXP_EQUIVALENT / 60.0
 
 def _philox_calls(launch: Launch, scores: float) -> float:
     """A pass's dropout draws in Philox calls: philox_keep (kernels/philox_dropout.py) takes one
-    tl.randint4x call (128 bits) per 8 adjacent keys, 16 bits per key compared with the integer threshold; the two ops
-    per score that split and compare the halves are charged as their Philox-call equivalent."""
+    tl.randint4x call (128 bits) per 8 adjacent keys, 16 bits per key compared with the integer
+    threshold; the two ops per score that split and compare the halves are charged as their
+    Philox-call equivalent."""
     if not launch.arguments.get("HAS_DROPOUT"):
         return 0.0
     return scores / 8.0 + scores * 2.0 * _INT_OP_EXP_EQUIVALENT / _PHILOX_EXP_EQUIVALENT
