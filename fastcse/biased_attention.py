@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from fastcse.kernels._triton_utils import triton_can_run
+from fastcse.kernels._triton_utils import require_triton, triton_can_run
 
 Backend = Literal["auto", "triton", "chunked", "eager"]
 BACKENDS = ("auto", "triton", "chunked", "eager")
@@ -119,11 +119,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if triton_can_run(q) else "chunked"
-    if backend == "triton" and not triton_can_run(q):
-        raise RuntimeError(
-            f"backend='triton' cannot run on a {q.device.type} tensor here: it needs CUDA, or "
-            "Triton's interpreter (TRITON_INTERPRET=1 set before fastcse.kernels is imported) "
-            "for CPU tensors")
+    if backend == "triton":
+        require_triton(q)
     return backend
 
 

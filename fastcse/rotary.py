@@ -24,7 +24,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import nn
 
-from fastcse.kernels._triton_utils import triton_available, triton_can_run
+from fastcse.kernels._triton_utils import require_triton, triton_available
 
 Layout = Literal["half", "interleaved"]
 Backend = Literal["auto", "triton", "eager"]
@@ -230,11 +230,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "eager":
         return "eager"
     if backend == "triton":
-        if not triton_can_run(q):
-            raise RuntimeError(
-                f"backend='triton' cannot run on a {q.device.type} tensor here: it needs CUDA, or "
-                "Triton's interpreter (TRITON_INTERPRET=1 set before fastcse.kernels is imported) "
-                "for CPU tensors")
+        require_triton(q)
         return "triton"
     raise ValueError(f"backend must be 'auto', 'triton' or 'eager', got {backend!r}")
 

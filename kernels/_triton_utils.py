@@ -50,3 +50,12 @@ def triton_can_run(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:
         return True
     return tensor.device.type == "cpu" and interpreted()
+
+
+def require_triton(tensor: torch.Tensor) -> None:
+    """Raise the error of a ``backend='triton'`` request that cannot run on ``tensor``'s device."""
+    if not triton_can_run(tensor):
+        raise RuntimeError(
+            f"backend='triton' cannot run on a {tensor.device.type} tensor here: it needs CUDA, or "
+            "Triton's interpreter (TRITON_INTERPRET=1 set before fastcse.kernels is imported) "
+            "for CPU tensors")

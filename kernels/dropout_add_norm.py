@@ -1,0 +1,371 @@
+"""Fused bias + dropout + residual add + LayerNorm: the tail of every post-LN transformer sublayer.
+
+BERT, RoBERTa and XLM-R end each attention block and each MLP with::
+
+    a   = dense(x)                       (the GEMM with its bias)
+    z   = dropout(a) + residual
+    out = LayerNorm(z)
+
+which eager PyTorch runs as four kernels forward (the GEMM's epilogue adds the bias, then dropout,
+add, layer_norm) and four backward (layer_norm_backward, the add's cast, dropout_backward and the
+bias gradient's column sum) around the GEMMs. Here the GEMM runs without its bias and one kernel
+does the rest: it adds the bias, draws the dropout mask (Philox, :mod:`fastcse.kernels.philox_dropout`:
+no mask is stored, the backward redraws it), adds the residual, normalises in fp32 and stores the
+output and ``z`` (LayerNorm's backward needs it) with the per-row mean and 1/std. The backward is
+one kernel per row block (LayerNorm's input gradient, the residual's gradient, dropout's and the
+bias's through the same mask, and column partial sums of the three parameter gradients) and a
+small one that adds the partials and writes the gradients in the parameters' dtypes.
+
+Rounding is PyTorch's at every point where eager rounds, so a bf16 model gives what its modules
+would up to summation order: ``a`` is rounded to x's dtype after the bias (the bias rounded to x's
+dtype first, as autocast casts addmm's bias), dropout's output again, ``z`` to the promoted dtype
+of x and the residual; the norm runs in fp32 from the rounded ``z``. (The one difference: eager
+rounds ``GEMM + bias`` once, here the GEMM's output is rounded before the bias is added.)
+
+Contents: the ``@triton.jit`` kernels, their launchers, the ``torch.library`` custom ops with their
+autograd, and :func:`dropout_keep_rows` (the mask as a tensor, for tests and references). Input
+checks, the eager twin and the dispatch live in :mod:`fastcse.dropout_add_norm`.
+"""
+
+# No `from __future__ import annotations`: torch.library infers the custom ops' schemas from
+# their annotations.
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastcse.kernels.philox_dropout import philox_keep
+
+# Elements one program holds per tensor: 4 rows of BERT-base's 768 features (padded to 1024). A
+# streaming kernel; the tile barely matters once thousands of rows keep every SM busy.
+_ELEMENTS_PER_PROGRAM = 4096
+# Widest row one program normalises in registers (a 1.5B model's hidden size is 1,536 - 2,048)
+MAX_DIM = 16384
+# Columns and partial rows the partial-sum kernel adds per program
+_SUM_BLOCK_COLS = 32
+_SUM_BLOCK_PARTIALS = 64
+
+
+@triton.jit
+def _dropout_add_norm_fwd_kernel(
+    X, X_BIAS, RES, W, B, OUT, Z, MEAN, RSTD, SEED,
+    n_rows, dim, stream, dropout_p, drop_scale, eps,
+    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program normalises BLOCK_R rows (Z's dtype is the add's; Z is stored when STORE_Z)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    col_ok = cols < dim
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]  # int64: rows * dim passes 2**31
+
+    a = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_X_BIAS:
+        x_bias = tl.load(X_BIAS + cols, mask=col_ok, other=0.0).to(X.dtype.element_ty)
+        a = (a.to(tl.float32) + x_bias.to(tl.float32)[None, :]).to(X.dtype.element_ty)
+    if HAS_DROPOUT:
+        keep = philox_keep(tl.load(SEED), stream, rows, 0, dim, dropout_p, BLOCK_R, BLOCK_D)
+        a = tl.where(keep, a.to(tl.float32) * drop_scale, 0.0).to(X.dtype.element_ty)
+    residual = tl.load(RES + offs, mask=mask, other=0.0)
+    z = (a.to(tl.float32) + residual.to(tl.float32)).to(Z.dtype.element_ty)
+
+    zf = z.to(tl.float32)
+    mean = tl.sum(zf, axis=1) / dim
+    centred = tl.where(mask, zf - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / dim + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    if STORE_Z:
+        tl.store(Z + offs, z, mask=mask)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _dropout_add_norm_bwd_kernel(
+    G, Z, MEAN, RSTD, W, SEED, DX, DRES, PARTIAL,
+    n_rows, dim, stream, dropout_p, drop_scale, n_programs,
+    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program ``pid`` takes row blocks pid, pid + n_programs, ...; its column sums of the weight,
+    bias and x-bias gradients go to PARTIAL[0 / 1 / 2, pid]."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_x_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for block in range(pid, tl.cdiv(n_rows, BLOCK_R), n_programs):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        wg = g * w[None, :]
+        # LayerNorm's input gradient, as PyTorch writes it: rstd (w g - mean(w g) - xhat mean(w g xhat))
+        c_xhat = tl.sum(wg * xhat, axis=1) / dim
+        c_mean = tl.sum(wg, axis=1) / dim
+        dz = ((wg - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None]).to(Z.dtype.element_ty)
+        tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
+        # the add hands dropout's output the gradient in x's dtype; dropout scales it through the mask
+        da = dz.to(DX.dtype.element_ty)
+        if HAS_DROPOUT:
+            keep = philox_keep(tl.load(SEED), stream, rows, 0, dim, dropout_p, BLOCK_R, BLOCK_D)
+            da = tl.where(keep, da.to(tl.float32) * drop_scale, 0.0).to(DX.dtype.element_ty)
+        tl.store(DX + offs, da, mask=mask)
+        acc_w += tl.sum(g * xhat, axis=0)
+        acc_b += tl.sum(g, axis=0)
+        if HAS_X_BIAS:
+            acc_x_bias += tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0)
+    stride = n_programs * dim
+    tl.store(PARTIAL + pid * dim + cols, acc_w, mask=col_ok)
+    tl.store(PARTIAL + stride + pid * dim + cols, acc_b, mask=col_ok)
+    if HAS_X_BIAS:
+        tl.store(PARTIAL + 2 * stride + pid * dim + cols, acc_x_bias, mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PARTIAL, DW, DB, DX_BIAS, n_partials, dim,
+    HAS_X_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Adds PARTIAL's (n_partials, dim) planes into the three gradients, in their own dtypes."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < dim
+    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_x_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    stride = n_partials * dim
+    for start in range(0, n_partials, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        mask = (parts < n_partials)[:, None] & col_ok[None, :]
+        offs = parts[:, None] * dim + cols[None, :]
+        acc_w += tl.sum(tl.load(PARTIAL + offs, mask=mask, other=0.0), axis=0)
+        acc_b += tl.sum(tl.load(PARTIAL + stride + offs, mask=mask, other=0.0), axis=0)
+        if HAS_X_BIAS:
+            acc_x_bias += tl.sum(tl.load(PARTIAL + 2 * stride + offs, mask=mask, other=0.0), axis=0)
+    tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=col_ok)
+    tl.store(DB + cols, acc_b.to(DB.dtype.element_ty), mask=col_ok)
+    if HAS_X_BIAS:
+        tl.store(DX_BIAS + cols, acc_x_bias.to(DX_BIAS.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _keep_rows_kernel(MASK, SEED, n_rows, dim, stream, dropout_p, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # writes the keep-mask the kernels above draw (for references and tests)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    keep = philox_keep(tl.load(SEED), stream, rows, 0, dim, dropout_p, BLOCK_R, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
+    tl.store(MASK + rows.to(tl.int64)[:, None] * dim + cols[None, :], keep.to(tl.int8), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(n_rows: int, dim: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) of a (n_rows, dim) call; its checks are the callers' (dim <=
+    MAX_DIM; counters below 2**31)."""
+    block_d = max(16, triton.next_power_of_2(dim))  # philox_keep takes columns in eights
+    block_r = max(1, min(16, _ELEMENTS_PER_PROGRAM // block_d, triton.next_power_of_2(max(n_rows, 1))))
+    return block_r, block_d, 4 if block_r * block_d <= 4096 else 8
+
+
+def counters_fit(n_rows: int, dim: int) -> bool:
+    """Whether the Philox counters of ``n_rows`` rows of ``dim`` stay 32-bit (22 M rows of 768)."""
+    return n_rows * ((dim + 7) // 8) < 2**31
+
+
+def _drop_scale(dropout_p: float) -> float:
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def _backward_programs(x: torch.Tensor, n_blocks: int) -> int:
+    """Programs of the backward kernel (each loops over row blocks and keeps one partial row):
+    two per multiprocessor on CUDA (132 SMs when a meta tensor plays a CUDA one); three in the
+    interpreter, so its tests cross the loop."""
+    if x.is_meta:
+        want = 2 * 132
+    elif x.is_cuda:
+        want = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        want = 3
+    return max(1, min(want, n_blocks))
+
+
+def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
+                             out_dtype, save):
+    """Launch the forward on 2-D contiguous (n_rows, dim) x / residual; returns (out, z, mean, rstd)
+    with z, mean, rstd empty unless ``save``."""
+    n_rows, dim = x.shape
+    z_dtype = torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty((n_rows, dim), dtype=out_dtype, device=x.device)
+    if save:
+        z = torch.empty((n_rows, dim), dtype=z_dtype, device=x.device)
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    else:  # the pointers stand in, never stored through; Z's only use is its dtype
+        z = torch.empty(0, dtype=z_dtype, device=x.device)
+        mean = rstd = torch.empty(0, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return out, z, mean, rstd
+    has_dropout = seed is not None and dropout_p > 0.0
+    block_r, block_d, warps = _blocks(n_rows, dim)
+    _dropout_add_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, x if x_bias is None else x_bias, residual, weight, bias, out,
+        z if save else torch.empty(1, dtype=z_dtype, device=x.device), mean, rstd,
+        seed if has_dropout else x,
+        n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), float(eps),
+        HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out, z, mean, rstd
+
+
+def dropout_add_norm_backward(grad_out, z, mean, rstd, weight, bias_dtype, x_bias_dtype, seed, stream,
+                              dropout_p, x_dtype, residual_dtype):
+    """Launch the backward; returns (dx, dresidual, dweight, dbias, dx_bias or an empty tensor)."""
+    n_rows, dim = z.shape
+    device = z.device
+    dx = torch.empty((n_rows, dim), dtype=x_dtype, device=device)
+    dres = torch.empty((n_rows, dim), dtype=residual_dtype, device=device)
+    dweight = torch.empty(dim, dtype=weight.dtype, device=device)
+    dbias = torch.empty(dim, dtype=bias_dtype, device=device)
+    has_x_bias = x_bias_dtype is not None
+    dx_bias = torch.empty(dim if has_x_bias else 0, dtype=x_bias_dtype or x_dtype, device=device)
+    if n_rows == 0:
+        return dx, dres, dweight.zero_(), dbias.zero_(), dx_bias.zero_()
+    has_dropout = seed is not None and dropout_p > 0.0
+    block_r, block_d, warps = _blocks(n_rows, dim)
+    programs = _backward_programs(z, triton.cdiv(n_rows, block_r))
+    partial = torch.empty((3 if has_x_bias else 2, programs, dim), dtype=torch.float32, device=device)
+    _dropout_add_norm_bwd_kernel[(programs,)](
+        grad_out, z, mean, rstd, weight, seed if has_dropout else z, dx, dres, partial,
+        n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), programs,
+        HAS_X_BIAS=has_x_bias, HAS_DROPOUT=has_dropout, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=warps,
+    )
+    _sum_partials_kernel[(triton.cdiv(dim, _SUM_BLOCK_COLS),)](
+        partial, dweight, dbias, dx_bias if has_x_bias else dbias, programs, dim,
+        HAS_X_BIAS=has_x_bias, BLOCK_P=_SUM_BLOCK_PARTIALS, BLOCK_C=_SUM_BLOCK_COLS, num_warps=4,
+    )
+    return dx, dres, dweight, dbias, dx_bias
+
+
+def dropout_keep_rows(seed: torch.Tensor, stream: int, n_rows: int, dim: int, dropout_p: float) -> torch.Tensor:
+    """The (n_rows, dim) bool keep-mask the kernels draw for ``seed``, ``stream`` and ``dropout_p``.
+
+    For references and tests only (it materialises what the kernels never store).
+    """
+    mask = torch.empty((n_rows, dim), dtype=torch.int8, device=seed.device)
+    if n_rows:
+        block_r, block_d, _ = _blocks(n_rows, dim)
+        _keep_rows_kernel[(triton.cdiv(n_rows, block_r),)](mask, seed, n_rows, dim, stream, float(dropout_p),
+                                                           BLOCK_R=block_r, BLOCK_D=block_d)
+    return mask.bool()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration and autograd
+# --------------------------------------------------------------------------------------------
+# custom_op (not triton_op): the launchers pick blocks from concrete sizes, which stay Python ints
+# under torch.compile's symbolic shapes this way.
+
+
+@torch.library.custom_op("fastcse::dropout_add_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor, seed: Optional[torch.Tensor], stream: int, dropout_p: float, eps: float,
+            out_dtype: torch.dtype, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
+                                    out_dtype, save)
+
+
+@_fwd_op.register_fake
+def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save):
+    n_rows, dim = x.shape
+    saved_rows = n_rows if save else 0
+    z_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty((n_rows, dim), dtype=out_dtype),
+            x.new_empty((saved_rows, dim) if save else (0,), dtype=z_dtype),
+            x.new_empty(saved_rows, dtype=torch.float32), x.new_empty(saved_rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastcse::dropout_add_norm_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+            weight: torch.Tensor, bias_dtype: torch.dtype, has_x_bias: bool, x_bias_dtype: torch.dtype,
+            seed: Optional[torch.Tensor], stream: int, dropout_p: float, x_dtype: torch.dtype,
+            residual_dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dropout_add_norm_backward(grad_out.contiguous(), z, mean, rstd, weight, bias_dtype,
+                                     x_bias_dtype if has_x_bias else None, seed, stream, dropout_p,
+                                     x_dtype, residual_dtype)
+
+
+@_bwd_op.register_fake
+def _(grad_out, z, mean, rstd, weight, bias_dtype, has_x_bias, x_bias_dtype, seed, stream, dropout_p, x_dtype,
+      residual_dtype):
+    n_rows, dim = z.shape
+    return (z.new_empty((n_rows, dim), dtype=x_dtype), z.new_empty((n_rows, dim), dtype=residual_dtype),
+            z.new_empty(dim, dtype=weight.dtype), z.new_empty(dim, dtype=bias_dtype),
+            z.new_empty(dim if has_x_bias else 0, dtype=x_bias_dtype if has_x_bias else x_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save = inputs
+    _out, z, mean, rstd = output
+    if not save:
+        ctx.unsaved = True  # backward raises: the caller asked for no saved activations
+    ctx.save_for_backward(z, mean, rstd, weight, seed)
+    ctx.params = (stream, dropout_p, x.dtype, residual.dtype, bias.dtype,
+                  None if x_bias is None else x_bias.dtype)
+    # z, mean and rstd are returned for saving only: no zero-filled gradients for them
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
+    if grad_out is None:
+        return (None,) * 11
+    if getattr(ctx, "unsaved", False):
+        raise RuntimeError("dropout_add_norm ran with save=False (no activations kept) but a gradient "
+                           "reached it: call it with gradients enabled")
+    z, mean, rstd, weight, seed = ctx.saved_tensors
+    stream, dropout_p, x_dtype, residual_dtype, bias_dtype, x_bias_dtype = ctx.params
+    has_x_bias = x_bias_dtype is not None
+    dx, dres, dweight, dbias, dx_bias = _bwd_op(
+        grad_out, z, mean, rstd, weight, bias_dtype, has_x_bias, x_bias_dtype or x_dtype, seed, stream,
+        dropout_p, x_dtype, residual_dtype)
+    return (dx, dx_bias if has_x_bias else None, dres, dweight, dbias) + (None,) * 6
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout_add_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                            x_bias: Optional[torch.Tensor], dropout_p: float, eps: float,
+                            seed: Optional[torch.Tensor], stream: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Differentiable fused op on (..., dim) x / residual (checked by :mod:`fastcse.dropout_add_norm`).
+
+    ``seed``: int64 (1,) Philox seed (read only when ``dropout_p > 0``); ``stream`` picks one of
+    its independent masks (a model passes one seed per forward and a stream per sublayer).
+    """
+    shape = x.shape
+    dim = shape[-1]
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, x_bias, residual, weight, bias))
+    out, _z, _mean, _rstd = _fwd_op(x.reshape(-1, dim).contiguous(), x_bias, residual.reshape(-1, dim).contiguous(),
+                                    weight, bias, seed if dropout_p > 0.0 else None, int(stream),
+                                    float(dropout_p), float(eps), out_dtype, save)
+    return out.view(shape)
