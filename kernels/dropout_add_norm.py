@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcse.kernels._triton_utils import interpreted
 from fastcse.kernels.philox_dropout import philox_keep
 
 # Elements one program holds per tensor: 4 rows of BERT-base's 768 features (padded to 1024). A
@@ -48,11 +49,24 @@ _SUM_BLOCK_PARTIALS = 64
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even as the GPU's conversion does. Triton's
+    interpreter truncates fp32 -> bf16 (its cast keeps the high half), so there the bits are
+    rounded first: + 0x7FFF and the lowest kept bit, then the low half cleared."""
+    if INTERPRETED:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _dropout_add_norm_fwd_kernel(
     X, X_BIAS, RES, W, B, OUT, Z, MEAN, RSTD, SEED,
     n_rows, dim, stream, dropout_p, drop_scale, eps,
     HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """One program normalises BLOCK_R rows (Z's dtype is the add's; Z is stored when STORE_Z)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -64,13 +78,14 @@ def _dropout_add_norm_fwd_kernel(
 
     a = tl.load(X + offs, mask=mask, other=0.0)
     if HAS_X_BIAS:
-        x_bias = tl.load(X_BIAS + cols, mask=col_ok, other=0.0).to(X.dtype.element_ty)
-        a = (a.to(tl.float32) + x_bias.to(tl.float32)[None, :]).to(X.dtype.element_ty)
+        x_bias = _round(tl.load(X_BIAS + cols, mask=col_ok, other=0.0).to(tl.float32), X.dtype.element_ty,
+                        INTERPRETED)
+        a = _round(a.to(tl.float32) + x_bias.to(tl.float32)[None, :], X.dtype.element_ty, INTERPRETED)
     if HAS_DROPOUT:
         keep = philox_keep(tl.load(SEED), stream, rows, 0, dim, dropout_p, BLOCK_R, BLOCK_D)
-        a = tl.where(keep, a.to(tl.float32) * drop_scale, 0.0).to(X.dtype.element_ty)
+        a = _round(tl.where(keep, a.to(tl.float32) * drop_scale, 0.0), X.dtype.element_ty, INTERPRETED)
     residual = tl.load(RES + offs, mask=mask, other=0.0)
-    z = (a.to(tl.float32) + residual.to(tl.float32)).to(Z.dtype.element_ty)
+    z = _round(a.to(tl.float32) + residual.to(tl.float32), Z.dtype.element_ty, INTERPRETED)
 
     zf = z.to(tl.float32)
     mean = tl.sum(zf, axis=1) / dim
@@ -79,7 +94,7 @@ def _dropout_add_norm_fwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = centred * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs, _round(out, OUT.dtype.element_ty, INTERPRETED), mask=mask)
     if STORE_Z:
         tl.store(Z + offs, z, mask=mask)
         tl.store(MEAN + rows, mean, mask=row_ok)
@@ -91,7 +106,7 @@ def _dropout_add_norm_bwd_kernel(
     G, Z, MEAN, RSTD, W, SEED, DX, DRES, PARTIAL,
     n_rows, dim, stream, dropout_p, drop_scale, n_programs,
     HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Program ``pid`` takes row blocks pid, pid + n_programs, ...; its column sums of the weight,
     bias and x-bias gradients go to PARTIAL[0 / 1 / 2, pid]."""
@@ -116,13 +131,14 @@ def _dropout_add_norm_bwd_kernel(
         # LayerNorm's input gradient, as PyTorch writes it: rstd (w g - mean(w g) - xhat mean(w g xhat))
         c_xhat = tl.sum(wg * xhat, axis=1) / dim
         c_mean = tl.sum(wg, axis=1) / dim
-        dz = ((wg - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None]).to(Z.dtype.element_ty)
-        tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
+        dz = _round((wg - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None], Z.dtype.element_ty,
+                    INTERPRETED).to(tl.float32)
+        tl.store(DRES + offs, _round(dz, DRES.dtype.element_ty, INTERPRETED), mask=mask)
         # the add hands dropout's output the gradient in x's dtype; dropout scales it through the mask
-        da = dz.to(DX.dtype.element_ty)
+        da = _round(dz, DX.dtype.element_ty, INTERPRETED)
         if HAS_DROPOUT:
             keep = philox_keep(tl.load(SEED), stream, rows, 0, dim, dropout_p, BLOCK_R, BLOCK_D)
-            da = tl.where(keep, da.to(tl.float32) * drop_scale, 0.0).to(DX.dtype.element_ty)
+            da = _round(tl.where(keep, da.to(tl.float32) * drop_scale, 0.0), DX.dtype.element_ty, INTERPRETED)
         tl.store(DX + offs, da, mask=mask)
         acc_w += tl.sum(g * xhat, axis=0)
         acc_b += tl.sum(g, axis=0)
@@ -138,7 +154,7 @@ def _dropout_add_norm_bwd_kernel(
 @triton.jit
 def _sum_partials_kernel(
     PARTIAL, DW, DB, DX_BIAS, n_partials, dim,
-    HAS_X_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Adds PARTIAL's (n_partials, dim) planes into the three gradients, in their own dtypes."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -155,10 +171,10 @@ def _sum_partials_kernel(
         acc_b += tl.sum(tl.load(PARTIAL + stride + offs, mask=mask, other=0.0), axis=0)
         if HAS_X_BIAS:
             acc_x_bias += tl.sum(tl.load(PARTIAL + 2 * stride + offs, mask=mask, other=0.0), axis=0)
-    tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=col_ok)
-    tl.store(DB + cols, acc_b.to(DB.dtype.element_ty), mask=col_ok)
+    tl.store(DW + cols, _round(acc_w, DW.dtype.element_ty, INTERPRETED), mask=col_ok)
+    tl.store(DB + cols, _round(acc_b, DB.dtype.element_ty, INTERPRETED), mask=col_ok)
     if HAS_X_BIAS:
-        tl.store(DX_BIAS + cols, acc_x_bias.to(DX_BIAS.dtype.element_ty), mask=col_ok)
+        tl.store(DX_BIAS + cols, _round(acc_x_bias, DX_BIAS.dtype.element_ty, INTERPRETED), mask=col_ok)
 
 
 @triton.jit
@@ -219,7 +235,8 @@ def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dr
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     else:  # the pointers stand in, never stored through; Z's only use is its dtype
         z = torch.empty(0, dtype=z_dtype, device=x.device)
-        mean = rstd = torch.empty(0, dtype=torch.float32, device=x.device)
+        mean = torch.empty(0, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(0, dtype=torch.float32, device=x.device)  # (outputs may not alias)
     if n_rows == 0:
         return out, z, mean, rstd
     has_dropout = seed is not None and dropout_p > 0.0
@@ -230,7 +247,7 @@ def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dr
         seed if has_dropout else x,
         n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), float(eps),
         HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, INTERPRETED=interpreted(), num_warps=warps,
     )
     return out, z, mean, rstd
 
@@ -256,11 +273,12 @@ def dropout_add_norm_backward(grad_out, z, mean, rstd, weight, bias_dtype, x_bia
         grad_out, z, mean, rstd, weight, seed if has_dropout else z, dx, dres, partial,
         n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), programs,
         HAS_X_BIAS=has_x_bias, HAS_DROPOUT=has_dropout, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=warps,
+        INTERPRETED=interpreted(), num_warps=warps,
     )
     _sum_partials_kernel[(triton.cdiv(dim, _SUM_BLOCK_COLS),)](
         partial, dweight, dbias, dx_bias if has_x_bias else dbias, programs, dim,
-        HAS_X_BIAS=has_x_bias, BLOCK_P=_SUM_BLOCK_PARTIALS, BLOCK_C=_SUM_BLOCK_COLS, num_warps=4,
+        HAS_X_BIAS=has_x_bias, BLOCK_P=_SUM_BLOCK_PARTIALS, BLOCK_C=_SUM_BLOCK_COLS, INTERPRETED=interpreted(),
+        num_warps=4,
     )
     return dx, dres, dweight, dbias, dx_bias
 

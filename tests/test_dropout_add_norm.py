@@ -1,0 +1,240 @@
+"""The fused bias + dropout + residual add + LayerNorm against a float64 reference of its formula.
+
+The reference is written here, independently of fastcse.dropout_add_norm: it takes the kernel's
+own keep-mask (:func:`dropout_keep_rows`) and rounds where eager PyTorch rounds (x's dtype after
+the bias and after dropout, the add's dtype after the add), in float64 otherwise. The Triton
+kernels run in Triton's CPU interpreter here (tests/conftest.py), so shapes stay small; the
+CUDA-marked test reruns the checks at BERT-base's shape on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcse.dropout_add_norm import dropout_add_layer_norm, dropout_add_layer_norm_eager, resolve_backend
+from fastcse.kernels.dropout_add_norm import dropout_keep_rows
+from tests.helpers import assert_close, rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x, residual, weight, bias, x_bias, keep, dropout_p, eps):
+    """float64 ``LayerNorm(residual + dropout(x + x_bias))`` with eager's roundings; returns the
+    output and the float64 leaves its gradients are taken against."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, residual, weight, bias)]
+    xd, rd, wd, bd = leaves
+    a = xd
+    if x_bias is not None:
+        xb = x_bias.detach().to(x.dtype).double().requires_grad_()
+        leaves.append(xb)
+        a = _round(a + xb, x.dtype)
+    if keep is not None:
+        a = _round(a * keep.double() / (1.0 - dropout_p), x.dtype)
+    z = _round(a + rd, torch.promote_types(x.dtype, residual.dtype))
+    mean = z.mean(-1, keepdim=True)
+    var = ((z - mean) ** 2).mean(-1, keepdim=True)
+    return (z - mean) / torch.sqrt(var + eps) * wd + bd, leaves
+
+
+class _Round(torch.autograd.Function):
+    """Rounds to a dtype in the forward; the gradient passes straight through (the roundings of
+    eager's backward are the kernel's business, checked by the tolerance)."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        return t.to(dtype).double()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _round(t, dtype):
+    return t if dtype == torch.float64 else _Round.apply(t, dtype)
+
+
+def _inputs(shape, x_dtype, residual_dtype, param_dtype=torch.float32, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    dim = shape[-1]
+
+    def make(*size, dtype, scale=1.0, shift=0.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+    x = make(*shape, dtype=x_dtype).requires_grad_()
+    residual = make(*shape, dtype=residual_dtype, scale=2.0, shift=0.5).requires_grad_()
+    weight = make(dim, dtype=param_dtype, scale=0.5, shift=1.0).requires_grad_()
+    bias = make(dim, dtype=param_dtype, scale=0.5).requires_grad_()
+    x_bias = make(dim, dtype=param_dtype, scale=0.5).requires_grad_()
+    return x, residual, weight, bias, x_bias
+
+
+# fp32 everywhere; a bf16 / fp16 model (everything low); autocast's mix (a bf16 GEMM output, the
+# fp32 residual stream and parameters)
+CASES = [
+    pytest.param(torch.float32, torch.float32, torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, torch.bfloat16, torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, torch.float16, torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, torch.float32, torch.float32, id="bf16-x-fp32-residual"),
+]
+# norm-wise relative error allowed for a tensor stored in a dtype: twice one rounding to it (the
+# measured errors are one rounding: 1.7e-3 in bf16, 2e-4 in fp16, 1e-7 in fp32); a gradient
+# twice that (x's gradient is rounded twice: the add's cast, then dropout's)
+TOLERANCE = {torch.float32: 5e-7, torch.bfloat16: 4e-3, torch.float16: 5e-4}
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (7, 24), (3, 5, 100), (33, 768)], ids=str)
+@pytest.mark.parametrize("x_dtype, residual_dtype, param_dtype", CASES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_matches_float64_reference(shape, x_dtype, residual_dtype, param_dtype, dropout_p):
+    x, residual, weight, bias, x_bias = _inputs(shape, x_dtype, residual_dtype, param_dtype)
+    seed = torch.tensor([20261203], device=DEVICE)
+    out = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p, seed=seed,
+                                 stream=5, backend="triton")
+    assert out.dtype == torch.promote_types(x_dtype, residual_dtype) and out.shape == x.shape
+    dim = shape[-1]
+    keep = dropout_keep_rows(seed, 5, x.numel() // dim, dim, dropout_p).view(shape) if dropout_p else None
+    ref, leaves = reference(x, residual, weight, bias, x_bias, keep, dropout_p, 1e-5)
+    assert rel_error(out, ref) < TOLERANCE[out.dtype], rel_error(out, ref)
+
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (x, residual, weight, bias, x_bias), grad.to(DEVICE, out.dtype))
+    ref_grads = torch.autograd.grad(ref, leaves, grad.to(DEVICE, out.dtype).double())
+    for name, got, want, leaf in zip(("x", "residual", "weight", "bias", "x_bias"), grads, ref_grads,
+                                     (x, residual, weight, bias, x_bias)):
+        assert got.dtype == leaf.dtype, name
+        # x_bias's gradient sums x's (rounded) gradient, so it carries x's dtype's error
+        tol = TOLERANCE[x_dtype if name == "x_bias" else got.dtype]
+        assert rel_error(got, want) < 2 * tol, (name, rel_error(got, want))
+        if dropout_p and name == "x":  # the backward drops exactly the forward's dropped entries
+            assert torch.equal(got == 0, ~keep | (want == 0))
+
+
+def test_autocast_output_is_fp32_like_layer_norm():
+    x, residual, weight, bias, x_bias = _inputs((6, 40), torch.bfloat16, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        fused = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, backend="triton")
+        eager = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, backend="eager")
+    assert fused.dtype == eager.dtype == torch.float32
+    assert rel_error(fused, eager) < 2e-6
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_eval_and_no_grad(dropout_p):
+    """training=False never drops (and ignores the seed); under no_grad nothing is saved and the
+    output is the gradient-tracking one."""
+    x, residual, weight, bias, x_bias = _inputs((9, 48), torch.float32, torch.float32)
+    evaluated = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p,
+                                       training=False, backend="triton")
+    eager = dropout_add_layer_norm_eager(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p,
+                                         training=False)
+    assert_close(evaluated, eager, rtol=1e-5, atol=1e-5, name="eval")
+    seed = torch.tensor([3], device=DEVICE)
+    trained = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p, seed=seed,
+                                     backend="triton")
+    with torch.no_grad():
+        again = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p, seed=seed,
+                                       backend="triton")
+    assert torch.equal(trained, again)
+    assert torch.equal(trained, evaluated) == (dropout_p == 0.0)
+
+
+def test_mask_rate_streams_and_independence_of_blocks():
+    seed = torch.tensor([77], device=DEVICE)
+    rows, dim, p = 256, 768, 0.1
+    keep = dropout_keep_rows(seed, 0, rows, dim, p)
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # each column position is dropped at the rate too (the 16-bit halves of one Philox word)
+    column_rate = keep.float().mean(0)
+    assert (column_rate - (1 - p)).abs().max() < 5 * (p * (1 - p) / rows) ** 0.5
+    other_stream = dropout_keep_rows(seed, 1, rows, dim, p)
+    other_seed = dropout_keep_rows(torch.tensor([78], device=DEVICE), 0, rows, dim, p)
+    for other in (other_stream, other_seed):  # independent masks agree where both keep or both drop
+        agree = (other == keep).float().mean().item()
+        assert abs(agree - ((1 - p) ** 2 + p ** 2)) < 0.01
+    assert torch.equal(dropout_keep_rows(seed, 0, rows, dim, p), keep)
+    # a 3-row call draws the same first rows with other block sizes
+    assert torch.equal(dropout_keep_rows(seed, 0, 3, dim, p), keep[:3])
+
+
+def test_no_parameters_grad_and_no_x_bias():
+    x, residual, weight, bias, _ = _inputs((5, 16), torch.float32, torch.float32)
+    weight.requires_grad_(False)
+    out = dropout_add_layer_norm(x, residual, weight, bias, backend="triton")
+    ref, leaves = reference(x, residual, weight, bias, None, None, 0.0, 1e-5)
+    assert rel_error(out, ref) < 2e-6
+    dx, dres = torch.autograd.grad(out.square().sum(), (x, residual))
+    ref_dx, ref_dres = torch.autograd.grad(ref.square().sum(), leaves[:2])
+    assert rel_error(dx, ref_dx) < 1e-5 and rel_error(dres, ref_dres) < 1e-5
+
+
+def test_input_errors_are_clear():
+    x, residual, weight, bias, x_bias = _inputs((4, 8), torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        dropout_add_layer_norm(x, residual[:3], weight, bias)
+    with pytest.raises(ValueError, match=r"weight must be \(8,\)"):
+        dropout_add_layer_norm(x, residual, weight[:4], bias)
+    with pytest.raises(ValueError, match="x_bias must be fp32"):
+        dropout_add_layer_norm(x, residual, weight, bias, x_bias=torch.ones(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="dropout_p"):
+        dropout_add_layer_norm(x, residual, weight, bias, dropout_p=1.0)
+    with pytest.raises(ValueError, match="eps"):
+        dropout_add_layer_norm(x, residual, weight, bias, eps=0.0)
+    with pytest.raises(ValueError, match="seed must be an int64"):
+        dropout_add_layer_norm(x, residual, weight, bias, dropout_p=0.1, seed=torch.tensor([1.0]), backend="triton")
+    with pytest.raises(ValueError, match="stream"):
+        dropout_add_layer_norm(x, residual, weight, bias, stream=-1)
+    with pytest.raises(ValueError, match="backend must be"):
+        dropout_add_layer_norm(x, residual, weight, bias, backend="cuda")
+    with pytest.raises(ValueError, match="dim <= 16384"):
+        resolve_backend("triton", torch.empty(2, 16385))
+    assert resolve_backend("auto", torch.empty(2, 8)) == "eager"  # the CPU stays on eager by default
+
+
+def test_op_schemas_and_fakes():
+    """torch.library's own consistency checks of the registration (schema, fake kernel, autograd)."""
+    x, residual, weight, bias, x_bias = _inputs((6, 24), torch.bfloat16, torch.float32)
+    seed = torch.tensor([9], device=DEVICE)
+    args = (x, x_bias, residual, weight, bias, seed, 2, 0.2, 1e-5, torch.float32, True)
+    torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_keeps_one_graph_across_sizes():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fastcse.kernels._triton_utils import triton_available
+
+    triton_available()  # (its first call in a process fills a cache, which a trace would guard on)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    seed = torch.tensor([11], device=DEVICE)
+
+    def block(x, residual, weight, bias, x_bias):
+        out = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=0.2, seed=seed,
+                                     backend="triton")
+        return out * 2
+
+    compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
+    first = None
+    for rows in (3, 5, 9):
+        x, residual, weight, bias, x_bias = _inputs((rows, 16), torch.float32, torch.float32, seed=rows)
+        got = compiled(x, residual, weight, bias, x_bias)
+        want = block(x, residual, weight, bias, x_bias)
+        assert torch.equal(got, want)
+        grads = torch.autograd.grad(got.sum(), (x, residual, weight))
+        want_grads = torch.autograd.grad(want.sum(), (x, residual, weight))
+        for g, w in zip(grads, want_grads):
+            assert_close(g, w, rtol=1e-6, atol=1e-6)
+        first = first or counter.frame_count
+    # one frame (dynamo's restart that specialises the float arguments counts it twice), never
+    # recompiled for a new size
+    assert first <= 2 and counter.frame_count == first
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype, residual_dtype, param_dtype", CASES)
+def test_cuda_bert_base_shape(x_dtype, residual_dtype, param_dtype):
+    """The checks at a wiki batch's shape (1,400 tokens of 768) with many programs per SM."""
+    test_matches_float64_reference((1400, 768), x_dtype, residual_dtype, param_dtype, 0.1)
