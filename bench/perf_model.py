@@ -782,6 +782,39 @@ def _disentangled_window_grad_cost(launch: Launch, card: Card) -> Cost:
     return Cost(launch.name, "matmul", flops=flops, bytes=moved, dtype=ds.dtype, efficiency=TRITON_TILE_EFFICIENCY)
 
 
+def _rows_bytes(launch: Launch, *names: str) -> int:
+    # (n_rows, dim) row tensors of the residual-norm kernels, each read or written once
+    rows, dim = _arg(launch, "n_rows"), _arg(launch, "dim")
+    return sum(rows * dim * _arg(launch, n).element_size() for n in names)
+
+
+def _dropout_add_norm_fwd_cost(launch: Launch, card: Card) -> Cost:
+    # reads x and the residual, writes the output (and z, mean, 1/std when STORE_Z); the (dim,)
+    # vectors once per program from L2; one Philox call per 8 elements with dropout
+    rows, dim = _arg(launch, "n_rows"), _arg(launch, "dim")
+    moved = _rows_bytes(launch, "X", "RES", "OUT") + 4 * dim * 3
+    if _arg(launch, "STORE_Z"):
+        moved += _rows_bytes(launch, "Z") + 8 * rows
+    return Cost(launch.name, "memory", bytes=moved,
+                exps=_serial_exps(card, 0.0, _philox_calls(launch, float(rows) * dim), 0.0))
+
+
+def _dropout_add_norm_bwd_cost(launch: Launch, card: Card) -> Cost:
+    # reads the output gradient, z, mean and 1/std; writes x's and the residual's gradients and
+    # the programs' partial column sums (2 or 3 fp32 rows each); redraws the forward's mask
+    rows, dim = _arg(launch, "n_rows"), _arg(launch, "dim")
+    partial_rows = 3 if _arg(launch, "HAS_X_BIAS") else 2
+    moved = _rows_bytes(launch, "G", "Z", "DX", "DRES") + 8 * rows + 4 * partial_rows * launch.grid[0] * dim
+    return Cost(launch.name, "memory", bytes=moved,
+                exps=_serial_exps(card, 0.0, _philox_calls(launch, float(rows) * dim), 0.0))
+
+
+def _sum_partials_cost(launch: Launch, card: Card) -> Cost:
+    # reads the backward's partial sums once, writes the parameters' gradients
+    return Cost(launch.name, "memory",
+                bytes=touched_bytes(_arg(launch, "PARTIAL")) + touched_bytes(_arg(launch, "DPARAMS")))
+
+
 # fastcse's Triton kernels, by kernel name: what one launch reads, writes and computes
 # (read off kernels/*.py; update with the kernel).
 KERNEL_COSTS: dict = {
@@ -794,6 +827,9 @@ KERNEL_COSTS: dict = {
     "_biased_attn_bwd_kernel": _biased_bwd_cost,
     "_disentangled_dq_kernel": _disentangled_dq_cost,
     "_disentangled_window_grad_kernel": _disentangled_window_grad_cost,
+    "_dropout_add_norm_fwd_kernel": _dropout_add_norm_fwd_cost,
+    "_dropout_add_norm_bwd_kernel": _dropout_add_norm_bwd_cost,
+    "_sum_partials_kernel": _sum_partials_cost,
 }
 
 

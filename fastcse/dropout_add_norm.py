@@ -146,6 +146,10 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     p = float(dropout_p) if training else 0.0
     if resolve_backend(backend, x) == "eager":
         return dropout_add_layer_norm_eager(x, residual, weight, bias, x_bias=x_bias, dropout_p=p, eps=eps)
+    if bias.dtype != weight.dtype or (x_bias is not None and x_bias.dtype != weight.dtype):
+        raise ValueError("the fused kernel takes weight, bias and x_bias of one dtype (its parameter "
+                         f"gradients share a buffer), got {weight.dtype}, {bias.dtype}, "
+                         f"{None if x_bias is None else x_bias.dtype}; use backend='eager'")
     from fastcse.kernels.dropout_add_norm import dropout_add_norm_triton
 
     if p > 0.0 and seed is None:

@@ -63,12 +63,13 @@ def _round(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _dropout_add_norm_fwd_kernel(
-    X, X_BIAS, RES, W, B, OUT, Z, MEAN, RSTD, SEED,
+    X, X_BIAS, RES, W, B, OUT, Z, STATS, SEED,
     n_rows, dim, stream, dropout_p, drop_scale, eps,
     HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """One program normalises BLOCK_R rows (Z's dtype is the add's; Z is stored when STORE_Z)."""
+    """One program normalises BLOCK_R rows (Z's dtype is the add's). With STORE_Z, z and the
+    statistics are stored: STATS is (2, n_rows) fp32, the rows' means then their 1/std."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -97,13 +98,13 @@ def _dropout_add_norm_fwd_kernel(
     tl.store(OUT + offs, _round(out, OUT.dtype.element_ty, INTERPRETED), mask=mask)
     if STORE_Z:
         tl.store(Z + offs, z, mask=mask)
-        tl.store(MEAN + rows, mean, mask=row_ok)
-        tl.store(RSTD + rows, rstd, mask=row_ok)
+        tl.store(STATS + rows, mean, mask=row_ok)
+        tl.store(STATS + n_rows + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _dropout_add_norm_bwd_kernel(
-    G, Z, MEAN, RSTD, W, SEED, DX, DRES, PARTIAL,
+    G, Z, STATS, W, SEED, DX, DRES, PARTIAL,
     n_rows, dim, stream, dropout_p, drop_scale, n_programs,
     HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -124,8 +125,8 @@ def _dropout_add_norm_bwd_kernel(
         offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        mean = tl.load(STATS + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
         wg = g * w[None, :]
         # LayerNorm's input gradient, as PyTorch writes it: rstd (w g - mean(w g) - xhat mean(w g xhat))
@@ -153,28 +154,21 @@ def _dropout_add_norm_bwd_kernel(
 
 @triton.jit
 def _sum_partials_kernel(
-    PARTIAL, DW, DB, DX_BIAS, n_partials, dim,
-    HAS_X_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr,
+    PARTIAL, DPARAMS, n_partials, dim,
+    N_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """Adds PARTIAL's (n_partials, dim) planes into the three gradients, in their own dtypes."""
+    """Adds each of PARTIAL's N_SUMS (n_partials, dim) planes into its row of DPARAMS (N_SUMS, dim),
+    in DPARAMS's dtype (the parameters')."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < dim
-    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_x_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-    stride = n_partials * dim
-    for start in range(0, n_partials, BLOCK_P):
-        parts = start + tl.arange(0, BLOCK_P)
-        mask = (parts < n_partials)[:, None] & col_ok[None, :]
-        offs = parts[:, None] * dim + cols[None, :]
-        acc_w += tl.sum(tl.load(PARTIAL + offs, mask=mask, other=0.0), axis=0)
-        acc_b += tl.sum(tl.load(PARTIAL + stride + offs, mask=mask, other=0.0), axis=0)
-        if HAS_X_BIAS:
-            acc_x_bias += tl.sum(tl.load(PARTIAL + 2 * stride + offs, mask=mask, other=0.0), axis=0)
-    tl.store(DW + cols, _round(acc_w, DW.dtype.element_ty, INTERPRETED), mask=col_ok)
-    tl.store(DB + cols, _round(acc_b, DB.dtype.element_ty, INTERPRETED), mask=col_ok)
-    if HAS_X_BIAS:
-        tl.store(DX_BIAS + cols, _round(acc_x_bias, DX_BIAS.dtype.element_ty, INTERPRETED), mask=col_ok)
+    for which in tl.static_range(N_SUMS):
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, n_partials, BLOCK_P):
+            parts = start + tl.arange(0, BLOCK_P)
+            mask = (parts < n_partials)[:, None] & col_ok[None, :]
+            offs = (which * n_partials + parts)[:, None] * dim + cols[None, :]
+            acc += tl.sum(tl.load(PARTIAL + offs, mask=mask, other=0.0), axis=0)
+        tl.store(DPARAMS + which * dim + cols, _round(acc, DPARAMS.dtype.element_ty, INTERPRETED), mask=col_ok)
 
 
 @triton.jit
@@ -229,63 +223,56 @@ def _backward_programs(x: torch.Tensor, n_blocks: int) -> int:
 
 def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
                              out_dtype, save):
-    """Launch the forward on 2-D contiguous (n_rows, dim) x / residual; returns (out, z, mean, rstd)
-    with z, mean, rstd empty unless ``save``."""
+    """Launch the forward on 2-D contiguous (n_rows, dim) x / residual; returns (out, z, stats)
+    with z and stats ((2, n_rows): means, 1/stds) empty unless ``save``."""
     n_rows, dim = x.shape
     z_dtype = torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty((n_rows, dim), dtype=out_dtype, device=x.device)
-    if save:
-        z = torch.empty((n_rows, dim), dtype=z_dtype, device=x.device)
-        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    else:  # the pointers stand in, never stored through; Z's only use is its dtype
-        z = torch.empty(0, dtype=z_dtype, device=x.device)
-        mean = torch.empty(0, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(0, dtype=torch.float32, device=x.device)  # (outputs may not alias)
+    # without save the empty z stands in as the kernel's Z (only its dtype is read)
+    z = torch.empty((n_rows, dim) if save else (0,), dtype=z_dtype, device=x.device)
+    stats = torch.empty((2, n_rows if save else 0), dtype=torch.float32, device=x.device)
     if n_rows == 0:
-        return out, z, mean, rstd
+        return out, z, stats
     has_dropout = seed is not None and dropout_p > 0.0
     block_r, block_d, warps = _blocks(n_rows, dim)
     _dropout_add_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, x if x_bias is None else x_bias, residual, weight, bias, out,
-        z if save else torch.empty(1, dtype=z_dtype, device=x.device), mean, rstd,
+        x, x if x_bias is None else x_bias, residual, weight, bias, out, z, stats,
         seed if has_dropout else x,
         n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), float(eps),
         HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save,
         BLOCK_R=block_r, BLOCK_D=block_d, INTERPRETED=interpreted(), num_warps=warps,
     )
-    return out, z, mean, rstd
+    return out, z, stats
 
 
-def dropout_add_norm_backward(grad_out, z, mean, rstd, weight, bias_dtype, x_bias_dtype, seed, stream,
-                              dropout_p, x_dtype, residual_dtype):
-    """Launch the backward; returns (dx, dresidual, dweight, dbias, dx_bias or an empty tensor)."""
+def dropout_add_norm_backward(grad_out, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype,
+                              residual_dtype):
+    """Launch the backward; returns (dx, dresidual, dparams): dparams (2 or 3, dim) holds the
+    weight's, the bias's (and x_bias's) gradients in the weight's dtype."""
     n_rows, dim = z.shape
     device = z.device
     dx = torch.empty((n_rows, dim), dtype=x_dtype, device=device)
     dres = torch.empty((n_rows, dim), dtype=residual_dtype, device=device)
-    dweight = torch.empty(dim, dtype=weight.dtype, device=device)
-    dbias = torch.empty(dim, dtype=bias_dtype, device=device)
-    has_x_bias = x_bias_dtype is not None
-    dx_bias = torch.empty(dim if has_x_bias else 0, dtype=x_bias_dtype or x_dtype, device=device)
+    n_sums = 3 if has_x_bias else 2
+    dparams = torch.empty((n_sums, dim), dtype=weight.dtype, device=device)
     if n_rows == 0:
-        return dx, dres, dweight.zero_(), dbias.zero_(), dx_bias.zero_()
+        return dx, dres, dparams.zero_()
     has_dropout = seed is not None and dropout_p > 0.0
     block_r, block_d, warps = _blocks(n_rows, dim, backward=True)
     programs = _backward_programs(z, triton.cdiv(n_rows, block_r))
-    partial = torch.empty((3 if has_x_bias else 2, programs, dim), dtype=torch.float32, device=device)
+    partial = torch.empty((n_sums, programs, dim), dtype=torch.float32, device=device)
     _dropout_add_norm_bwd_kernel[(programs,)](
-        grad_out, z, mean, rstd, weight, seed if has_dropout else z, dx, dres, partial,
+        grad_out, z, stats, weight, seed if has_dropout else z, dx, dres, partial,
         n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), programs,
         HAS_X_BIAS=has_x_bias, HAS_DROPOUT=has_dropout, BLOCK_R=block_r, BLOCK_D=block_d,
         INTERPRETED=interpreted(), num_warps=warps,
     )
     _sum_partials_kernel[(triton.cdiv(dim, _SUM_BLOCK_COLS),)](
-        partial, dweight, dbias, dx_bias if has_x_bias else dbias, programs, dim,
-        HAS_X_BIAS=has_x_bias, BLOCK_P=_SUM_BLOCK_PARTIALS, BLOCK_C=_SUM_BLOCK_COLS, INTERPRETED=interpreted(),
+        partial, dparams, programs, dim,
+        N_SUMS=n_sums, BLOCK_P=_SUM_BLOCK_PARTIALS, BLOCK_C=_SUM_BLOCK_COLS, INTERPRETED=interpreted(),
         num_warps=4,
     )
-    return dx, dres, dweight, dbias, dx_bias
+    return dx, dres, dparams
 
 
 def dropout_keep_rows(seed: torch.Tensor, stream: int, n_rows: int, dim: int, dropout_p: float) -> torch.Tensor:
@@ -311,7 +298,7 @@ def dropout_keep_rows(seed: torch.Tensor, stream: int, n_rows: int, dim: int, dr
 @torch.library.custom_op("fastcse::dropout_add_norm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor, seed: Optional[torch.Tensor], stream: int, dropout_p: float, eps: float,
-            out_dtype: torch.dtype, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
                                     out_dtype, save)
 
@@ -319,58 +306,50 @@ def _fwd_op(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Ten
 @_fwd_op.register_fake
 def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save):
     n_rows, dim = x.shape
-    saved_rows = n_rows if save else 0
     z_dtype = torch.promote_types(x.dtype, residual.dtype)
     return (x.new_empty((n_rows, dim), dtype=out_dtype),
-            x.new_empty((saved_rows, dim) if save else (0,), dtype=z_dtype),
-            x.new_empty(saved_rows, dtype=torch.float32), x.new_empty(saved_rows, dtype=torch.float32))
+            x.new_empty((n_rows, dim) if save else (0,), dtype=z_dtype),
+            x.new_empty((2, n_rows if save else 0), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastcse::dropout_add_norm_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-            weight: torch.Tensor, bias_dtype: torch.dtype, has_x_bias: bool, x_bias_dtype: torch.dtype,
-            seed: Optional[torch.Tensor], stream: int, dropout_p: float, x_dtype: torch.dtype,
-            residual_dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dropout_add_norm_backward(grad_out.contiguous(), z, mean, rstd, weight, bias_dtype,
-                                     x_bias_dtype if has_x_bias else None, seed, stream, dropout_p,
-                                     x_dtype, residual_dtype)
+def _bwd_op(grad_out: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor,
+            has_x_bias: bool, seed: Optional[torch.Tensor], stream: int, dropout_p: float, x_dtype: torch.dtype,
+            residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dropout_add_norm_backward(grad_out.contiguous(), z, stats, weight, has_x_bias, seed, stream,
+                                     dropout_p, x_dtype, residual_dtype)
 
 
 @_bwd_op.register_fake
-def _(grad_out, z, mean, rstd, weight, bias_dtype, has_x_bias, x_bias_dtype, seed, stream, dropout_p, x_dtype,
-      residual_dtype):
+def _(grad_out, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype, residual_dtype):
     n_rows, dim = z.shape
     return (z.new_empty((n_rows, dim), dtype=x_dtype), z.new_empty((n_rows, dim), dtype=residual_dtype),
-            z.new_empty(dim, dtype=weight.dtype), z.new_empty(dim, dtype=bias_dtype),
-            z.new_empty(dim if has_x_bias else 0, dtype=x_bias_dtype if has_x_bias else x_dtype))
+            z.new_empty((3 if has_x_bias else 2, dim), dtype=weight.dtype))
 
 
 def _setup_context(ctx, inputs, output):
     x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save = inputs
-    _out, z, mean, rstd = output
-    if not save:
-        ctx.unsaved = True  # backward raises: the caller asked for no saved activations
-    ctx.save_for_backward(z, mean, rstd, weight, seed)
-    ctx.params = (stream, dropout_p, x.dtype, residual.dtype, bias.dtype,
-                  None if x_bias is None else x_bias.dtype)
-    # z, mean and rstd are returned for saving only: no zero-filled gradients for them
+    _out, z, stats = output
+    ctx.unsaved = not save  # backward raises: the caller asked for no saved activations
+    ctx.save_for_backward(z, stats, weight, seed)
+    ctx.params = (stream, dropout_p, x.dtype, residual.dtype, x_bias is not None)
+    # z and the statistics are returned for saving only: no zero-filled gradients for them
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
+def _backward(ctx, grad_out, _grad_z, _grad_stats):
     if grad_out is None:
         return (None,) * 11
-    if getattr(ctx, "unsaved", False):
+    if ctx.unsaved:
         raise RuntimeError("dropout_add_norm ran with save=False (no activations kept) but a gradient "
                            "reached it: call it with gradients enabled")
-    z, mean, rstd, weight, seed = ctx.saved_tensors
-    stream, dropout_p, x_dtype, residual_dtype, bias_dtype, x_bias_dtype = ctx.params
-    has_x_bias = x_bias_dtype is not None
-    dx, dres, dweight, dbias, dx_bias = _bwd_op(
-        grad_out, z, mean, rstd, weight, bias_dtype, has_x_bias, x_bias_dtype or x_dtype, seed, stream,
-        dropout_p, x_dtype, residual_dtype)
-    return (dx, dx_bias if has_x_bias else None, dres, dweight, dbias) + (None,) * 6
+    z, stats, weight, seed = ctx.saved_tensors
+    stream, dropout_p, x_dtype, residual_dtype, has_x_bias = ctx.params
+    dx, dres, dparams = _bwd_op(grad_out, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype,
+                                residual_dtype)
+    # one (2 or 3, dim) buffer for the parameters' gradients: rows, not three allocations
+    grads = dparams.unbind(0)
+    return (dx, grads[2] if has_x_bias else None, dres, grads[0], grads[1]) + (None,) * 6
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -379,16 +358,19 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def dropout_add_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                             x_bias: Optional[torch.Tensor], dropout_p: float, eps: float,
                             seed: Optional[torch.Tensor], stream: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Differentiable fused op on (..., dim) x / residual (checked by :mod:`fastcse.dropout_add_norm`).
+    """Differentiable fused op on (..., dim) x / residual (checked by :mod:`fastcse.dropout_add_norm`;
+    weight, bias and x_bias share a dtype, all contiguous).
 
     ``seed``: int64 (1,) Philox seed (read only when ``dropout_p > 0``); ``stream`` picks one of
     its independent masks (a model passes one seed per forward and a stream per sublayer).
     """
     shape = x.shape
-    dim = shape[-1]
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, x_bias, residual, weight, bias))
-    out, _z, _mean, _rstd = _fwd_op(x.reshape(-1, dim).contiguous(), x_bias, residual.reshape(-1, dim).contiguous(),
-                                    weight, bias, seed if dropout_p > 0.0 else None, int(stream),
-                                    float(dropout_p), float(eps), out_dtype, save)
-    return out.view(shape)
+    flat = x.dim() != 2  # (2-D inputs skip the reshapes: host ops on every sublayer of a step)
+    if flat:
+        x, residual = x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1])
+    out, _z, _stats = _fwd_op(x.contiguous(), x_bias, residual.contiguous(), weight, bias,
+                              seed if dropout_p > 0.0 else None, int(stream), float(dropout_p), float(eps),
+                              out_dtype, save)
+    return out.view(shape) if flat else out

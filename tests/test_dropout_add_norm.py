@@ -185,6 +185,8 @@ def test_input_errors_are_clear():
         dropout_add_layer_norm(x, residual, weight, bias, dropout_p=0.1, seed=torch.tensor([1.0]), backend="triton")
     with pytest.raises(ValueError, match="stream"):
         dropout_add_layer_norm(x, residual, weight, bias, stream=-1)
+    with pytest.raises(ValueError, match="of one dtype"):
+        dropout_add_layer_norm(x, residual, weight, bias.half(), backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         dropout_add_layer_norm(x, residual, weight, bias, backend="cuda")
     with pytest.raises(ValueError, match="dim <= 16384"):
@@ -197,6 +199,8 @@ def test_op_schemas_and_fakes():
     x, residual, weight, bias, x_bias = _inputs((6, 24), torch.bfloat16, torch.float32)
     seed = torch.tensor([9], device=DEVICE)
     args = (x, x_bias, residual, weight, bias, seed, 2, 0.2, 1e-5, torch.float32, True)
+    torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args[:-1] + (False,),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -240,6 +244,88 @@ def test_cuda_bert_base_shape(x_dtype, residual_dtype, param_dtype):
     test_matches_float64_reference((1400, 768), x_dtype, residual_dtype, param_dtype, 0.1)
 
 
+
+# --- in the BERT varlen encoder ---------------------------------------------------------------
+
+
+def _tiny(model_class="BertModel", config_class="BertConfig", **overrides):
+    import transformers
+
+    from tests.test_encoder import SMALL
+
+    torch.manual_seed(1)
+    config = getattr(transformers, config_class)(**{**SMALL, "max_position_embeddings": 64, **overrides})
+    return getattr(transformers, model_class)(config, add_pooling_layer=False)
+
+
+def _encode(model, ids, mask, weight, **kwargs):
+    from fastcse.models import attention as attn
+
+    model.zero_grad(set_to_none=True)
+    hidden, _ = attn.bert_varlen_forward(model, ids, mask, kernel="padded_sdpa", **kwargs)
+    (hidden * weight).sum().backward()
+    return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", [("BertModel", "BertConfig"), ("RobertaModel", "RobertaConfig")], ids=str)
+def test_fused_tails_match_the_hf_modules_in_eval(family):
+    """Eval mode (no dropout): the encoder with fused sublayer tails equals the HF modules'
+    forward (fp32, 1e-5) and every parameter's gradient (1e-4 of the largest)."""
+    from tests.test_encoder import ragged_batch
+
+    model = _tiny(*family).eval()
+    ids, mask, _ = ragged_batch(model.config, batch=5, seqlen=19)
+    weight = torch.randn(int(mask.sum()), model.config.hidden_size)
+    ref, ref_grads = _encode(model, ids, mask, weight, residual_norm="eager")
+    ours, grads = _encode(model, ids, mask, weight, residual_norm="triton")
+    assert_close(ours, ref, rtol=1e-5, atol=1e-5, name="hidden")
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale, name=name)
+
+
+def test_fused_tails_in_training_replay_their_masks_under_checkpointing():
+    """Training mode: the fused tails drop (the output differs from eval's), a torch seed
+    reproduces a step, and activation checkpointing recomputes the same masks from the forward's
+    seed, so its gradients equal the stored-activation run's."""
+    from tests.test_encoder import ragged_batch
+
+    model = _tiny(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0).train()
+    ids, mask, _ = ragged_batch(model.config, batch=4, seqlen=17)
+    weight = torch.randn(int(mask.sum()), model.config.hidden_size)
+    runs = []
+    for checkpoint in (False, False, True):
+        torch.manual_seed(123)
+        runs.append(_encode(model, ids, mask, weight, residual_norm="triton", checkpoint=checkpoint))
+    (first, first_grads), (again, again_grads), (ckpt, ckpt_grads) = runs
+    assert torch.equal(first, again)
+    assert_close(ckpt, first, rtol=1e-6, atol=1e-6, name="checkpointed hidden")
+    for name in first_grads:
+        assert torch.equal(first_grads[name], again_grads[name]), name
+        assert_close(ckpt_grads[name], first_grads[name], rtol=1e-5, atol=1e-6, name=name)
+    evaluated, _ = _encode(model.eval(), ids, mask, weight, residual_norm="triton")
+    assert (first - evaluated).abs().max() > 1e-2
+
+
+def test_modules_that_cannot_fuse_keep_their_forward():
+    """A hook on a tail (or a replaced forward) keeps the HF modules under ``auto``; a forced
+    ``triton`` says why it cannot; ``auto`` never fuses on the CPU."""
+    from fastcse.models import attention as attn
+
+    model = _tiny()
+    layers = list(model.encoder.layer)
+    hidden = torch.empty(3, model.config.hidden_size)
+    assert attn.residual_norm_backend("auto", layers, hidden) == "eager"
+    assert attn.residual_norm_backend("triton", layers, hidden) == "triton"
+    handle = layers[1].output.LayerNorm.register_forward_hook(lambda *args: None)
+    assert attn.residual_norm_backend("triton", layers[:1], hidden) == "triton"
+    with pytest.raises(ValueError, match="plain HF output modules"):
+        attn.residual_norm_backend("triton", layers, hidden)
+    handle.remove()
+    layers[0].attention.output.forward = lambda h, r: h
+    assert not attn._fusable_output(layers[0].attention.output)
+    assert attn.residual_norm_backend("auto", layers, hidden.to("meta")) == "eager"  # meta is no CUDA
+
 # --- GPU lowering, checked on CPU ----------------------------------------------------------------
 
 _SM90_SCRIPT = r"""
@@ -257,16 +343,16 @@ report = {}
 for dim in (768, 2048):
     for name, fn, pointers in (
         ("fwd", k._dropout_add_norm_fwd_kernel,
-         dict(X="bf16", X_BIAS="fp32", RES="fp32", W="fp32", B="fp32", OUT="fp32", Z="fp32", MEAN="fp32",
-              RSTD="fp32", SEED="i64")),
+         dict(X="bf16", X_BIAS="fp32", RES="fp32", W="fp32", B="fp32", OUT="fp32", Z="fp32", STATS="fp32",
+              SEED="i64")),
         ("bwd", k._dropout_add_norm_bwd_kernel,
-         dict(G="fp32", Z="fp32", MEAN="fp32", RSTD="fp32", W="fp32", SEED="i64", DX="bf16", DRES="fp32",
+         dict(G="fp32", Z="fp32", STATS="fp32", W="fp32", SEED="i64", DX="bf16", DRES="fp32",
               PARTIAL="fp32")),
-        ("sum", k._sum_partials_kernel, dict(PARTIAL="fp32", DW="fp32", DB="fp32", DX_BIAS="fp32")),
+        ("sum", k._sum_partials_kernel, dict(PARTIAL="fp32", DPARAMS="fp32")),
         ("mask", k._keep_rows_kernel, dict(MASK="i8", SEED="i64")),
     ):
         block_r, block_d, warps = k._blocks(4096, dim, backward=name == "bwd")
-        consts = dict(HAS_X_BIAS=True, HAS_DROPOUT=True, STORE_Z=True, BLOCK_R=block_r, BLOCK_D=block_d,
+        consts = dict(HAS_X_BIAS=True, HAS_DROPOUT=True, STORE_Z=True, N_SUMS=3, BLOCK_R=block_r, BLOCK_D=block_d,
                       BLOCK_P=k._SUM_BLOCK_PARTIALS, BLOCK_C=k._SUM_BLOCK_COLS, INTERPRETED=False)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         signature = {}

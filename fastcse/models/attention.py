@@ -61,6 +61,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from fastcse.dropout_add_norm import draw_seed, dropout_add_layer_norm
+from fastcse.dropout_add_norm import resolve_backend as resolve_norm_backend
+
 from .recompute import recompute_saved
 from .unpad import PackedBatch, pack, unpad_input
 
@@ -363,6 +366,15 @@ def bert_position_ids(backbone: torch.nn.Module, input_ids: torch.Tensor) -> tor
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
 
+def _plain(module: torch.nn.Module, cls: type) -> bool:
+    """Whether ``module`` is exactly a ``cls`` whose parameters fastcse may use directly instead
+    of calling it: no ZeRO-3 partition (``ds_id``: DeepSpeed gathers those in the modules' hooks),
+    no hooks, no replaced ``forward``."""
+    return (type(module) is cls and "forward" not in vars(module)
+            and not (module._forward_hooks or module._forward_pre_hooks)
+            and not any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)))
+
+
 def _bert_qkv(self_attn: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """BertSelfAttention's query, key and value projections of packed ``hidden``, ``(total, hidden)``
     each, as one GEMM against the three weights stacked: under autocast ``hidden`` is cast once
@@ -376,8 +388,7 @@ def _bert_qkv(self_attn: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.T
     ``nn.Linear``, mixed biases."""
     mods = (self_attn.query, self_attn.key, self_attn.value)
     biases = [m.bias for m in mods]
-    plain = all(type(m) is torch.nn.Linear and "forward" not in vars(m) and not hasattr(m.weight, "ds_id")
-                and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+    plain = all(_plain(m, torch.nn.Linear) for m in mods)
     if not plain or (any(b is None for b in biases) and not all(b is None for b in biases)):
         return tuple(m(hidden) for m in mods)
     weight = torch.cat([m.weight for m in mods])
@@ -387,8 +398,8 @@ def _bert_qkv(self_attn: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.T
 
 def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         token_type_ids: torch.Tensor | None = None, *, kernel: VarlenKernel = "auto",
-                        checkpoint: bool = False, recompute_activation: bool = True
-                        ) -> tuple[torch.Tensor, PackedBatch]:
+                        checkpoint: bool = False, recompute_activation: bool = True,
+                        residual_norm: str = "auto") -> tuple[torch.Tensor, PackedBatch]:
     """Run a HF BERT / RoBERTa / XLM-R encoder on packed tokens.
 
     Args:
@@ -401,13 +412,19 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
         recompute_activation: recompute the MLP activation's output in backward from its input
             (which the activation keeps anyway) instead of keeping both
             (:func:`fastcse.models.recompute.recompute_saved`; bitwise the same gradients).
+        residual_norm: each sublayer's tail (dense bias, dropout, residual add, LayerNorm):
+            ``triton`` fuses it after a bias-free GEMM (:func:`fastcse.dropout_add_norm.dropout_add_layer_norm`,
+            dropout masks of one Philox seed a forward instead of torch's generator), ``eager``
+            calls the HF modules, ``auto`` fuses on CUDA when every tail is a plain HF module.
 
     Returns ``(hidden, packed)``: the last hidden states of the real tokens ``(total_tokens, hidden)``
     and the :class:`PackedBatch` describing them.
 
     Dropout: the model's own ``nn.Dropout`` modules (embeddings, attention output, MLP output) run on
-    the packed tokens in training mode; attention-probability dropout is the kernel's ``dropout_p``
-    (``config.attention_probs_dropout_prob`` in training mode, 0 in evaluation).
+    the packed tokens in training mode, at their own rates; with the fused tails the attention- and
+    MLP-output dropouts are the kernel's Philox masks at those rates. Attention-probability dropout
+    is the kernel's ``dropout_p`` (``config.attention_probs_dropout_prob`` in training mode, 0 in
+    evaluation).
     """
     packed = unpad_input(attention_mask)
     if packed.total_tokens == 0 or packed.min_seqlen == 0:
@@ -425,19 +442,78 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
         dropout_p = self_attn.dropout.p if self_attn.training else 0.0
         scale = getattr(self_attn, "scaling", head_dim ** -0.5)
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
-        attn_out = layer.attention.output(context.reshape(-1, nheads * head_dim), hidden)
+        index = layer_index[id(layer)]
+        attn_out = _bert_output(layer.attention.output, context.reshape(-1, nheads * head_dim), hidden,
+                                norm_backend, seed, 2 * index)
         if checkpoint or not recompute_activation:  # a checkpointed layer recomputes all of it
-            return layer.output(layer.intermediate(attn_out), attn_out)
+            return _bert_output(layer.output, layer.intermediate(attn_out), attn_out, norm_backend, seed,
+                                2 * index + 1)
         # BertIntermediate's two steps, so that the activation's output is not kept for backward
         inter = layer.intermediate
         pre = inter.dense(attn_out)
         act = inter.intermediate_act_fn(pre)
         with recompute_saved(act, inter.intermediate_act_fn, pre):
-            return layer.output(act, attn_out)
+            return _bert_output(layer.output, act, attn_out, norm_backend, seed, 2 * index + 1)
 
-    for layer in backbone.encoder.layer:
+    layers = list(backbone.encoder.layer)
+    layer_index = {id(layer): i for i, layer in enumerate(layers)}
+    norm_backend = residual_norm_backend(residual_norm, layers, hidden)
+    # one Philox seed a forward for the fused sublayer tails, a mask stream per sublayer (a
+    # checkpointed layer's recomputation reuses the seed, so it redraws the same masks)
+    seed = None
+    if norm_backend == "triton" and any(layer.output.training and (layer.output.dropout.p > 0.0 or
+                                                                    layer.attention.output.dropout.p > 0.0)
+                                        for layer in layers):
+        seed = draw_seed(hidden.device)
+    for layer in layers:
         hidden = _maybe_checkpoint(run_layer, layer, hidden, checkpoint)
     return hidden, packed
+
+
+# the HF classes whose forward is dense -> dropout -> LayerNorm(x + residual) (BERT's, and the
+# copies RoBERTa and XLM-R make of it)
+_BERT_OUTPUT_CLASSES = frozenset({"BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput",
+                                  "XLMRobertaSelfOutput", "XLMRobertaOutput"})
+
+
+def _fusable_output(module: torch.nn.Module) -> bool:
+    """Whether a sublayer tail can run as a bias-free GEMM and :func:`dropout_add_layer_norm`."""
+    if type(module).__name__ not in _BERT_OUTPUT_CLASSES or "forward" in vars(module) \
+            or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    dense, dropout, norm = (getattr(module, name, None) for name in ("dense", "dropout", "LayerNorm"))
+    return (_plain(dense, torch.nn.Linear) and _plain(norm, torch.nn.LayerNorm)
+            and type(dropout) is torch.nn.Dropout and norm.weight is not None and norm.bias is not None
+            and tuple(norm.normalized_shape) == (dense.out_features,))
+
+
+def residual_norm_backend(name: str, layers: list, hidden: torch.Tensor) -> str:
+    """The sublayer tails' backend for this call: ``eager`` (the HF modules) unless every tail
+    can fuse and :func:`fastcse.dropout_add_norm.resolve_backend` picks the kernel (``auto``:
+    on CUDA). A forced ``triton`` on modules that cannot fuse is an error."""
+    resolved = resolve_norm_backend(name, hidden)
+    if resolved == "eager":
+        return "eager"
+    tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
+    if all(_fusable_output(m) for m in tails):
+        return "triton"
+    if name == "triton":
+        raise ValueError("residual_norm='triton' needs plain HF output modules (nn.Linear, nn.Dropout, "
+                         "nn.LayerNorm with bias; no hooks, no ZeRO-3 partitions)")
+    return "eager"
+
+
+def _bert_output(module: torch.nn.Module, hidden_in: torch.Tensor, residual: torch.Tensor, backend: str,
+                 seed: torch.Tensor | None, stream: int) -> torch.Tensor:
+    """``module(hidden_in, residual)`` of a BERT sublayer tail; with the ``triton`` backend the
+    dense GEMM runs without its bias and :func:`dropout_add_layer_norm` adds it, drops, adds the
+    residual and normalises in one kernel (one backward kernel for all of their gradients)."""
+    if backend != "triton":
+        return module(hidden_in, residual)
+    dense, norm = module.dense, module.LayerNorm
+    return dropout_add_layer_norm(F.linear(hidden_in, dense.weight), residual, norm.weight, norm.bias,
+                                  x_bias=dense.bias, dropout_p=module.dropout.p, training=module.training,
+                                  eps=norm.eps, seed=seed, stream=stream, backend="triton")
 
 
 def _maybe_checkpoint(fn, layer, hidden, checkpoint: bool):
