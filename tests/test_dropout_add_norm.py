@@ -190,7 +190,7 @@ def test_input_errors_are_clear():
     with pytest.raises(ValueError, match="backend must be"):
         dropout_add_layer_norm(x, residual, weight, bias, backend="cuda")
     with pytest.raises(ValueError, match="dim <= 16384"):
-        resolve_backend("triton", torch.empty(2, 16385))
+        resolve_backend("triton", torch.empty(2, 16385, device=DEVICE))
     assert resolve_backend("auto", torch.empty(2, 8)) == "eager"  # the CPU stays on eager by default
 
 
@@ -255,7 +255,7 @@ def _tiny(model_class="BertModel", config_class="BertConfig", **overrides):
 
     torch.manual_seed(1)
     config = getattr(transformers, config_class)(**{**SMALL, "max_position_embeddings": 64, **overrides})
-    return getattr(transformers, model_class)(config, add_pooling_layer=False)
+    return getattr(transformers, model_class)(config, add_pooling_layer=False).to(DEVICE)
 
 
 def _encode(model, ids, mask, weight, **kwargs):
@@ -274,8 +274,8 @@ def test_fused_tails_match_the_hf_modules_in_eval(family):
     from tests.test_encoder import ragged_batch
 
     model = _tiny(*family).eval()
-    ids, mask, _ = ragged_batch(model.config, batch=5, seqlen=19)
-    weight = torch.randn(int(mask.sum()), model.config.hidden_size)
+    ids, mask = (t.to(DEVICE) for t in ragged_batch(model.config, batch=5, seqlen=19)[:2])
+    weight = torch.randn(int(mask.sum()), model.config.hidden_size, device=DEVICE)
     ref, ref_grads = _encode(model, ids, mask, weight, residual_norm="eager")
     ours, grads = _encode(model, ids, mask, weight, residual_norm="triton")
     assert_close(ours, ref, rtol=1e-5, atol=1e-5, name="hidden")
@@ -291,8 +291,8 @@ def test_fused_tails_in_training_replay_their_masks_under_checkpointing():
     from tests.test_encoder import ragged_batch
 
     model = _tiny(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0).train()
-    ids, mask, _ = ragged_batch(model.config, batch=4, seqlen=17)
-    weight = torch.randn(int(mask.sum()), model.config.hidden_size)
+    ids, mask = (t.to(DEVICE) for t in ragged_batch(model.config, batch=4, seqlen=17)[:2])
+    weight = torch.randn(int(mask.sum()), model.config.hidden_size, device=DEVICE)
     runs = []
     for checkpoint in (False, False, True):
         torch.manual_seed(123)
@@ -314,8 +314,8 @@ def test_modules_that_cannot_fuse_keep_their_forward():
 
     model = _tiny()
     layers = list(model.encoder.layer)
-    hidden = torch.empty(3, model.config.hidden_size)
-    assert attn.residual_norm_backend("auto", layers, hidden) == "eager"
+    hidden = torch.empty(3, model.config.hidden_size, device=DEVICE)
+    assert attn.residual_norm_backend("auto", layers, hidden) == ("triton" if hidden.is_cuda else "eager")
     assert attn.residual_norm_backend("triton", layers, hidden) == "triton"
     handle = layers[1].output.LayerNorm.register_forward_hook(lambda *args: None)
     assert attn.residual_norm_backend("triton", layers[:1], hidden) == "triton"
