@@ -16,6 +16,7 @@ _EXPORTS = {
     "InfoNCELoss": "fastcse.losses",
     "apply_rotary": "fastcse.rotary",
     "RotaryEmbedding": "fastcse.rotary",
+    "dropout_add_layer_norm": "fastcse.dropout_add_norm",
     "SentenceEncoder": "fastcse.models",
 }
 

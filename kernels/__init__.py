@@ -1,7 +1,8 @@
 """Triton kernels of fastcse, installed as ``fastcse.kernels``.
 
 One op family per file: the ``@triton.jit`` kernels, their host launchers and the
-``torch.library`` registration live together (``infonce``, ``rope``, ``biased_attention``).
+``torch.library`` registration live together (``infonce``, ``rope``, ``biased_attention``,
+``dropout_add_norm``); ``philox_dropout`` holds the dropout mask the attention and norm kernels share.
 Two modules here import no Triton, so the engine can use them where Triton is not installed:
 ``_triton_utils`` (is Triton there, is it interpreted) and ``infonce_chunks`` (the loss's row-chunk
 loop, shared by the chunked and Triton tiers).
