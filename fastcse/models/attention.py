@@ -460,10 +460,9 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     norm_backend = residual_norm_backend(residual_norm, layers, hidden)
     # one Philox seed a forward for the fused sublayer tails, a mask stream per sublayer (a
     # checkpointed layer's recomputation reuses the seed, so it redraws the same masks)
+    tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
     seed = None
-    if norm_backend == "triton" and any(layer.output.training and (layer.output.dropout.p > 0.0 or
-                                                                    layer.attention.output.dropout.p > 0.0)
-                                        for layer in layers):
+    if norm_backend == "triton" and any(m.training and m.dropout.p > 0.0 for m in tails):
         seed = draw_seed(hidden.device)
     for layer in layers:
         hidden = _maybe_checkpoint(run_layer, layer, hidden, checkpoint)
