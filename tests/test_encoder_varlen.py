@@ -145,9 +145,8 @@ def test_aten_flash_matches_padded_sdpa(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not flash_varlen.flash_varlen_has_window(), reason="this torch's flash ops take no window")
 def test_aten_flash_window_matches_padded_sdpa():
-    if not flash_varlen.flash_varlen_has_window():
-        pytest.skip("this torch's flash ops take no window")
     packed, base, g = _cuda_inputs([50, 9, 33])
     q, k, v = (x.half() for x in base)
     ref = attn.varlen_attention(q.float(), k.float(), v.float(), packed, window=4, kernel="padded_sdpa")
