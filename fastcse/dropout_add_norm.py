@@ -23,13 +23,13 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from fastcse.kernels._triton_utils import require_triton, triton_available
+from fastcse.kernels._triton_utils import draw_philox_seed, require_triton, triton_available
 
 Backend = Literal["auto", "triton", "eager"]
 BACKENDS = ("auto", "triton", "eager")
 
-# The kernels' limits (fastcse.kernels.dropout_add_norm.MAX_DIM / counters_fit), restated here so
-# that dispatch can ask them without importing Triton
+# The kernels' limits, checked here before any launch: a row normalised in one program's registers
+# (a 1.5B model's hidden size is 1,536 - 2,048) and 32-bit Philox counters (kernel_fits)
 _MAX_DIM = 16384
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -98,12 +98,6 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A fresh int64 (1,) Philox seed from torch's generator of ``device`` (checkpointing's RNG
-    replay redraws the same one)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
 def dropout_add_layer_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                  bias: torch.Tensor, *, x_bias: Optional[torch.Tensor] = None,
                                  dropout_p: float = 0.0, eps: float = 1e-5, training: bool = True
@@ -130,7 +124,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
         dropout_p: dropout probability on ``x + x_bias``, in [0, 1); no dropout when
             ``training`` is False.
         eps: LayerNorm's epsilon.
-        seed: the kernel's int64 ``(1,)`` Philox seed; None draws one (:func:`draw_seed`). The
+        seed: the kernel's int64 ``(1,)`` Philox seed; None draws one from torch's generator. The
             eager backend draws from torch's generator and ignores it.
         stream: which of the seed's independent masks to use (a small int, one per call site).
         backend: "triton" (the fused kernel), "eager" (PyTorch ops), "auto" (triton on CUDA).
@@ -153,7 +147,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     from fastcse.kernels.dropout_add_norm import dropout_add_norm_triton
 
     if p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
+        seed = draw_philox_seed(x.device)
     return dropout_add_norm_triton(x, residual, weight.contiguous(), bias.contiguous(),
                                    x_bias=None if x_bias is None else x_bias.contiguous(),
                                    dropout_p=p, eps=float(eps), seed=seed, stream=stream,

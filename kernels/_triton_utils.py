@@ -59,3 +59,21 @@ def require_triton(tensor: torch.Tensor) -> None:
             f"backend='triton' cannot run on a {tensor.device.type} tensor here: it needs CUDA, or "
             "Triton's interpreter (TRITON_INTERPRET=1 set before fastcse.kernels is imported) "
             "for CPU tensors")
+
+
+def resident_programs(x: torch.Tensor, interpreted_programs: int) -> int:
+    """Programs a persistent-style kernel should launch to fill ``x``'s device: two per
+    multiprocessor on CUDA (132 SMs when a meta tensor plays a CUDA one, as the performance model
+    traces); ``interpreted_programs`` under the interpreter, few enough to stay fast and enough
+    for its tests to cross the kernels' loops."""
+    if x.is_meta:
+        return 2 * 132
+    if x.is_cuda:
+        return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return interpreted_programs
+
+
+def draw_philox_seed(device: torch.device) -> torch.Tensor:
+    """A fresh int64 (1,) Philox seed for fastcse's dropout kernels, from torch's generator of
+    ``device`` (so torch.manual_seed reproduces it and checkpointing's RNG replay redraws it)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcse.kernels._triton_utils import interpreted
+from fastcse.kernels._triton_utils import draw_philox_seed, interpreted
 from fastcse.kernels.philox_dropout import philox_keep
 
 
@@ -1354,7 +1354,7 @@ def _draw_seed(q: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> 
     if dropout_p == 0.0:
         return None
     if seed is None:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+        seed = draw_philox_seed(q.device)
     return seed
 
 

@@ -35,14 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcse.kernels._triton_utils import interpreted
+from fastcse.kernels._triton_utils import interpreted, resident_programs
 from fastcse.kernels.philox_dropout import philox_keep
 
 # Elements one program holds per tensor: 4 rows of BERT-base's 768 features (padded to 1024). A
 # streaming kernel; the tile barely matters once thousands of rows keep every SM busy.
 _ELEMENTS_PER_PROGRAM = 4096
-# Widest row one program normalises in registers (a 1.5B model's hidden size is 1,536 - 2,048)
-MAX_DIM = 16384
 # Columns and partial rows the partial-sum kernel adds per program
 _SUM_BLOCK_COLS = 32
 _SUM_BLOCK_PARTIALS = 64
@@ -187,8 +185,8 @@ def _keep_rows_kernel(MASK, SEED, n_rows, dim, stream, dropout_p, BLOCK_R: tl.co
 
 
 def _blocks(n_rows: int, dim: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps) of a (n_rows, dim) call; its checks are the callers' (dim <=
-    MAX_DIM; counters below 2**31). Warps from the elements a thread holds per tile: 16 forward,
+    """(BLOCK_R, BLOCK_D, num_warps) of a (n_rows, dim) call; the sizes are the caller's to check
+    (:func:`fastcse.dropout_add_norm.kernel_fits`: dim <= 16384, 32-bit Philox counters). Warps from the elements a thread holds per tile: 16 forward,
     8 backward (which keeps about twice the live tiles). Compiled for sm_90 at BERT-base's 768 that
     is 104 / 117 registers, 16 resident warps per SM either way; the backward spills at 4 warps
     (255 registers, 40 stack bytes) and 4 warps forward hold 162 (tests/test_dropout_add_norm.py)."""
@@ -197,28 +195,6 @@ def _blocks(n_rows: int, dim: int, backward: bool = False) -> tuple[int, int, in
     per_thread = block_r * block_d // (4 * 32)  # elements per thread per tile at 4 warps
     warps = 4 * max(1, min(8, per_thread // (8 if backward else 16)))
     return block_r, block_d, warps
-
-
-def counters_fit(n_rows: int, dim: int) -> bool:
-    """Whether the Philox counters of ``n_rows`` rows of ``dim`` stay 32-bit (22 M rows of 768)."""
-    return n_rows * ((dim + 7) // 8) < 2**31
-
-
-def _drop_scale(dropout_p: float) -> float:
-    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-
-
-def _backward_programs(x: torch.Tensor, n_blocks: int) -> int:
-    """Programs of the backward kernel (each loops over row blocks and keeps one partial row):
-    two per multiprocessor on CUDA (132 SMs when a meta tensor plays a CUDA one); three in the
-    interpreter, so its tests cross the loop."""
-    if x.is_meta:
-        want = 2 * 132
-    elif x.is_cuda:
-        want = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        want = 3
-    return max(1, min(want, n_blocks))
 
 
 def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
@@ -238,7 +214,7 @@ def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dr
     _dropout_add_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x, x if x_bias is None else x_bias, residual, weight, bias, out, z, stats,
         seed if has_dropout else x,
-        n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), float(eps),
+        n_rows, dim, stream, float(dropout_p), 1.0 / (1.0 - dropout_p), float(eps),
         HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save,
         BLOCK_R=block_r, BLOCK_D=block_d, INTERPRETED=interpreted(), num_warps=warps,
     )
@@ -259,11 +235,13 @@ def dropout_add_norm_backward(grad_out, z, stats, weight, has_x_bias, seed, stre
         return dx, dres, dparams.zero_()
     has_dropout = seed is not None and dropout_p > 0.0
     block_r, block_d, warps = _blocks(n_rows, dim, backward=True)
-    programs = _backward_programs(z, triton.cdiv(n_rows, block_r))
+    # each program loops over row blocks and keeps one partial row; three interpreted programs
+    # make the tests cross the loop
+    programs = min(resident_programs(z, interpreted_programs=3), triton.cdiv(n_rows, block_r))
     partial = torch.empty((n_sums, programs, dim), dtype=torch.float32, device=device)
     _dropout_add_norm_bwd_kernel[(programs,)](
         grad_out, z, stats, weight, seed if has_dropout else z, dx, dres, partial,
-        n_rows, dim, stream, float(dropout_p), _drop_scale(dropout_p), programs,
+        n_rows, dim, stream, float(dropout_p), 1.0 / (1.0 - dropout_p), programs,
         HAS_X_BIAS=has_x_bias, HAS_DROPOUT=has_dropout, BLOCK_R=block_r, BLOCK_D=block_d,
         INTERPRETED=interpreted(), num_warps=warps,
     )

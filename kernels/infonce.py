@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcse.kernels._triton_utils import interpreted
+from fastcse.kernels._triton_utils import interpreted, resident_programs
 from fastcse.kernels.infonce_chunks import (
     ChunkOps,
     Problem,
@@ -281,17 +281,6 @@ def _tile_config(a: torch.Tensor) -> dict:
     return cfg
 
 
-def _resident_programs(x: torch.Tensor) -> int:
-    """Programs the no-grad kernel should launch to fill the device: two per multiprocessor on
-    CUDA (132 SMs when the tensor only plays a CUDA one, on the meta device); a few under the
-    interpreter, so that its tests cross split boundaries."""
-    if not x.is_cuda:
-        return 4
-    if x.is_meta:
-        return 2 * 132
-    return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
-
-
 def _column_splits(n_cols: int, row_blocks: int, total_cols: int, programs: int, block_n: int) -> int:
     """Columns per split of one part: enough splits that all parts together launch about
     ``programs`` programs, each split a whole number of column tiles and none empty."""
@@ -309,7 +298,7 @@ def tile_lse(prob: Problem, *, cols_per_split: Optional[int] = None) -> tuple[to
     n_rows, dim = x.shape
     cfg = _tile_config(x)
     row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    programs = _resident_programs(x)
+    programs = resident_programs(x, interpreted_programs=4)
     splits = []
     for k, part in enumerate(prob.parts):
         m_k = part.shape[0]

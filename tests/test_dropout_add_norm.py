@@ -314,17 +314,18 @@ def test_modules_that_cannot_fuse_keep_their_forward():
 
     model = _tiny()
     layers = list(model.encoder.layer)
+    tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
     hidden = torch.empty(3, model.config.hidden_size, device=DEVICE)
-    assert attn.residual_norm_backend("auto", layers, hidden) == ("triton" if hidden.is_cuda else "eager")
-    assert attn.residual_norm_backend("triton", layers, hidden) == "triton"
+    assert attn.residual_norm_backend("auto", tails, hidden) == ("triton" if hidden.is_cuda else "eager")
+    assert attn.residual_norm_backend("triton", tails, hidden) == "triton"
     handle = layers[1].output.LayerNorm.register_forward_hook(lambda *args: None)
-    assert attn.residual_norm_backend("triton", layers[:1], hidden) == "triton"
+    assert attn.residual_norm_backend("triton", tails[:2], hidden) == "triton"
     with pytest.raises(ValueError, match="plain HF output modules"):
-        attn.residual_norm_backend("triton", layers, hidden)
+        attn.residual_norm_backend("triton", tails, hidden)
     handle.remove()
     layers[0].attention.output.forward = lambda h, r: h
     assert not attn._fusable_output(layers[0].attention.output)
-    assert attn.residual_norm_backend("auto", layers, hidden.to("meta")) == "eager"  # meta is no CUDA
+    assert attn.residual_norm_backend("auto", tails, hidden.to("meta")) == "eager"  # meta is no CUDA
 
 # --- GPU lowering, checked on CPU ----------------------------------------------------------------
 

@@ -61,8 +61,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fastcse.dropout_add_norm import draw_seed, dropout_add_layer_norm
+from fastcse.dropout_add_norm import dropout_add_layer_norm
 from fastcse.dropout_add_norm import resolve_backend as resolve_norm_backend
+
+from fastcse.kernels._triton_utils import draw_philox_seed
 
 from .recompute import recompute_saved
 from .unpad import PackedBatch, pack, unpad_input
@@ -435,14 +437,13 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     # HF embeddings take (batch, seqlen): the packed tokens are one "sequence" of total_tokens
     hidden = backbone.embeddings(input_ids=ids[None], token_type_ids=types[None], position_ids=positions[None])[0]
 
-    def run_layer(layer, hidden):
+    def run_layer(layer, hidden, index):
         self_attn = layer.attention.self
         nheads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
         q, k, v = (x.view(-1, nheads, head_dim) for x in _bert_qkv(self_attn, hidden))
         dropout_p = self_attn.dropout.p if self_attn.training else 0.0
         scale = getattr(self_attn, "scaling", head_dim ** -0.5)
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
-        index = layer_index[id(layer)]
         attn_out = _bert_output(layer.attention.output, context.reshape(-1, nheads * head_dim), hidden,
                                 norm_backend, seed, 2 * index)
         if checkpoint or not recompute_activation:  # a checkpointed layer recomputes all of it
@@ -456,16 +457,15 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
             return _bert_output(layer.output, act, attn_out, norm_backend, seed, 2 * index + 1)
 
     layers = list(backbone.encoder.layer)
-    layer_index = {id(layer): i for i, layer in enumerate(layers)}
-    norm_backend = residual_norm_backend(residual_norm, layers, hidden)
+    tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
+    norm_backend = residual_norm_backend(residual_norm, tails, hidden)
     # one Philox seed a forward for the fused sublayer tails, a mask stream per sublayer (a
     # checkpointed layer's recomputation reuses the seed, so it redraws the same masks)
-    tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
     seed = None
     if norm_backend == "triton" and any(m.training and m.dropout.p > 0.0 for m in tails):
-        seed = draw_seed(hidden.device)
-    for layer in layers:
-        hidden = _maybe_checkpoint(run_layer, layer, hidden, checkpoint)
+        seed = draw_philox_seed(hidden.device)
+    for index, layer in enumerate(layers):
+        hidden = _maybe_checkpoint(functools.partial(run_layer, index=index), layer, hidden, checkpoint)
     return hidden, packed
 
 
@@ -486,14 +486,13 @@ def _fusable_output(module: torch.nn.Module) -> bool:
             and tuple(norm.normalized_shape) == (dense.out_features,))
 
 
-def residual_norm_backend(name: str, layers: list, hidden: torch.Tensor) -> str:
-    """The sublayer tails' backend for this call: ``eager`` (the HF modules) unless every tail
-    can fuse and :func:`fastcse.dropout_add_norm.resolve_backend` picks the kernel (``auto``:
+def residual_norm_backend(name: str, tails: list, hidden: torch.Tensor) -> str:
+    """The backend of a call's sublayer tails (each layer's ``attention.output`` and ``output``):
+    ``eager`` (the HF modules) unless every tail can fuse and :func:`fastcse.dropout_add_norm.resolve_backend` picks the kernel (``auto``:
     on CUDA). A forced ``triton`` on modules that cannot fuse is an error."""
     resolved = resolve_norm_backend(name, hidden)
     if resolved == "eager":
         return "eager"
-    tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
     if all(_fusable_output(m) for m in tails):
         return "triton"
     if name == "triton":
