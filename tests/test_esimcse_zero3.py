@@ -42,9 +42,17 @@ ARCHS = {
 
 
 def run_args(assets: Path, out: Path, arch: str) -> list[str]:
+    # --adam-eps 1e-4, not AdamW's 1e-8: the two runs sum their gradients in other orders, and AdamW
+    # divides each gradient element by its own magnitude plus eps, so an element whose gradient is as
+    # small as that round-off (T5's tied embedding rows, its gated FFN) takes an update anywhere in
+    # +-lr in one run and not the other. With eps 1e-8 the momentum copies then differed by 3e-7 to
+    # 1e-5 from run to run (seen 1.02e-5 in CI); with eps above the gradients' round-off AdamW's
+    # update is smooth in them and the copies differ by 1-2 float32 ulps (<= 2.4e-7), so 1e-5 still
+    # catches a shard misplaced or an EMA step missed (a 1e-4-scale error at lr 1e-3, momentum 0.9).
     return ["--method", "esimcse", "--esimcse-queue", "global", "--model-config", str(assets / f"{arch}.json"),
             "--tokenizer", str(assets / "tokenizer"), "--pooler", "mean", "--dropout", "0",
             "--batch-size", "8", "--grad-accum", "2", "--max-steps", str(STEPS), "--lr", "1e-3",
+            "--adam-eps", "1e-4",
             "--temperature", "0.1", "--queue-size", "16", "--momentum", "0.9", "--max-examples", "200",
             "--no-evaluate", "--no-export", "--no-progress", "--save-steps", str(STEPS), "--seed", "7",
             "--output-dir", str(out)]
