@@ -1,9 +1,13 @@
-"""Test helpers: assertions that say where and by how much two tensors differ, and the tiny
-training assets (a random BERT config and a tokenizer) the training-program tests share."""
+"""Test helpers: assertions that say where and by how much two tensors differ, the tiny
+training assets (a random BERT config and a tokenizer) the training-program tests share, and the
+two-process gloo plumbing of the distributed tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -12,6 +16,31 @@ import torch
 # unless a test passes --dropout.
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
              "max_position_embeddings": 64}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous: MASTER_PORT, ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world_size: int):
+    """A gloo process group for a spawned test worker; on a clean exit every rank meets at a
+    barrier before the group is destroyed. Without it rank 0, which hosts the rendezvous store,
+    could tear it down while another rank still talks to it, and the store's thread then aborts
+    the process ("terminate called without an active exception", SIGABRT, seen once in a full
+    run)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def write_tiny_assets(folder: Path, config: dict = TINY_BERT) -> Path:

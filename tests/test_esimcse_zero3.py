@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,14 +93,10 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.helpers import free_port  # noqa: E402
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_momentum_encoder_under_zero3_equals_one_process(tmp_path):
@@ -116,7 +111,7 @@ def test_sharded_momentum_encoder_under_zero3_equals_one_process(tmp_path):
     train_fallback_tokenizer(vocab_size=2000).save_pretrained(str(assets / "tokenizer"))
     for arch in ARCHS:
         assert main(run_args(assets, tmp_path / "single" / arch, arch)) == 0
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
            str(HERE), "--worker", "--assets", str(assets), "--out", str(tmp_path / "zero3")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"deepspeed run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import BertConfig, DebertaV2Config, T5Config
 
@@ -41,7 +39,7 @@ from fastcse.losses import InfoNCELoss, info_nce
 from fastcse.memory import StorageCounter
 from fastcse.methods import ESimCSE, SimCSESup, SimCSEUnsup
 from fastcse.models import SentenceEncoder
-from tests.helpers import describe_mismatch, rel_error
+from tests.helpers import describe_mismatch, free_port, gloo_group, rel_error
 
 VOCAB, SEQ = 100, 12
 METHODS = {"simcse-unsup": SimCSEUnsup, "simcse-sup": SimCSESup, "esimcse": ESimCSE}
@@ -612,12 +610,6 @@ def test_a_batch_beyond_the_cap_trains_with_caching():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_setup(name):
     torch.manual_seed(21)
     enc = bert_encoder(0.0)
@@ -643,16 +635,12 @@ def _dist_loss_fn(method):
 
 
 def _dist_worker(rank, port, name, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         torch.set_num_threads(1)
         enc, method, batch, n = _dist_setup(name)
         local = _rank_rows(batch, name, n, rank)
         loss = cached(enc, method, local, _dist_loss_fn(method), 3)
         torch.save({"loss": loss, "grads": grads(enc)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["simcse-unsup", "simcse-sup"])
@@ -660,7 +648,7 @@ def test_two_ranks_with_gathered_negatives_equal_one_process(name, tmp_path):
     """Each rank caches its own rows (chunks of 3 that do not divide them); the loss gathers every
     rank's candidates; the gradient of a rank's rows comes back all-reduced. Summed over ranks and
     divided by the world size (data parallelism), it is the one-process gradient of the global batch."""
-    mp.start_processes(_dist_worker, args=(_free_port(), name, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_dist_worker, args=(free_port(), name, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     enc, method, batch, n = _dist_setup(name)
     # one process: the global batch, whose blocks hold rank 0's rows, then rank 1's (the gather order)
     ref = plain_step(enc, method, batch, loss_fn_for(method))
@@ -839,7 +827,7 @@ def deepspeed_runs(tmp_path_factory):
     assert importlib.util.find_spec("deepspeed") is not None, "deepspeed is missing: pip install -e '.[test]'"
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("grad_cache_ds")
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
            str(root / "tests" / "grad_cache_ds_worker.py"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(root)})

@@ -4,15 +4,13 @@ concatenated batch."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastcse.infonce import info_nce
-from tests.helpers import describe_mismatch, rel_error
+from tests.helpers import describe_mismatch, free_port, gloo_group, rel_error
 
 WORLD = 2
 N_PER_RANK, DIM, QUEUE = 5, 24, 3
@@ -25,16 +23,8 @@ def _global_batch():
     return make(n), make(n), make(n), make(QUEUE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, backend, kwargs, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         anchors, positives, hard, queue = _global_batch()
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         local = [x[rows].clone().requires_grad_() for x in (anchors, positives, hard)]
@@ -42,15 +32,13 @@ def _worker(rank, port, backend, kwargs, out_dir):
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": [x.grad for x in local]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["chunked", "eager"])
 @pytest.mark.parametrize("kwargs", [dict(hard_negative_weight=0.7), dict(symmetric=True)],
                          ids=["hard-negative-weight", "symmetric"])
 def test_two_ranks_equal_one_process_over_the_global_batch(tmp_path, backend, kwargs):
-    mp.start_processes(_worker, args=(_free_port(), backend, kwargs, str(tmp_path)), nprocs=WORLD,
+    mp.start_processes(_worker, args=(free_port(), backend, kwargs, str(tmp_path)), nprocs=WORLD,
                        start_method="spawn")
     anchors, positives, hard, queue = _global_batch()
     full = [x.clone().requires_grad_() for x in (anchors, positives, hard)]

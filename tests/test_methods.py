@@ -9,7 +9,7 @@ from transformers import BertConfig
 from fastcse.config import MethodConfig
 from fastcse.data import read_training_data
 from fastcse.methods import ESimCSE, build_method
-from tests.helpers import assert_close
+from tests.helpers import assert_close, free_port, gloo_group
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_esimcse_queue_is_per_rank_on_two_gloo_ranks(tokenizer, tmp_path):
     import torch.multiprocessing as mp
 
     tokenizer.save_pretrained(str(tmp_path / "tok"))
-    mp.start_processes(_per_rank_queue_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_per_rank_queue_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     # one process: the momentum embeddings of each rank's rows (no optimizer step: the EMA is the model)
     torch.manual_seed(0)
     enc = make_encoder(tokenizer, dropout=0.0)
@@ -186,23 +186,12 @@ def test_esimcse_queue_is_per_rank_on_two_gloo_ranks(tokenizer, tmp_path):
     assert (results[0]["rank"] - results[1]["rank"]).abs().max() > 1e-3  # the two ranks' queues differ
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _per_rank_queue_worker(rank, port, folder):
     import os
 
-    import torch.distributed as dist
     from transformers import PreTrainedTokenizerFast
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, port, 2):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(folder, "tok"))
         out = {}
         for scope in ("rank", "global"):
@@ -216,8 +205,6 @@ def _per_rank_queue_worker(rank, port, folder):
                 method.after_micro_step()
             out[scope] = method.queue
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_esimcse_collate_is_the_same_on_any_split(tokenizer):

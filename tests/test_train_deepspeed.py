@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -195,13 +194,9 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 import pytest  # noqa: E402
 
+from tests.helpers import free_port  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +240,7 @@ def _cpu_adam_buildable() -> bool:
 def test_zero_matches_single_process(config, assets, single_process, tmp_path):
     stage = config.removeprefix("zero")
     out = tmp_path / config
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
            str(HERE), "--worker", "--config", config, "--assets", str(assets), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"deepspeed run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
