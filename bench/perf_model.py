@@ -789,10 +789,13 @@ def _rows_bytes(launch: Launch, *names: str) -> int:
 
 
 def _dropout_add_norm_fwd_cost(launch: Launch, card: Card) -> Cost:
-    # reads x and the residual, writes the output (and z, mean, 1/std when STORE_Z); the (dim,)
-    # vectors once per program from L2; one Philox call per 8 elements with dropout
+    # reads x and the residual, writes the output (and its low-precision copy with STORE_LOW; z,
+    # mean, 1/std with STORE_Z); the (dim,) vectors once per program from L2; one Philox call per
+    # 8 elements with dropout
     rows, dim = _arg(launch, "n_rows"), _arg(launch, "dim")
     moved = _rows_bytes(launch, "X", "RES", "OUT") + 4 * dim * 3
+    if _arg(launch, "STORE_LOW"):
+        moved += _rows_bytes(launch, "LOW")
     if _arg(launch, "STORE_Z"):
         moved += _rows_bytes(launch, "Z") + 8 * rows
     return Cost(launch.name, "memory", bytes=moved,
@@ -800,11 +803,14 @@ def _dropout_add_norm_fwd_cost(launch: Launch, card: Card) -> Cost:
 
 
 def _dropout_add_norm_bwd_cost(launch: Launch, card: Card) -> Cost:
-    # reads the output gradient, z, mean and 1/std; writes x's and the residual's gradients and
-    # the programs' partial column sums (2 or 3 fp32 rows each); redraws the forward's mask
+    # reads the output gradient (and the low copy's with HAS_G_LOW), z, mean and 1/std; writes x's
+    # and the residual's gradients and the programs' partial column sums (2 or 3 fp32 rows each);
+    # redraws the forward's mask
     rows, dim = _arg(launch, "n_rows"), _arg(launch, "dim")
     partial_rows = 3 if _arg(launch, "HAS_X_BIAS") else 2
     moved = _rows_bytes(launch, "G", "Z", "DX", "DRES") + 8 * rows + 4 * partial_rows * launch.grid[0] * dim
+    if _arg(launch, "HAS_G_LOW"):
+        moved += _rows_bytes(launch, "G_LOW")
     return Cost(launch.name, "memory", bytes=moved,
                 exps=_serial_exps(card, 0.0, _philox_calls(launch, float(rows) * dim), 0.0))
 
@@ -1506,9 +1512,12 @@ def _step_patches(card: Card, masks: _HostMasks):
     import torch.nn.utils.clip_grad as clip_grad
     import transformers.masking_utils as masking
 
+    import fastcse.dropout_add_norm as norm_mod
     import fastcse.grad_cache as gc_mod
     from fastcse.models import attention as attn_mod
     from fastcse.models.unpad import PackedBatch, unpad_input
+
+    real_autocast_dtype = norm_mod.autocast_dtype
 
     def fake_unpad(attention_mask):
         host = unpad_input(masks.get(attention_mask))
@@ -1531,6 +1540,13 @@ def _step_patches(card: Card, masks: _HostMasks):
             if attn_mask is not None and attn_mask.is_floating_point():
                 attn_mask = mode._cast(attn_mask, mode.dtype)
         return _cuda_sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    def autocast_dtype(device):
+        # the played autocast (on the meta tensors that stand in for CUDA ones), as
+        # torch.is_autocast_enabled answers under CUDA's
+        mode = next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
+                    None)
+        return mode.dtype if mode is not None else real_autocast_dtype(device)
 
     def ignore_mask(padding_mask, *args, **kwargs):
         # HF drops an all-ones mask (a host read); the real batch answers
@@ -1558,6 +1574,8 @@ def _step_patches(card: Card, masks: _HostMasks):
     has_fe, device_fe = clip_grad._has_foreach_support, clip_grad._device_has_foreach_support
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(attn_mod, "unpad_input", fake_unpad))
+        for module in (norm_mod, attn_mod):  # (attention imports the name)
+            stack.enter_context(mock.patch.object(module, "autocast_dtype", autocast_dtype))
         stack.enter_context(mock.patch.object(gc_mod, "slice_features", slice_features))
         # RNG capture per chunk: the CPU generator's state as on a GPU run; the CUDA generators'
         # 16-byte states (host calls, no kernels) are not read on this CUDA-less host

@@ -10,6 +10,11 @@ Dtypes follow eager PyTorch: the bias is rounded to x's dtype and added, dropout
 the add promotes x and the residual, and the norm's output is fp32 under autocast (LayerNorm is
 an autocast fp32 op) and the add's dtype otherwise. The kernel computes the norm in fp32.
 
+Under autocast the output is fp32 (the residual stream) and the next GEMM casts it to the autocast
+dtype, a kernel of its own forward and backward and an add of the two gradients. ``low_dtype``
+makes the one kernel write that cast copy too and the backward kernel add its gradient to the
+output's, as autograd would (the pair ``(out, out.to(low_dtype))`` is returned).
+
 Dropout masks: the eager twin draws from torch's generator like ``nn.Dropout``; the kernel draws
 Philox noise of an int64 ``seed`` tensor and a ``stream`` number (one seed per model forward,
 a stream per call site, so a checkpointed layer recomputes the same masks from the same seed).
@@ -68,9 +73,17 @@ def _check_seed(seed, stream, device) -> None:
         raise ValueError(f"stream must be an int in [0, 2**31), got {stream!r}")
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast lowers to on ``device``'s type, or None where it is off (or knows no
+    such device type). bench/perf_model.py answers it for the meta tensors it plays autocast on."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def output_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
     """The norm's output dtype as eager gives it: fp32 under autocast on x's device, else the add's."""
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+    if autocast_dtype(x.device) is not None:
         return torch.float32
     return torch.promote_types(x.dtype, residual.dtype)
 
@@ -100,19 +113,21 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def dropout_add_layer_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                  bias: torch.Tensor, *, x_bias: Optional[torch.Tensor] = None,
-                                 dropout_p: float = 0.0, eps: float = 1e-5, training: bool = True
-                                 ) -> torch.Tensor:
-    """The formula in PyTorch ops, with ``nn.Dropout``'s mask (no input checks)."""
+                                 dropout_p: float = 0.0, eps: float = 1e-5, training: bool = True,
+                                 low_dtype: Optional[torch.dtype] = None):
+    """The formula in PyTorch ops, with ``nn.Dropout``'s mask (no input checks); with
+    ``low_dtype`` the pair (output, output cast to it)."""
     if x_bias is not None:
         x = x + x_bias.to(x.dtype)
     z = F.dropout(x, dropout_p, training) + residual
-    return F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+    out = F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+    return out if low_dtype is None else (out, out.to(low_dtype))
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                            x_bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, eps: float = 1e-5,
                            training: bool = True, seed: Optional[torch.Tensor] = None, stream: int = 0,
-                           backend: Backend = "auto") -> torch.Tensor:
+                           low_dtype: Optional[torch.dtype] = None, backend: Backend = "auto"):
     """``LayerNorm(residual + dropout(x + x_bias))`` over the last dim, fused on CUDA.
 
     Args:
@@ -127,9 +142,13 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
         seed: the kernel's int64 ``(1,)`` Philox seed; None draws one from torch's generator. The
             eager backend draws from torch's generator and ignores it.
         stream: which of the seed's independent masks to use (a small int, one per call site).
+        low_dtype: also return the output cast to this floating dtype (the next GEMM's input under
+            autocast), written by the same kernel; its gradient is added to the output's in the
+            backward kernel. None: the output only.
         backend: "triton" (the fused kernel), "eager" (PyTorch ops), "auto" (triton on CUDA).
 
-    Returns the normalised ``(..., dim)``, dtype as :func:`output_dtype`.
+    Returns the normalised ``(..., dim)``, dtype as :func:`output_dtype`; with ``low_dtype`` the
+    pair ``(out, out.to(low_dtype))``.
 
     Example:
         >>> x, res = torch.randn(5, 16), torch.randn(5, 16)
@@ -137,9 +156,12 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     """
     _check(x, residual, weight, bias, x_bias, dropout_p, eps)
     _check_seed(seed, stream, x.device)
+    if low_dtype is not None and low_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"low_dtype must be None, fp32, fp16 or bf16, got {low_dtype}")
     p = float(dropout_p) if training else 0.0
     if resolve_backend(backend, x) == "eager":
-        return dropout_add_layer_norm_eager(x, residual, weight, bias, x_bias=x_bias, dropout_p=p, eps=eps)
+        return dropout_add_layer_norm_eager(x, residual, weight, bias, x_bias=x_bias, dropout_p=p, eps=eps,
+                                            low_dtype=low_dtype)
     if bias.dtype != weight.dtype or (x_bias is not None and x_bias.dtype != weight.dtype):
         raise ValueError("the fused kernel takes weight, bias and x_bias of one dtype (its parameter "
                          f"gradients share a buffer), got {weight.dtype}, {bias.dtype}, "
@@ -151,4 +173,4 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return dropout_add_norm_triton(x, residual, weight.contiguous(), bias.contiguous(),
                                    x_bias=None if x_bias is None else x_bias.contiguous(),
                                    dropout_p=p, eps=float(eps), seed=seed, stream=stream,
-                                   out_dtype=output_dtype(x, residual))
+                                   out_dtype=output_dtype(x, residual), low_dtype=low_dtype)

@@ -61,13 +61,15 @@ def _round(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _dropout_add_norm_fwd_kernel(
-    X, X_BIAS, RES, W, B, OUT, Z, STATS, SEED,
+    X, X_BIAS, RES, W, B, OUT, LOW, Z, STATS, SEED,
     n_rows, dim, stream, dropout_p, drop_scale, eps,
-    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr, STORE_LOW: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """One program normalises BLOCK_R rows (Z's dtype is the add's). With STORE_Z, z and the
-    statistics are stored: STATS is (2, n_rows) fp32, the rows' means then their 1/std."""
+    statistics are stored: STATS is (2, n_rows) fp32, the rows' means then their 1/std. With
+    STORE_LOW the output is stored a second time, rounded to LOW's dtype (the cast autocast would
+    make for the next GEMM)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -93,7 +95,10 @@ def _dropout_add_norm_fwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = centred * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(OUT + offs, _round(out, OUT.dtype.element_ty, INTERPRETED), mask=mask)
+    out = _round(out, OUT.dtype.element_ty, INTERPRETED)
+    tl.store(OUT + offs, out, mask=mask)
+    if STORE_LOW:
+        tl.store(LOW + offs, _round(out.to(tl.float32), LOW.dtype.element_ty, INTERPRETED), mask=mask)
     if STORE_Z:
         tl.store(Z + offs, z, mask=mask)
         tl.store(STATS + rows, mean, mask=row_ok)
@@ -102,13 +107,14 @@ def _dropout_add_norm_fwd_kernel(
 
 @triton.jit
 def _dropout_add_norm_bwd_kernel(
-    G, Z, STATS, W, SEED, DX, DRES, PARTIAL,
+    G, G_LOW, Z, STATS, W, SEED, DX, DRES, PARTIAL,
     n_rows, dim, stream, dropout_p, drop_scale, n_programs,
-    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_G_LOW: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Program ``pid`` takes row blocks pid, pid + n_programs, ...; its column sums of the weight,
-    bias and x-bias gradients go to PARTIAL[0 / 1 / 2, pid]."""
+    bias and x-bias gradients go to PARTIAL[0 / 1 / 2, pid]. With HAS_G_LOW the output's gradient
+    is G plus G_LOW (the low-precision copy's), added in fp32 as autograd adds the cast's gradient."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
@@ -122,6 +128,8 @@ def _dropout_add_norm_bwd_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_G_LOW:
+            g += tl.load(G_LOW + offs, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(STATS + rows, mask=row_ok, other=0.0)
         rstd = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)
@@ -198,33 +206,37 @@ def _blocks(n_rows: int, dim: int, backward: bool = False) -> tuple[int, int, in
 
 
 def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
-                             out_dtype, save):
-    """Launch the forward on 2-D contiguous (n_rows, dim) x / residual; returns (out, z, stats)
-    with z and stats ((2, n_rows): means, 1/stds) empty unless ``save``."""
+                             out_dtype, save, low_dtype=None):
+    """Launch the forward on 2-D contiguous (n_rows, dim) x / residual; returns (out, low, z, stats)
+    with z and stats ((2, n_rows): means, 1/stds) empty unless ``save``, and ``low`` (the output in
+    ``low_dtype``) empty when ``low_dtype`` is None."""
     n_rows, dim = x.shape
     z_dtype = torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty((n_rows, dim), dtype=out_dtype, device=x.device)
+    low = torch.empty((n_rows, dim) if low_dtype is not None else (0,), dtype=low_dtype or out_dtype,
+                      device=x.device)
     # without save the empty z stands in as the kernel's Z (only its dtype is read)
     z = torch.empty((n_rows, dim) if save else (0,), dtype=z_dtype, device=x.device)
     stats = torch.empty((2, n_rows if save else 0), dtype=torch.float32, device=x.device)
     if n_rows == 0:
-        return out, z, stats
+        return out, low, z, stats
     has_dropout = seed is not None and dropout_p > 0.0
     block_r, block_d, warps = _blocks(n_rows, dim)
     _dropout_add_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, x if x_bias is None else x_bias, residual, weight, bias, out, z, stats,
+        x, x if x_bias is None else x_bias, residual, weight, bias, out, low, z, stats,
         seed if has_dropout else x,
         n_rows, dim, stream, float(dropout_p), 1.0 / (1.0 - dropout_p), float(eps),
-        HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save,
+        HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save, STORE_LOW=low_dtype is not None,
         BLOCK_R=block_r, BLOCK_D=block_d, INTERPRETED=interpreted(), num_warps=warps,
     )
-    return out, z, stats
+    return out, low, z, stats
 
 
-def dropout_add_norm_backward(grad_out, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype,
-                              residual_dtype):
+def dropout_add_norm_backward(grad_out, grad_low, z, stats, weight, has_x_bias, seed, stream, dropout_p,
+                              x_dtype, residual_dtype):
     """Launch the backward; returns (dx, dresidual, dparams): dparams (2 or 3, dim) holds the
-    weight's, the bias's (and x_bias's) gradients in the weight's dtype."""
+    weight's, the bias's (and x_bias's) gradients in the weight's dtype. ``grad_low``: the low
+    copy's gradient (contiguous like ``grad_out``), added to ``grad_out``'s, or None."""
     n_rows, dim = z.shape
     device = z.device
     dx = torch.empty((n_rows, dim), dtype=x_dtype, device=device)
@@ -240,9 +252,10 @@ def dropout_add_norm_backward(grad_out, z, stats, weight, has_x_bias, seed, stre
     programs = min(resident_programs(z, interpreted_programs=3), triton.cdiv(n_rows, block_r))
     partial = torch.empty((n_sums, programs, dim), dtype=torch.float32, device=device)
     _dropout_add_norm_bwd_kernel[(programs,)](
-        grad_out, z, stats, weight, seed if has_dropout else z, dx, dres, partial,
-        n_rows, dim, stream, float(dropout_p), 1.0 / (1.0 - dropout_p), programs,
-        HAS_X_BIAS=has_x_bias, HAS_DROPOUT=has_dropout, BLOCK_R=block_r, BLOCK_D=block_d,
+        grad_out, grad_out if grad_low is None else grad_low, z, stats, weight, seed if has_dropout else z,
+        dx, dres, partial, n_rows, dim, stream, float(dropout_p), 1.0 / (1.0 - dropout_p), programs,
+        HAS_X_BIAS=has_x_bias, HAS_DROPOUT=has_dropout, HAS_G_LOW=grad_low is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d,
         INTERPRETED=interpreted(), num_warps=warps,
     )
     _sum_partials_kernel[(triton.cdiv(dim, _SUM_BLOCK_COLS),)](
@@ -276,58 +289,64 @@ def dropout_keep_rows(seed: torch.Tensor, stream: int, n_rows: int, dim: int, dr
 @torch.library.custom_op("fastcse::dropout_add_norm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor, seed: Optional[torch.Tensor], stream: int, dropout_p: float, eps: float,
-            out_dtype: torch.dtype, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype, save: bool, low_dtype: Optional[torch.dtype]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
-                                    out_dtype, save)
+                                    out_dtype, save, low_dtype)
 
 
 @_fwd_op.register_fake
-def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save):
+def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save, low_dtype):
     n_rows, dim = x.shape
     z_dtype = torch.promote_types(x.dtype, residual.dtype)
     return (x.new_empty((n_rows, dim), dtype=out_dtype),
+            x.new_empty((n_rows, dim) if low_dtype is not None else (0,), dtype=low_dtype or out_dtype),
             x.new_empty((n_rows, dim) if save else (0,), dtype=z_dtype),
             x.new_empty((2, n_rows if save else 0), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastcse::dropout_add_norm_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor,
-            has_x_bias: bool, seed: Optional[torch.Tensor], stream: int, dropout_p: float, x_dtype: torch.dtype,
-            residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dropout_add_norm_backward(grad_out.contiguous(), z, stats, weight, has_x_bias, seed, stream,
-                                     dropout_p, x_dtype, residual_dtype)
+def _bwd_op(grad_out: torch.Tensor, grad_low: Optional[torch.Tensor], z: torch.Tensor, stats: torch.Tensor,
+            weight: torch.Tensor, has_x_bias: bool, seed: Optional[torch.Tensor], stream: int, dropout_p: float,
+            x_dtype: torch.dtype, residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dropout_add_norm_backward(grad_out.contiguous(), None if grad_low is None else grad_low.contiguous(),
+                                     z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype,
+                                     residual_dtype)
 
 
 @_bwd_op.register_fake
-def _(grad_out, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype, residual_dtype):
+def _(grad_out, grad_low, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype, residual_dtype):
     n_rows, dim = z.shape
     return (z.new_empty((n_rows, dim), dtype=x_dtype), z.new_empty((n_rows, dim), dtype=residual_dtype),
             z.new_empty((3 if has_x_bias else 2, dim), dtype=weight.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save = inputs
-    _out, z, stats = output
+    x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save, _low_dtype = inputs
+    _out, _low, z, stats = output
     ctx.unsaved = not save  # backward raises: the caller asked for no saved activations
     ctx.save_for_backward(z, stats, weight, seed)
     ctx.params = (stream, dropout_p, x.dtype, residual.dtype, x_bias is not None)
-    # z and the statistics are returned for saving only: no zero-filled gradients for them
+    # z and the statistics are returned for saving only, and either of the two outputs may go
+    # unused: no zero-filled gradients for them
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_z, _grad_stats):
+def _backward(ctx, grad_out, grad_low, _grad_z, _grad_stats):
+    if grad_out is None:  # only the low copy (or nothing) was used
+        grad_out, grad_low = grad_low, None
     if grad_out is None:
-        return (None,) * 11
+        return (None,) * 12
     if ctx.unsaved:
         raise RuntimeError("dropout_add_norm ran with save=False (no activations kept) but a gradient "
                            "reached it: call it with gradients enabled")
     z, stats, weight, seed = ctx.saved_tensors
     stream, dropout_p, x_dtype, residual_dtype, has_x_bias = ctx.params
-    dx, dres, dparams = _bwd_op(grad_out, z, stats, weight, has_x_bias, seed, stream, dropout_p, x_dtype,
-                                residual_dtype)
+    dx, dres, dparams = _bwd_op(grad_out, grad_low, z, stats, weight, has_x_bias, seed, stream, dropout_p,
+                                x_dtype, residual_dtype)
     # one (2 or 3, dim) buffer for the parameters' gradients: rows, not three allocations
     grads = dparams.unbind(0)
-    return (dx, grads[2] if has_x_bias else None, dres, grads[0], grads[1]) + (None,) * 6
+    return (dx, grads[2] if has_x_bias else None, dres, grads[0], grads[1]) + (None,) * 7
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -335,12 +354,15 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def dropout_add_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                             x_bias: Optional[torch.Tensor], dropout_p: float, eps: float,
-                            seed: Optional[torch.Tensor], stream: int, out_dtype: torch.dtype) -> torch.Tensor:
+                            seed: Optional[torch.Tensor], stream: int, out_dtype: torch.dtype,
+                            low_dtype: Optional[torch.dtype] = None):
     """Differentiable fused op on (..., dim) x / residual (checked by :mod:`fastcse.dropout_add_norm`;
     weight, bias and x_bias share a dtype, all contiguous).
 
     ``seed``: int64 (1,) Philox seed (read only when ``dropout_p > 0``); ``stream`` picks one of
     its independent masks (a model passes one seed per forward and a stream per sublayer).
+    Returns the output; with ``low_dtype`` the pair (output, output in ``low_dtype``), both written
+    by the one kernel, their gradients summed by the one backward kernel.
     """
     shape = x.shape
     save = torch.is_grad_enabled() and any(
@@ -348,7 +370,9 @@ def dropout_add_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: tor
     flat = x.dim() != 2  # (2-D inputs skip the reshapes: host ops on every sublayer of a step)
     if flat:
         x, residual = x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1])
-    out, _z, _stats = _fwd_op(x.contiguous(), x_bias, residual.contiguous(), weight, bias,
-                              seed if dropout_p > 0.0 else None, int(stream), float(dropout_p), float(eps),
-                              out_dtype, save)
-    return out.view(shape) if flat else out
+    out, low, _z, _stats = _fwd_op(x.contiguous(), x_bias, residual.contiguous(), weight, bias,
+                                   seed if dropout_p > 0.0 else None, int(stream), float(dropout_p), float(eps),
+                                   out_dtype, save, low_dtype)
+    if flat:
+        out, low = out.view(shape), (low.view(shape) if low_dtype is not None else low)
+    return out if low_dtype is None else (out, low)

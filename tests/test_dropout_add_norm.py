@@ -110,6 +110,46 @@ def test_matches_float64_reference(shape, x_dtype, residual_dtype, param_dtype, 
             assert torch.equal(got == 0, ~keep | (want == 0))
 
 
+@pytest.mark.parametrize("used", ["both", "low only"])
+def test_low_copy_is_the_cast_and_its_gradient_adds(used):
+    """low_dtype: the second output is exactly ``out.to(low_dtype)`` and the gradients are those of
+    the output taking the sum of both outputs' gradients (autograd's add of the cast's gradient),
+    against the float64 reference; also when only the copy is used (the output's gradient is None)."""
+    shape, dropout_p = (9, 40), 0.25
+    x, residual, weight, bias, x_bias = _inputs(shape, torch.bfloat16, torch.float32, seed=4)
+    seed = torch.tensor([77], device=DEVICE)
+    out, low = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p, seed=seed,
+                                      stream=3, low_dtype=torch.bfloat16, backend="triton")
+    assert out.dtype == torch.float32 and low.dtype == torch.bfloat16 and low.shape == shape
+    assert torch.equal(low, out.to(torch.bfloat16))
+    only = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias, dropout_p=dropout_p, seed=seed,
+                                  stream=3, backend="triton")
+    assert torch.equal(only, out)  # the copy changes nothing about the output
+
+    gen = torch.Generator().manual_seed(5)
+    g_out = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32)
+    g_low = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, torch.bfloat16)
+    leaves_in = (x, residual, weight, bias, x_bias)
+    if used == "both":
+        grads = torch.autograd.grad((out, low), leaves_in, (g_out, g_low))
+        total = g_out.double() + g_low.double()
+    else:
+        grads = torch.autograd.grad(low, leaves_in, g_low)
+        total = g_low.double()
+    keep = dropout_keep_rows(seed, 3, shape[0], shape[1], dropout_p)
+    ref, leaves = reference(x, residual, weight, bias, x_bias, keep, dropout_p, 1e-5)
+    ref_grads = torch.autograd.grad(ref, leaves, total)
+    for name, got, want in zip(("x", "residual", "weight", "bias", "x_bias"), grads, ref_grads):
+        tol = TOLERANCE[torch.bfloat16 if name in ("x", "x_bias") else got.dtype]
+        assert rel_error(got, want) < 2 * tol, (name, rel_error(got, want))
+    # the eager twin returns the same pair
+    eager_out, eager_low = dropout_add_layer_norm(x, residual, weight, bias, x_bias=x_bias,
+                                                  low_dtype=torch.bfloat16, backend="eager")
+    assert eager_out.dtype == torch.float32 and torch.equal(eager_low, eager_out.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="low_dtype"):
+        dropout_add_layer_norm(x, residual, weight, bias, low_dtype=torch.int8, backend="eager")
+
+
 def test_autocast_output_is_fp32_like_layer_norm():
     x, residual, weight, bias, x_bias = _inputs((6, 40), torch.bfloat16, torch.float32)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -198,11 +238,12 @@ def test_op_schemas_and_fakes():
     """torch.library's own consistency checks of the registration (schema, fake kernel, autograd)."""
     x, residual, weight, bias, x_bias = _inputs((6, 24), torch.bfloat16, torch.float32)
     seed = torch.tensor([9], device=DEVICE)
-    args = (x, x_bias, residual, weight, bias, seed, 2, 0.2, 1e-5, torch.float32, True)
-    torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args[:-1] + (False,),
+    args = (x, x_bias, residual, weight, bias, seed, 2, 0.2, 1e-5, torch.float32)
+    torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args + (False, None),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for low_dtype in (None, torch.bfloat16):
+        torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args + (True, low_dtype),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_torch_compile_keeps_one_graph_across_sizes():
@@ -284,6 +325,43 @@ def test_fused_tails_match_the_hf_modules_in_eval(family):
         assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale, name=name)
 
 
+def test_autocast_low_copies_change_nothing(monkeypatch):
+    """Under autocast the fused tails hand the next GEMM their output already in bf16 (the
+    kernel's second output) instead of autocast casting it: the encoder's output and every
+    gradient are bitwise those of the same fused encoder with the casts (and autograd's add of the
+    residual stream's two gradients), with activation checkpointing too (the layers pass the pair)."""
+    from fastcse.models import attention as attn
+    from tests.test_encoder import ragged_batch
+
+    model = _tiny(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0).train()
+    ids, mask = (t.to(DEVICE) for t in ragged_batch(model.config, batch=4, seqlen=17)[:2])
+    weight = torch.randn(int(mask.sum()), model.config.hidden_size, device=DEVICE)
+    calls = []
+    real = attn._bert_output
+
+    def spy(*args, **kwargs):
+        out, low = real(*args, **kwargs)
+        calls.append(low is not None and low.dtype == torch.bfloat16 and torch.equal(low, out.to(low.dtype)))
+        return out, low
+
+    def run(checkpoint=False):
+        torch.manual_seed(5)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return _encode(model, ids, mask, weight, residual_norm="triton", checkpoint=checkpoint)
+
+    monkeypatch.setattr(attn, "_bert_output", spy)
+    (hidden, grads), (ckpt, ckpt_grads) = run(), run(checkpoint=True)
+    layers = model.config.num_hidden_layers
+    # every tail but the last layer's output wrote its copy, and the copy is the output's cast
+    assert calls[:2 * layers] == [True] * (2 * layers - 1) + [False]
+    monkeypatch.setattr(attn, "_bert_output", lambda *args: real(*args[:6], None))  # no copies: casts
+    ref, ref_grads = run()
+    assert hidden.dtype == torch.float32 and torch.equal(hidden, ref) and torch.equal(ckpt, ref)
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+        assert torch.equal(ckpt_grads[name], ref_grads[name]), name
+
+
 def test_fused_tails_in_training_replay_their_masks_under_checkpointing():
     """Training mode: the fused tails drop (the output differs from eval's), a torch seed
     reproduces a step, and activation checkpointing recomputes the same masks from the forward's
@@ -344,16 +422,16 @@ report = {}
 for dim in (768, 2048):
     for name, fn, pointers in (
         ("fwd", k._dropout_add_norm_fwd_kernel,
-         dict(X="bf16", X_BIAS="fp32", RES="fp32", W="fp32", B="fp32", OUT="fp32", Z="fp32", STATS="fp32",
-              SEED="i64")),
+         dict(X="bf16", X_BIAS="fp32", RES="fp32", W="fp32", B="fp32", OUT="fp32", LOW="bf16", Z="fp32",
+              STATS="fp32", SEED="i64")),
         ("bwd", k._dropout_add_norm_bwd_kernel,
-         dict(G="fp32", Z="fp32", STATS="fp32", W="fp32", SEED="i64", DX="bf16", DRES="fp32",
+         dict(G="fp32", G_LOW="bf16", Z="fp32", STATS="fp32", W="fp32", SEED="i64", DX="bf16", DRES="fp32",
               PARTIAL="fp32")),
         ("sum", k._sum_partials_kernel, dict(PARTIAL="fp32", DPARAMS="fp32")),
         ("mask", k._keep_rows_kernel, dict(MASK="i8", SEED="i64")),
     ):
         block_r, block_d, warps = k._blocks(4096, dim, backward=name == "bwd")
-        consts = dict(HAS_X_BIAS=True, HAS_DROPOUT=True, STORE_Z=True, N_SUMS=3, BLOCK_R=block_r, BLOCK_D=block_d,
+        consts = dict(HAS_X_BIAS=True, HAS_DROPOUT=True, STORE_Z=True, STORE_LOW=True, HAS_G_LOW=True, N_SUMS=3, BLOCK_R=block_r, BLOCK_D=block_d,
                       BLOCK_P=k._SUM_BLOCK_PARTIALS, BLOCK_C=k._SUM_BLOCK_COLS, INTERPRETED=False)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
         signature = {}

@@ -61,7 +61,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fastcse.dropout_add_norm import dropout_add_layer_norm
+from fastcse.dropout_add_norm import autocast_dtype, dropout_add_layer_norm
 from fastcse.dropout_add_norm import resolve_backend as resolve_norm_backend
 
 from fastcse.kernels._triton_utils import draw_philox_seed
@@ -437,24 +437,28 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     # HF embeddings take (batch, seqlen): the packed tokens are one "sequence" of total_tokens
     hidden = backbone.embeddings(input_ids=ids[None], token_type_ids=types[None], position_ids=positions[None])[0]
 
-    def run_layer(layer, hidden, index):
+    def run_layer(layer, hidden, hidden_low, index):
+        # hidden: the residual stream; hidden_low: None, or the same in autocast's dtype (the fused
+        # tails write it beside their fp32 output, so no GEMM input is cast)
         self_attn = layer.attention.self
         nheads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
-        q, k, v = (x.view(-1, nheads, head_dim) for x in _bert_qkv(self_attn, hidden))
+        q, k, v = (x.view(-1, nheads, head_dim) for x in _bert_qkv(self_attn, _or(hidden_low, hidden)))
         dropout_p = self_attn.dropout.p if self_attn.training else 0.0
         scale = getattr(self_attn, "scaling", head_dim ** -0.5)
         context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
-        attn_out = _bert_output(layer.attention.output, context.reshape(-1, nheads * head_dim), hidden,
-                                norm_backend, seed, 2 * index)
+        attn_out, attn_low = _bert_output(layer.attention.output, context.reshape(-1, nheads * head_dim), hidden,
+                                          norm_backend, seed, 2 * index, low_dtype)
+        # the last layer's output feeds no GEMM here (pooling reads the fp32 stream)
+        out_low_dtype = low_dtype if index < len(layers) - 1 else None
         if checkpoint or not recompute_activation:  # a checkpointed layer recomputes all of it
-            return _bert_output(layer.output, layer.intermediate(attn_out), attn_out, norm_backend, seed,
-                                2 * index + 1)
+            return _bert_output(layer.output, layer.intermediate(_or(attn_low, attn_out)), attn_out, norm_backend,
+                                seed, 2 * index + 1, out_low_dtype)
         # BertIntermediate's two steps, so that the activation's output is not kept for backward
         inter = layer.intermediate
-        pre = inter.dense(attn_out)
+        pre = inter.dense(_or(attn_low, attn_out))
         act = inter.intermediate_act_fn(pre)
         with recompute_saved(act, inter.intermediate_act_fn, pre):
-            return _bert_output(layer.output, act, attn_out, norm_backend, seed, 2 * index + 1)
+            return _bert_output(layer.output, act, attn_out, norm_backend, seed, 2 * index + 1, out_low_dtype)
 
     layers = list(backbone.encoder.layer)
     tails = [m for layer in layers for m in (layer.attention.output, layer.output)]
@@ -464,9 +468,19 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     seed = None
     if norm_backend == "triton" and any(m.training and m.dropout.p > 0.0 for m in tails):
         seed = draw_philox_seed(hidden.device)
+    # under autocast the fused tails also write their fp32 output in the autocast dtype for the
+    # next GEMM: eager's cast kernels (forward and backward) and the add of the residual stream's
+    # two gradients happen inside the tail kernels instead
+    low_dtype = autocast_dtype(hidden.device) if norm_backend == "triton" else None
+    hidden_low = None
     for index, layer in enumerate(layers):
-        hidden = _maybe_checkpoint(functools.partial(run_layer, index=index), layer, hidden, checkpoint)
+        hidden, hidden_low = _maybe_checkpoint(functools.partial(run_layer, index=index), layer,
+                                               (hidden, hidden_low), checkpoint)
     return hidden, packed
+
+
+def _or(preferred: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if preferred is None else preferred
 
 
 # the HF classes whose forward is dense -> dropout -> LayerNorm(x + residual) (BERT's, and the
@@ -502,29 +516,34 @@ def residual_norm_backend(name: str, tails: list, hidden: torch.Tensor) -> str:
 
 
 def _bert_output(module: torch.nn.Module, hidden_in: torch.Tensor, residual: torch.Tensor, backend: str,
-                 seed: torch.Tensor | None, stream: int) -> torch.Tensor:
-    """``module(hidden_in, residual)`` of a BERT sublayer tail; with the ``triton`` backend the
-    dense GEMM runs without its bias and :func:`dropout_add_layer_norm` adds it, drops, adds the
-    residual and normalises in one kernel (one backward kernel for all of their gradients)."""
+                 seed: torch.Tensor | None, stream: int, low_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(module(hidden_in, residual), None)`` of a BERT sublayer tail; with the ``triton`` backend
+    the dense GEMM runs without its bias and :func:`dropout_add_layer_norm` adds it, drops, adds the
+    residual and normalises in one kernel (one backward kernel for all of their gradients), and
+    with ``low_dtype`` the second element is the output in that dtype, from the same kernel."""
     if backend != "triton":
-        return module(hidden_in, residual)
+        return module(hidden_in, residual), None
     dense, norm = module.dense, module.LayerNorm
-    return dropout_add_layer_norm(F.linear(hidden_in, dense.weight), residual, norm.weight, norm.bias,
-                                  x_bias=dense.bias, dropout_p=module.dropout.p, training=module.training,
-                                  eps=norm.eps, seed=seed, stream=stream, backend="triton")
+    out = dropout_add_layer_norm(F.linear(hidden_in, dense.weight), residual, norm.weight, norm.bias,
+                                 x_bias=dense.bias, dropout_p=module.dropout.p, training=module.training,
+                                 eps=norm.eps, seed=seed, stream=stream, low_dtype=low_dtype, backend="triton")
+    return out if low_dtype is not None else (out, None)
 
 
 def _maybe_checkpoint(fn, layer, hidden, checkpoint: bool):
-    """``fn(layer, hidden)``, recomputed in backward when ``checkpoint`` and gradients are on.
+    """``fn(layer, hidden)`` (``fn(layer, *hidden)`` for a tuple), recomputed in backward when
+    ``checkpoint`` and gradients are on.
 
     torch's checkpoint restores the RNG state for the recomputation, so dropout masks (the model's
     and the attention kernel's, all drawn from torch's generator) are the same in both passes.
     """
+    inputs = hidden if isinstance(hidden, tuple) else (hidden,)
     if checkpoint and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint as run_checkpointed
 
-        return run_checkpointed(fn, layer, hidden, use_reentrant=False)
-    return fn(layer, hidden)
+        return run_checkpointed(fn, layer, *inputs, use_reentrant=False)
+    return fn(layer, *inputs)
 
 
 def modernbert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
