@@ -209,12 +209,11 @@ def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dr
                              out_dtype, save, low_dtype=None):
     """Launch the forward on 2-D contiguous (n_rows, dim) x / residual; returns (out, low, z, stats)
     with z and stats ((2, n_rows): means, 1/stds) empty unless ``save``, and ``low`` (the output in
-    ``low_dtype``) empty when ``low_dtype`` is None."""
+    ``low_dtype``) None when ``low_dtype`` is None."""
     n_rows, dim = x.shape
     z_dtype = torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty((n_rows, dim), dtype=out_dtype, device=x.device)
-    low = torch.empty((n_rows, dim) if low_dtype is not None else (0,), dtype=low_dtype or out_dtype,
-                      device=x.device)
+    low = None if low_dtype is None else torch.empty((n_rows, dim), dtype=low_dtype, device=x.device)
     # without save the empty z stands in as the kernel's Z (only its dtype is read)
     z = torch.empty((n_rows, dim) if save else (0,), dtype=z_dtype, device=x.device)
     stats = torch.empty((2, n_rows if save else 0), dtype=torch.float32, device=x.device)
@@ -223,7 +222,7 @@ def dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dr
     has_dropout = seed is not None and dropout_p > 0.0
     block_r, block_d, warps = _blocks(n_rows, dim)
     _dropout_add_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, x if x_bias is None else x_bias, residual, weight, bias, out, low, z, stats,
+        x, x if x_bias is None else x_bias, residual, weight, bias, out, out if low is None else low, z, stats,
         seed if has_dropout else x,
         n_rows, dim, stream, float(dropout_p), 1.0 / (1.0 - dropout_p), float(eps),
         HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout, STORE_Z=save, STORE_LOW=low_dtype is not None,
@@ -286,23 +285,43 @@ def dropout_keep_rows(seed: torch.Tensor, stream: int, n_rows: int, dim: int, dr
 # under torch.compile's symbolic shapes this way.
 
 
+# Two forward ops, one without the low-precision copy (no placeholder output to allocate on every
+# sublayer of a bf16 model) and one with it; one backward op and one autograd formula for both.
 @torch.library.custom_op("fastcse::dropout_add_norm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor, seed: Optional[torch.Tensor], stream: int, dropout_p: float, eps: float,
-            out_dtype: torch.dtype, save: bool, low_dtype: Optional[torch.dtype]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, _, z, stats = dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
+                                                out_dtype, save)
+    return out, z, stats
+
+
+@torch.library.custom_op("fastcse::dropout_add_norm_low_fwd", mutates_args=())
+def _fwd_low_op(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, seed: Optional[torch.Tensor], stream: int, dropout_p: float, eps: float,
+                out_dtype: torch.dtype, save: bool, low_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return dropout_add_norm_forward(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps,
                                     out_dtype, save, low_dtype)
 
 
-@_fwd_op.register_fake
-def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save, low_dtype):
+def _fake_outputs(x, residual, out_dtype, save, low_dtype=None):
     n_rows, dim = x.shape
     z_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return (x.new_empty((n_rows, dim), dtype=out_dtype),
-            x.new_empty((n_rows, dim) if low_dtype is not None else (0,), dtype=low_dtype or out_dtype),
+    low = () if low_dtype is None else (x.new_empty((n_rows, dim), dtype=low_dtype),)
+    return (x.new_empty((n_rows, dim), dtype=out_dtype), *low,
             x.new_empty((n_rows, dim) if save else (0,), dtype=z_dtype),
             x.new_empty((2, n_rows if save else 0), dtype=torch.float32))
+
+
+@_fwd_op.register_fake
+def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save):
+    return _fake_outputs(x, residual, out_dtype, save)
+
+
+@_fwd_low_op.register_fake
+def _(x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save, low_dtype):
+    return _fake_outputs(x, residual, out_dtype, save, low_dtype)
 
 
 @torch.library.custom_op("fastcse::dropout_add_norm_bwd", mutates_args=())
@@ -322,21 +341,23 @@ def _(grad_out, grad_low, z, stats, weight, has_x_bias, seed, stream, dropout_p,
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save, _low_dtype = inputs
-    _out, _low, z, stats = output
+    x, x_bias, residual, weight, bias, seed, stream, dropout_p, eps, out_dtype, save = inputs[:11]
+    z, stats = output[-2:]
     ctx.unsaved = not save  # backward raises: the caller asked for no saved activations
     ctx.save_for_backward(z, stats, weight, seed)
     ctx.params = (stream, dropout_p, x.dtype, residual.dtype, x_bias is not None)
-    # z and the statistics are returned for saving only, and either of the two outputs may go
-    # unused: no zero-filled gradients for them
+    ctx.n_inputs = len(inputs)
+    # z and the statistics are returned for saving only, and either of the two outputs of the
+    # low op may go unused: no zero-filled gradients for them
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_low, _grad_z, _grad_stats):
+def _backward(ctx, grad_out, *rest):
+    grad_low = rest[0] if len(rest) == 3 else None  # (the low op's second output; then z's, stats')
     if grad_out is None:  # only the low copy (or nothing) was used
         grad_out, grad_low = grad_low, None
     if grad_out is None:
-        return (None,) * 12
+        return (None,) * ctx.n_inputs
     if ctx.unsaved:
         raise RuntimeError("dropout_add_norm ran with save=False (no activations kept) but a gradient "
                            "reached it: call it with gradients enabled")
@@ -346,10 +367,11 @@ def _backward(ctx, grad_out, grad_low, _grad_z, _grad_stats):
                                 x_dtype, residual_dtype)
     # one (2 or 3, dim) buffer for the parameters' gradients: rows, not three allocations
     grads = dparams.unbind(0)
-    return (dx, grads[2] if has_x_bias else None, dres, grads[0], grads[1]) + (None,) * 7
+    return (dx, grads[2] if has_x_bias else None, dres, grads[0], grads[1]) + (None,) * (ctx.n_inputs - 5)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_low_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dropout_add_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
@@ -370,9 +392,10 @@ def dropout_add_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: tor
     flat = x.dim() != 2  # (2-D inputs skip the reshapes: host ops on every sublayer of a step)
     if flat:
         x, residual = x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1])
-    out, low, _z, _stats = _fwd_op(x.contiguous(), x_bias, residual.contiguous(), weight, bias,
-                                   seed if dropout_p > 0.0 else None, int(stream), float(dropout_p), float(eps),
-                                   out_dtype, save, low_dtype)
-    if flat:
-        out, low = out.view(shape), (low.view(shape) if low_dtype is not None else low)
-    return out if low_dtype is None else (out, low)
+    args = (x.contiguous(), x_bias, residual.contiguous(), weight, bias, seed if dropout_p > 0.0 else None,
+            int(stream), float(dropout_p), float(eps), out_dtype, save)
+    if low_dtype is None:
+        out = _fwd_op(*args)[0]
+        return out.view(shape) if flat else out
+    out, low = _fwd_low_op(*args, low_dtype)[:2]
+    return (out.view(shape), low.view(shape)) if flat else (out, low)

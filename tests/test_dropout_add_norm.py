@@ -239,11 +239,11 @@ def test_op_schemas_and_fakes():
     x, residual, weight, bias, x_bias = _inputs((6, 24), torch.bfloat16, torch.float32)
     seed = torch.tensor([9], device=DEVICE)
     args = (x, x_bias, residual, weight, bias, seed, 2, 0.2, 1e-5, torch.float32)
-    torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args + (False, None),
-                          test_utils=("test_schema", "test_faketensor"))
-    for low_dtype in (None, torch.bfloat16):
-        torch.library.opcheck(torch.ops.fastcse.dropout_add_norm_fwd.default, args + (True, low_dtype),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    ops = torch.ops.fastcse
+    torch.library.opcheck(ops.dropout_add_norm_fwd.default, args + (False,), test_utils=("test_schema", "test_faketensor"))
+    every = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(ops.dropout_add_norm_fwd.default, args + (True,), test_utils=every)
+    torch.library.opcheck(ops.dropout_add_norm_low_fwd.default, args + (True, torch.bfloat16), test_utils=every)
 
 
 def test_torch_compile_keeps_one_graph_across_sizes():
