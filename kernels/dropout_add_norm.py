@@ -14,7 +14,10 @@ no mask is stored, the backward redraws it), adds the residual, normalises in fp
 output and ``z`` (LayerNorm's backward needs it) with the per-row mean and 1/std. The backward is
 one kernel per row block (LayerNorm's input gradient, the residual's gradient, dropout's and the
 bias's through the same mask, and column partial sums of the three parameter gradients) and a
-small one that adds the partials and writes the gradients in the parameters' dtypes.
+small one that adds the partials and writes the gradients in the parameters' dtypes. Under
+autocast the output is the fp32 residual stream and the next GEMM wants it in bf16: the forward can
+store that copy too (``fastcse::dropout_add_norm_low_fwd``) and the backward then takes both
+outputs' gradients and adds them in fp32, where eager runs a cast kernel each way and an add.
 
 Rounding is PyTorch's at every point where eager rounds, so a bf16 model gives what its modules
 would up to summation order: ``a`` is rounded to x's dtype after the bias (the bias rounded to x's
