@@ -1187,9 +1187,12 @@ def _setup_context(ctx, inputs, output):
                           key_padding_mask, seed)
     ctx.sm_scale = sm_scale
     ctx.dropout_p = dropout_p
+    ctx.set_materialize_grads(False)  # lse is returned for saving only: no zero-filled gradient for it
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 11
     (q, k, v, out, lse, row_table, row_index, col_table, col_index, key_padding_mask,
      seed) = ctx.saved_tensors
     dq, dk, dv, drow, dcol = _biased_attention_bwd_op(
@@ -1265,9 +1268,12 @@ def _disentangled_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index,
                           key_padding_mask, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.set_materialize_grads(False)  # lse is returned for saving only: no zero-filled gradient for it
 
 
 def _disentangled_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 11
     (q, k, v, out, lse, pos_key, c2p_index, pos_query, p2c_index, key_padding_mask,
      seed) = ctx.saved_tensors
     dq, dk, dv, dpos_key, dpos_query = _disentangled_bwd_op(
@@ -1331,9 +1337,12 @@ def _packed_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, segment_ids, cu_seqlens, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.set_materialize_grads(False)  # lse is returned for saving only: no zero-filled gradient for it
 
 
 def _packed_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 8
     q, k, v, out, lse, segment_ids, cu_seqlens, seed = ctx.saved_tensors
     dq, dk, dv = _packed_bwd_op(grad_out, q, k, v, out, lse, segment_ids, cu_seqlens, seed, ctx.scale,
                                 ctx.dropout_p)

@@ -583,3 +583,45 @@ def test_distance_row_fused_backward_matches_reference_and_two_pass(table_batch,
     for name, a, b in zip(["dq", "dk", "dv", "drow"], fused, two_pass):
         assert_close(a, b, rtol=1e-5, atol=2e-5, name=f"fused vs two-pass {name}")
     assert two_pass[4] is None and fused[4] is None
+
+
+@pytest.mark.parametrize("op", ["biased", "disentangled", "packed"])
+def test_no_zero_filled_lse_gradient(op):
+    """The ops return the log-sum-exp for their backward only: traced with fake tensors, a
+    forward + backward makes no zero tensor for its gradient (without set_materialize_grads(False)
+    autograd fills one per call: a kernel and a launch per layer)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastcse.kernels import biased_attention as kernel
+
+    def make(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, dtype=dtype, device="meta")
+
+    if op == "packed":
+        q, k, v = (make(40, 2, 16).requires_grad_() for _ in range(3))
+        seg, cu = torch.zeros(40, dtype=torch.int64, device="meta"), torch.zeros(3, dtype=torch.int32, device="meta")
+
+        extra = (seg, cu)
+
+        def step(q, k, v, g, seg, cu):
+            out = kernel.packed_attention_triton(q, k, v, seg, cu, scale=0.25)
+            return torch.autograd.grad(out, (q, k, v), g)
+    else:
+        q, k, v = (make(2, 2, 24, 16).requires_grad_() for _ in range(3))
+        table, index = make(1, 2, 1, 8), torch.zeros(47, dtype=torch.int32, device="meta")
+        pos, pos_index = make(2, 8, 16), torch.zeros(47, dtype=torch.int64, device="meta")
+
+        extra = (table, index, pos, pos_index)
+
+        def step(q, k, v, g, table, index, pos, pos_index):
+            if op == "biased":
+                out = kernel.biased_attention_triton(q, k, v, row_table=table, row_index=index, sm_scale=0.25)
+            else:
+                out = kernel.disentangled_attention_triton(q, k, v, pos_key=pos, c2p_index=pos_index, scale=0.25)
+            return torch.autograd.grad(out, (q, k, v), g)
+
+    graph = make_fx(step, tracing_mode="fake")(q, k, v, torch.empty_like(q), *extra)
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert any("_bwd" in t for t in targets), targets  # the backward op was traced
+    fills = [t for t in targets if "zeros" in t or "full" in t or "fill" in t]
+    assert not fills, fills
