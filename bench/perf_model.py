@@ -1460,6 +1460,12 @@ def meta_autocast(dtype=torch.bfloat16):
             mode.cache.clear()
 
 
+def played_autocast() -> Optional[MetaAutocast]:
+    """The innermost active :class:`MetaAutocast`, or None."""
+    return next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
+                None)
+
+
 class _MetaAutocastState:
     """fastcse.grad_cache._AutocastState for :class:`MetaAutocast`: a replayed chunk runs under the
     played autocast when its phase-1 embedding did (a new region: its own weight-cast cache)."""
@@ -1469,8 +1475,7 @@ class _MetaAutocastState:
 
     @classmethod
     def capture(cls):
-        mode = next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
-                    None)
+        mode = played_autocast()
         return cls(None if mode is None else mode.dtype)
 
     @contextlib.contextmanager
@@ -1533,8 +1538,7 @@ def _step_patches(card: Card, masks: _HostMasks):
                            seqlen=host.seqlen)
 
     def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
-        mode = next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
-                    None)
+        mode = played_autocast()
         if mode is not None:
             query, key, value = (mode._cast(t, mode.dtype) for t in (query, key, value))
             if attn_mask is not None and attn_mask.is_floating_point():
@@ -1544,8 +1548,7 @@ def _step_patches(card: Card, masks: _HostMasks):
     def autocast_dtype(device):
         # the played autocast (on the meta tensors that stand in for CUDA ones), as
         # torch.is_autocast_enabled answers under CUDA's
-        mode = next((m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, MetaAutocast)),
-                    None)
+        mode = played_autocast()
         return mode.dtype if mode is not None else real_autocast_dtype(device)
 
     def ignore_mask(padding_mask, *args, **kwargs):
@@ -1574,8 +1577,7 @@ def _step_patches(card: Card, masks: _HostMasks):
     has_fe, device_fe = clip_grad._has_foreach_support, clip_grad._device_has_foreach_support
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(attn_mod, "unpad_input", fake_unpad))
-        for module in (norm_mod, attn_mod):  # (attention imports the name)
-            stack.enter_context(mock.patch.object(module, "autocast_dtype", autocast_dtype))
+        stack.enter_context(mock.patch.object(norm_mod, "autocast_dtype", autocast_dtype))
         stack.enter_context(mock.patch.object(gc_mod, "slice_features", slice_features))
         # RNG capture per chunk: the CPU generator's state as on a GPU run; the CUDA generators'
         # 16-byte states (host calls, no kernels) are not read on this CUDA-less host

@@ -61,7 +61,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fastcse.dropout_add_norm import autocast_dtype, dropout_add_layer_norm
+from fastcse import dropout_add_norm as norm_op  # (autocast_dtype read through it: the perf model answers it)
+from fastcse.dropout_add_norm import dropout_add_layer_norm
 from fastcse.dropout_add_norm import resolve_backend as resolve_norm_backend
 
 from fastcse.kernels._triton_utils import draw_philox_seed
@@ -471,7 +472,7 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     # under autocast the fused tails also write their fp32 output in the autocast dtype for the
     # next GEMM: eager's cast kernels (forward and backward) and the add of the residual stream's
     # two gradients happen inside the tail kernels instead
-    low_dtype = autocast_dtype(hidden.device) if norm_backend == "triton" else None
+    low_dtype = norm_op.autocast_dtype(hidden.device) if norm_backend == "triton" else None
     hidden_low = None
     for index, layer in enumerate(layers):
         hidden, hidden_low = _maybe_checkpoint(functools.partial(run_layer, index=index), layer,
