@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -823,7 +824,43 @@ def _sum_partials_cost(launch: Launch, card: Card) -> Cost:
 
 # fastcse's Triton kernels, by kernel name: what one launch reads, writes and computes
 # (read off kernels/*.py; update with the kernel).
+def _short_attn_tiles(launch: Launch) -> int:
+    """Tiles of a short-sequence attention launch that own sequences (kernels/short_attention.py:
+    program t owns the sequences starting in rows [t CHUNK, (t + 1) CHUNK); a chunk where none
+    starts returns at once), from the real lengths of :data:`VARLEN_LENGTHS`."""
+    lengths = VARLEN_LENGTHS["lengths"]
+    total = int(launch.arguments["total"])
+    if lengths is None or sum(lengths) != total:
+        raise NotModelled("a short-sequence attention launch traced without its real lengths")
+    chunk = int(launch.arguments["CHUNK"])
+    starts = itertools.accumulate([0] + list(lengths[:-1]))
+    return len({start // chunk for start in starts})
+
+
+def _short_attn_cost(backward: bool):
+    # Each owning tile computes its BLOCK x BLOCK scores once per head: forward S = Q K^T and
+    # O = P V (4 BLOCK^2 D FLOPs), backward S again, dV, dP, dQ, dK (10 BLOCK^2 D); BLOCK^2
+    # exponentials and the dropout draws per pass. Every row is loaded by its one owner tile
+    # (masked loads fetch nothing else): qkv once, the output (forward) / dO and dqkv (backward).
+    def cost(launch: Launch, card: Card) -> Cost:
+        a = launch.arguments
+        heads, dim, block = int(a["HEADS"]), int(a["HEAD_DIM"]), int(a["BLOCK"])
+        tiles = _short_attn_tiles(launch) * heads
+        scores = float(tiles * block * block)
+        if backward:
+            moved = sum(touched_bytes(a[n]) for n in ("GRAD", "QKV", "DQKV"))
+        else:
+            moved = sum(touched_bytes(a[n]) for n in ("QKV", "OUT"))
+        moved += touched_bytes(a["SEG"]) + touched_bytes(a["CU"])
+        return Cost(launch.name, "matmul", flops=(10.0 if backward else 4.0) * scores * dim, bytes=moved,
+                    dtype=a["QKV"].dtype, efficiency=TRITON_TILE_EFFICIENCY,
+                    exps=_serial_exps(card, scores, _philox_calls(launch, scores), 0.0))
+    return cost
+
+
 KERNEL_COSTS: dict = {
+    "_short_attn_fwd_kernel": _short_attn_cost(False),
+    "_short_attn_bwd_kernel": _short_attn_cost(True),
     "_lse_fwd_kernel": _lse_fwd_cost,
     "_rows_softmax_kernel": _rows_softmax_cost,
     "_finish_rows_kernel": _finish_rows_cost,

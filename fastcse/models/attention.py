@@ -73,8 +73,8 @@ from .unpad import PackedBatch, pack, unpad_input
 logger = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("auto", "eager", "sdpa", "varlen", "biased", "rotary")
-VarlenKernel = Literal["auto", "flash_attn", "triton", "aten_flash", "torch_varlen", "nested", "padded_sdpa"]
-VARLEN_KERNELS = ("auto", "flash_attn", "triton", "aten_flash", "torch_varlen", "nested", "padded_sdpa")
+VarlenKernel = Literal["auto", "flash_attn", "short", "triton", "aten_flash", "torch_varlen", "nested", "padded_sdpa"]
+VARLEN_KERNELS = ("auto", "flash_attn", "short", "triton", "aten_flash", "torch_varlen", "nested", "padded_sdpa")
 # ``auto`` takes the ``triton`` kernel (packed tiles across sequences) on CUDA for calls of at least
 # this many sequences of at most TRITON_VARLEN_MAX_SEQLEN tokens: bench/perf_model.py on an H200
 # has it ahead from 128 SimCSE sentences a call (a BERT-base step: 9.21 -> 8.58 ms at 64 pairs,
@@ -82,6 +82,11 @@ VARLEN_KERNELS = ("auto", "flash_attn", "triton", "aten_flash", "torch_varlen", 
 # launches' host work hides the device time it saves); FlashAttention's tile is 128 rows
 TRITON_VARLEN_MIN_SEQUENCES = 128
 TRITON_VARLEN_MAX_SEQLEN = 128
+# ``auto`` takes the ``short`` kernel (tiles of whole sequences, fastcse.kernels.short_attention)
+# for BERT-family layers whose sequences are at most this long: bench/perf_model.py on an H200,
+# BERT-base, 64 wiki sentences (<= 32 tokens), forward + backward: 3.45 ms with aten_flash, 3.99
+# with triton, 3.06 with short
+SHORT_VARLEN_MAX_SEQLEN = 64
 
 # model_type -> the fast backend that exists for it (besides eager / sdpa)
 BERT_VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
@@ -205,15 +210,21 @@ def _aten_flash_module():
 
 
 def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int = 64,
-                       sequences: int = 0, max_seqlen: int = 0, window: int | None = None) -> str:
-    """The varlen attention kernel ``auto`` uses for these inputs: the first of ``flash_attn``,
-    ``triton`` (at least :data:`TRITON_VARLEN_MIN_SEQUENCES` sequences of at most
-    :data:`TRITON_VARLEN_MAX_SEQLEN` tokens, no window), ``aten_flash``, ``padded_sdpa`` that can
-    run them (the order of the module docstring, the performance model's: flash over real tokens
-    beats SDPA over padded ones, and many short sequences fill fastcse's packed tiles better than
-    FlashAttention's tile per sequence). Never a CUDA kernel for CPU tensors."""
+                       sequences: int = 0, max_seqlen: int = 0, window: int | None = None,
+                       fused_qkv: bool = False) -> str:
+    """The varlen attention kernel ``auto`` uses for these inputs: the first of ``short`` (a caller
+    holding the fused q/k/v projection, ``fused_qkv``, with sequences of at most
+    :data:`SHORT_VARLEN_MAX_SEQLEN` tokens, no window), ``flash_attn``, ``triton`` (at least
+    :data:`TRITON_VARLEN_MIN_SEQUENCES` sequences of at most :data:`TRITON_VARLEN_MAX_SEQLEN`
+    tokens, no window), ``aten_flash``, ``padded_sdpa`` that can run them (the order of the module
+    docstring, the performance model's: tiles of whole short sequences beat FlashAttention's tile
+    per sequence, flash over real tokens beats SDPA over padded ones, and many short sequences fill
+    fastcse's packed tiles better than FlashAttention's). Never a CUDA kernel for CPU tensors."""
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half:
+        if (fused_qkv and window is None and 0 < max_seqlen <= SHORT_VARLEN_MAX_SEQLEN and head_dim <= 128
+                and _short_module() is not None):
+            return "short"
         if _flash_attn_varlen() is not None:
             return "flash_attn"
         if (window is None and sequences >= TRITON_VARLEN_MIN_SEQUENCES and 0 < max_seqlen <= TRITON_VARLEN_MAX_SEQLEN
@@ -288,6 +299,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
             return _padded_sdpa(q, k, v, packed, dropout_p, scale)
     if kernel == "padded_sdpa":
         return _padded_sdpa(q, k, v, packed, dropout_p, scale, window)
+    if kernel == "short":  # (q, k, v given apart: one copy into the fused layout the kernel reads)
+        total, heads, head_dim = q.shape
+        qkv = torch.cat([x.reshape(total, heads * head_dim) for x in (q, k, v)], dim=-1)
+        out = varlen_attention_qkv(qkv, packed, heads=heads, dropout_p=dropout_p, scale=scale, window=window,
+                                   kernel="short")
+        return out.view(total, heads, head_dim)
     if kernel == "triton":
         if window is not None:
             raise ValueError("varlen kernel 'triton' has no sliding window; use 'flash_attn' or 'padded_sdpa'")
@@ -298,6 +315,58 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
         return module.packed_attention_triton(q, k, v, packed.seq_ids, packed.cu_seqlens, scale=scale,
                                               dropout_p=dropout_p)
     raise ValueError(f"unknown varlen kernel {kernel!r}; valid kernels: {', '.join(VARLEN_KERNELS)}")
+
+
+def _short_module(x: torch.Tensor | None = None):
+    """fastcse.kernels.short_attention when its kernels can run (on ``x`` here, given ``x``), else None."""
+    if _packed_triton_module(x) is None:
+        return None
+    from fastcse.kernels import short_attention
+
+    return short_attention
+
+
+def varlen_attention_qkv(qkv: torch.Tensor, packed: PackedBatch, *, heads: int, dropout_p: float = 0.0,
+                         scale: float | None = None, window: int | None = None, kernel: VarlenKernel = "auto",
+                         seed: torch.Tensor | None = None, stream: int = 0) -> torch.Tensor:
+    """:func:`varlen_attention` from the fused projection ``qkv`` ``(total_tokens, 3 * heads *
+    head_dim)`` (q, then k, then v): returns ``(total_tokens, heads * head_dim)``.
+
+    The ``short`` kernel reads the three from ``qkv`` and writes their gradient into one buffer of
+    its shape (no split, no concatenation in autograd); it draws its dropout mask from ``seed``
+    (int64 (1,), drawn here when None) in Philox stream ``stream + head``: a caller running
+    several layers on one seed gives each its own stream, ``heads`` apart. Every other kernel
+    gets ``qkv``'s three views (``seed`` unused).
+    """
+    total, width = qkv.shape
+    if width % (3 * heads):
+        raise ValueError(f"qkv has {width} columns, not 3 * heads * head_dim for heads={heads}")
+    head_dim = width // (3 * heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if kernel == "auto":
+        kernel = pick_varlen_kernel(qkv.device, qkv.dtype, dropout_p, head_dim, packed.batch, packed.max_seqlen,
+                                    window, fused_qkv=True)
+    if kernel != "short":
+        q, k, v = (x.view(total, heads, head_dim) for x in qkv.split(heads * head_dim, dim=-1))
+        out = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, window=window, kernel=kernel)
+        return out.reshape(total, heads * head_dim)
+    module = _short_module(qkv)
+    if module is None:
+        raise RuntimeError("varlen kernel 'short' needs Triton and fastcse.kernels, on CUDA (or on CPU under "
+                           "TRITON_INTERPRET=1)")
+    if window is not None:
+        raise ValueError("varlen kernel 'short' has no sliding window; use 'flash_attn', 'aten_flash' or 'padded_sdpa'")
+    if packed.max_seqlen > module.SHORT_MAX_SEQLEN:
+        raise ValueError(f"varlen kernel 'short' takes sequences of at most {module.SHORT_MAX_SEQLEN} tokens, "
+                         f"this batch's longest has {packed.max_seqlen}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_philox_seed(qkv.device)
+    return module.short_attention_qkv(qkv, packed.seq_ids, packed.cu_seqlens, heads=heads,
+                                      max_seqlen=packed.max_seqlen, scale=scale, dropout_p=dropout_p, seed=seed,
+                                      stream=stream)
 
 
 def _packed_triton_module(q: torch.Tensor | None = None):
@@ -390,13 +459,31 @@ def _bert_qkv(self_attn: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.T
     modules' hooks), modules with hooks or a replaced ``forward``, adapters that are not plain
     ``nn.Linear``, mixed biases."""
     mods = (self_attn.query, self_attn.key, self_attn.value)
-    biases = [m.bias for m in mods]
-    plain = all(_plain(m, torch.nn.Linear) for m in mods)
-    if not plain or (any(b is None for b in biases) and not all(b is None for b in biases)):
+    fused = _bert_qkv_fused(self_attn, hidden)
+    if fused is None:
         return tuple(m(hidden) for m in mods)
+    return fused.split(mods[0].out_features, dim=-1)
+
+
+def _bert_qkv_fused_possible(self_attn: torch.nn.Module) -> bool:
+    """Whether :func:`_bert_qkv_fused` runs the three projections as one GEMM."""
+    mods = (self_attn.query, self_attn.key, self_attn.value)
+    biases = [m.bias for m in mods]
+    return (all(_plain(m, torch.nn.Linear) for m in mods)
+            and (all(b is None for b in biases) or not any(b is None for b in biases))
+            and len({m.out_features for m in mods}) == 1)
+
+
+def _bert_qkv_fused(self_attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The one GEMM of :func:`_bert_qkv`, ``(total, 3 * hidden)`` unsplit (q, k, v), or None
+    where the projections must be called as modules."""
+    if not _bert_qkv_fused_possible(self_attn):
+        return None
+    mods = (self_attn.query, self_attn.key, self_attn.value)
+    biases = [m.bias for m in mods]
     weight = torch.cat([m.weight for m in mods])
     bias = None if biases[0] is None else torch.cat(biases)
-    return F.linear(hidden, weight, bias).split(mods[0].out_features, dim=-1)
+    return F.linear(hidden, weight, bias)
 
 
 def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -443,11 +530,18 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
         # tails write it beside their fp32 output, so no GEMM input is cast)
         self_attn = layer.attention.self
         nheads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
-        q, k, v = (x.view(-1, nheads, head_dim) for x in _bert_qkv(self_attn, _or(hidden_low, hidden)))
         dropout_p = self_attn.dropout.p if self_attn.training else 0.0
         scale = getattr(self_attn, "scaling", head_dim ** -0.5)
-        context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale, kernel=kernel)
-        attn_out, attn_low = _bert_output(layer.attention.output, context.reshape(-1, nheads * head_dim), hidden,
+        x = _or(hidden_low, hidden)
+        qkv = _bert_qkv_fused(self_attn, x)
+        if qkv is not None:  # (the short kernel reads it whole, so autograd concatenates no gradients)
+            context = varlen_attention_qkv(qkv, packed, heads=nheads, dropout_p=dropout_p, scale=scale,
+                                           kernel=attn_kernel, seed=attn_seed, stream=index * nheads)
+        else:
+            q, k, v = (t.view(-1, nheads, head_dim) for t in _bert_qkv(self_attn, x))
+            context = varlen_attention(q, k, v, packed, dropout_p=dropout_p, scale=scale,
+                                       kernel=attn_kernel).reshape(-1, nheads * head_dim)
+        attn_out, attn_low = _bert_output(layer.attention.output, context, hidden,
                                           norm_backend, seed, 2 * index, low_dtype)
         # the last layer's output feeds no GEMM here (pooling reads the fp32 stream)
         out_low_dtype = low_dtype if index < len(layers) - 1 else None
@@ -473,6 +567,22 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     # next GEMM: eager's cast kernels (forward and backward) and the add of the residual stream's
     # two gradients happen inside the tail kernels instead
     low_dtype = norm_op.autocast_dtype(hidden.device) if norm_backend == "triton" else None
+    # the attention kernel, picked once for every layer (in the GEMMs' dtype: autocast's when on);
+    # the short kernel's dropout masks: one seed a forward, Philox streams index * heads + head
+    # (a checkpointed layer's recomputation reuses it, so it redraws the same masks)
+    first = layers[0].attention.self if layers else None
+    attn_kernel, attn_seed = kernel, None
+    if first is not None:
+        head_dim = first.attention_head_size
+        attn_p = first.dropout.p if first.training else 0.0
+        if kernel == "auto":
+            compute_dtype = norm_op.autocast_dtype(hidden.device) or first.query.weight.dtype
+            attn_kernel = pick_varlen_kernel(hidden.device, compute_dtype, attn_p, head_dim, packed.batch,
+                                             packed.max_seqlen,
+                                             fused_qkv=_bert_qkv_fused_possible(first))
+        if attn_kernel == "short" and any(layer.attention.self.training and layer.attention.self.dropout.p > 0.0
+                                          for layer in layers):
+            attn_seed = draw_philox_seed(hidden.device)
     hidden_low = None
     for index, layer in enumerate(layers):
         hidden, hidden_low = _maybe_checkpoint(functools.partial(run_layer, index=index), layer,
