@@ -832,7 +832,7 @@ def _short_attn_tiles(launch: Launch) -> int:
     total = int(launch.arguments["total"])
     if lengths is None or sum(lengths) != total:
         raise NotModelled("a short-sequence attention launch traced without its real lengths")
-    chunk = int(launch.arguments["CHUNK"])
+    chunk = int(launch.arguments["chunk"])
     starts = itertools.accumulate([0] + list(lengths[:-1]))
     return len({start // chunk for start in starts})
 

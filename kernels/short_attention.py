@@ -37,36 +37,33 @@ import triton.language as tl
 from fastcse.kernels._triton_utils import interpreted
 from fastcse.kernels.philox_dropout import philox_keep
 
-# longest sequence the kernels take (a 128-row tile then owns the sequences starting in 65 rows;
-# beyond, FlashAttention's tile per sequence wastes less: bench/perf_model.py)
-SHORT_MAX_SEQLEN = 64
+# longest sequence the kernels take: a 64-row tile then owns the sequences starting in 17 rows,
+# 4096 / 17 = 241 scores per query row, still below FlashAttention's tile per sequence (128^2 / 48
+# = 341); 128-row tiles would go further but spill registers on sm_90 (120-216 bytes a thread at
+# 8 warps, more at 16: tests/test_short_attention.py's compile check)
+SHORT_MAX_SEQLEN = 48
 
 
 def short_attention_tiles(max_seqlen: int) -> tuple[int, int, int]:
     """``(BLOCK, CHUNK, num_warps)`` for sequences of at most ``max_seqlen`` tokens: 64-row tiles
-    up to 40 tokens, else 128 (per query row a tile costs BLOCK^2 / CHUNK scores: 64 rows are
-    cheaper while 4096 / (65 - L) < 16384 / (129 - L)). Interpreted runs take 16 / 32 rows so the
-    tests' small batches cross many tiles."""
+    with 4 warps on a GPU (sm_90: no spills, 2 blocks per SM); interpreted runs take 16 or 32
+    rows where the sequences fit, so the tests' small batches cross many tiles."""
     if not 1 <= max_seqlen <= SHORT_MAX_SEQLEN:
         raise ValueError(f"short-sequence attention takes sequences of 1..{SHORT_MAX_SEQLEN} tokens, "
                          f"got max_seqlen={max_seqlen}")
-    if interpreted():
-        block = 16 if max_seqlen <= 8 else 32 if max_seqlen <= 24 else 64 if max_seqlen <= 48 else 128
-        return block, block - max_seqlen + 1, 4
-    if max_seqlen <= 40:
-        return 64, 65 - max_seqlen, 4
-    return 128, 129 - max_seqlen, 8
+    block = (16 if max_seqlen <= 8 else 32 if max_seqlen <= 24 else 64) if interpreted() else 64
+    return block, block - max_seqlen + 1, 4
 
 
 @triton.jit
-def _tile_rows(SEG, CU, t, CHUNK, total, BLOCK: tl.constexpr):
+def _tile_rows(SEG, CU, t, chunk, total, BLOCK: tl.constexpr):
     """Packed rows ``start + arange(BLOCK)`` of tile ``t``, which of them it owns (the sequences
     starting in ``[t * CHUNK, (t + 1) * CHUNK)``, ending by ``end``) and their sequence ids."""
-    c0 = t * CHUNK
+    c0 = t * chunk
     s0 = tl.load(SEG + c0)
     start = tl.load(CU + s0)
     start = tl.where(start == c0, c0, tl.load(CU + s0 + 1))
-    c1 = tl.minimum(c0 + CHUNK, total)
+    c1 = tl.minimum(c0 + chunk, total)
     s1 = tl.load(SEG + tl.minimum(c1, total - 1))
     end = tl.load(CU + s1)
     end = tl.where((c1 == total) | (end == c1), c1, tl.load(CU + s1 + 1))
@@ -108,13 +105,13 @@ def _tile_probabilities(Q, K, SEED, rows, owned, seg, h, stride_row, sm_scale, d
 
 @triton.jit
 def _short_attn_fwd_kernel(
-    QKV, OUT, SEG, CU, SEED, sm_scale, dropout_p, stream, CHUNK, total, stride_qkv, stride_out,
+    QKV, OUT, SEG, CU, SEED, sm_scale, dropout_p, stream, chunk, total, stride_qkv, stride_out,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
-    rows, owned, seg = _tile_rows(SEG, CU, t, CHUNK, total, BLOCK)
+    rows, owned, seg = _tile_rows(SEG, CU, t, chunk, total, BLOCK)
     hd = HEADS * HEAD_DIM
     q, k, p, keep = _tile_probabilities(QKV, QKV + hd, SEED, rows, owned, seg, h, stride_qkv, sm_scale,
                                         dropout_p, stream, HEADS, HEAD_DIM, BLOCK, BLOCK_D, HAS_DROPOUT,
@@ -134,14 +131,14 @@ def _short_attn_fwd_kernel(
 
 @triton.jit
 def _short_attn_bwd_kernel(
-    GRAD, QKV, DQKV, SEG, CU, SEED, sm_scale, dropout_p, stream, CHUNK, total, stride_qkv, stride_grad,
+    GRAD, QKV, DQKV, SEG, CU, SEED, sm_scale, dropout_p, stream, chunk, total, stride_qkv, stride_grad,
     stride_dqkv,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
-    rows, owned, seg = _tile_rows(SEG, CU, t, CHUNK, total, BLOCK)
+    rows, owned, seg = _tile_rows(SEG, CU, t, chunk, total, BLOCK)
     hd = HEADS * HEAD_DIM
     q, k, p, keep = _tile_probabilities(QKV, QKV + hd, SEED, rows, owned, seg, h, stride_qkv, sm_scale,
                                         dropout_p, stream, HEADS, HEAD_DIM, BLOCK, BLOCK_D, HAS_DROPOUT,
@@ -176,13 +173,13 @@ def _short_attn_bwd_kernel(
 
 
 @triton.jit
-def _short_keep_mask_kernel(MASK, SEG, CU, SEED, dropout_p, stream, CHUNK, total,
+def _short_keep_mask_kernel(MASK, SEG, CU, SEED, dropout_p, stream, chunk, total,
                             BLOCK: tl.constexpr):
     """The (heads, tokens, tokens) keep-mask of the forward's tiles (kept pairs within a sequence:
     1; dropped: 0; across sequences: left as it was)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
-    rows, owned, seg = _tile_rows(SEG, CU, t, CHUNK, total, BLOCK)
+    rows, owned, seg = _tile_rows(SEG, CU, t, chunk, total, BLOCK)
     keep = philox_keep(tl.load(SEED), stream + h, rows.to(tl.int32), 0, BLOCK, dropout_p, BLOCK, BLOCK)
     same = (seg[:, None] == seg[None, :]) & owned[:, None] & owned[None, :]
     tl.store(MASK + h * total * total + rows[:, None] * total + rows[None, :], keep.to(tl.int8), mask=same)

@@ -86,7 +86,7 @@ TRITON_VARLEN_MAX_SEQLEN = 128
 # for BERT-family layers whose sequences are at most this long: bench/perf_model.py on an H200,
 # BERT-base, 64 wiki sentences (<= 32 tokens), forward + backward: 3.45 ms with aten_flash, 3.99
 # with triton, 3.06 with short
-SHORT_VARLEN_MAX_SEQLEN = 64
+SHORT_VARLEN_MAX_SEQLEN = 48  # (the kernel's own limit, fastcse.kernels.short_attention.SHORT_MAX_SEQLEN)
 
 # model_type -> the fast backend that exists for it (besides eager / sdpa)
 BERT_VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
