@@ -213,7 +213,7 @@ run_step tests_loss_rope 40 90 "${PYTEST[@]}" tests/test_infonce.py tests/test_r
   tests/test_gpu_check.py::test_queued_timing_hides_host_work_on_cuda
 run_step tests_biased 40 90 "${PYTEST[@]}" tests/test_biased_attention.py tests/test_biased_models.py
 run_step tests_encoders 40 90 "${PYTEST[@]}" tests/test_rope_models.py tests/test_encoder.py tests/test_encoder_varlen.py \
-  tests/test_packed_attention.py tests/test_dropout_add_norm.py
+  tests/test_packed_attention.py tests/test_short_attention.py tests/test_dropout_add_norm.py
 # gradient caching's CUDA replay (the CUDA generator's state, SDPA and the biased kernel's Philox seed)
 run_step tests_grad_cache 20 90 "${PYTEST[@]}" -m cuda tests/test_grad_cache.py
 
