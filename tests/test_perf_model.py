@@ -217,16 +217,26 @@ def test_flash_cost_counts_padded_tiles_of_the_real_lengths():
 
 
 def test_encoder_traces_take_the_cuda_attention_kernels():
-    """BERT-base on a wiki batch: varlen runs the flash varlen ops once per layer each way; HF's
-    SDPA gets a padding mask (the batch has padding) and so the memory-efficient kernel; both
-    traces' matmul FLOPs scale with the tokens they run on (packed vs padded)."""
+    """BERT-base on a wiki batch: varlen runs the short-sequence kernels once per layer each way
+    (by name, the flash varlen ops); HF's SDPA gets a padding mask (the batch has padding) and so
+    the memory-efficient kernel; both traces' matmul FLOPs scale with the tokens they run on
+    (packed vs padded). The short kernels leave no concatenation of q / k / v gradients, no delta
+    kernel, no zero fill."""
     card = pm.CARDS["h200"]
     lengths = pm.encoder_lengths("wiki32")
     varlen = pm.encoder_trace(card, "bert", "varlen", "wiki32")
+    flash = pm.encoder_trace(card, "bert", "varlen", "wiki32", varlen_kernel="aten_flash")
     sdpa = pm.encoder_trace(card, "bert", "sdpa", "wiki32")
     names = [c.name for c in varlen.costs]
-    assert names.count("aten._flash_attention_forward.default") == 12
-    assert names.count("aten._flash_attention_backward.default") == 12
+    assert names.count("_short_attn_fwd_kernel") == 12 and names.count("_short_attn_bwd_kernel") == 12
+    assert not {"aten.zeros.default", "_biased_attn_bwd_delta_kernel", "aten._flash_attention_forward.default"} \
+        & set(names)
+    assert names.count("aten.cat.default") == 24  # the q / k / v weights and biases, forward only
+    flash_names = [c.name for c in flash.costs]
+    assert flash_names.count("aten._flash_attention_forward.default") == 12
+    assert flash_names.count("aten._flash_attention_backward.default") == 12
+    assert flash_names.count("aten.cat.default") == 36  # and the q / k / v gradients
+    assert varlen.seconds(card) < flash.seconds(card)
     sdpa_names = [c.name for c in sdpa.costs]
     assert sdpa_names.count("aten._scaled_dot_product_efficient_attention.default") == 12
     assert "aten._flash_attention_forward.default" not in sdpa_names
@@ -297,8 +307,8 @@ def test_step_trace_flops_autocast_and_adamw_bytes():
     assert _gemm_flops(tr) == pytest.approx(6 * linear_weights(enc) * tokens, rel=1e-6)
     gemms = [c for c in tr.costs if c.name in ("aten.mm.default", "aten.addmm.default")]
     assert gemms and all(c.dtype == torch.bfloat16 for c in gemms)
-    # 64 pairs = 128 short sequences: the varlen path's packed Triton kernel, on bf16 operands
-    attention = [c for c in tr.costs if c.name == "_biased_attn_fwd_kernel"]
+    # 64 pairs = 128 short sequences: the varlen path's short-sequence Triton kernel, on bf16 operands
+    attention = [c for c in tr.costs if c.name == "_short_attn_fwd_kernel"]
     assert len(attention) == enc.backbone.config.num_hidden_layers
     assert all(c.dtype == torch.bfloat16 for c in attention)
     params = [p for p in enc.parameters() if p.requires_grad]

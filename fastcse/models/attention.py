@@ -13,6 +13,13 @@ Backends (``attn_backend=``):
     ``(total_tokens, hidden)``; embeddings, layer norms, MLPs and attention all run on packed
     tokens (see :func:`bert_varlen_forward`, :func:`modernbert_varlen_forward`). Attention kernel
     (:func:`varlen_attention`; ``auto`` takes the first that can run, :func:`pick_varlen_kernel`):
+    0. ``short``: fastcse's tiles of whole sequences (``fastcse.kernels.short_attention``; fp16/bf16
+       CUDA, no window, sequences of at most :data:`SHORT_VARLEN_MAX_SEQLEN` tokens, for callers
+       holding the fused q/k/v projection: :func:`varlen_attention_qkv`, which the BERT layers
+       use). Each 64-row tile owns the sequences that start in its chunk of rows, so its softmax
+       rows are whole: one forward kernel, one backward kernel writing the fused projection's
+       gradient (no delta kernel, atomics, zero-filled dQ or concatenated q/k/v gradients).
+       In-kernel Philox dropout, one seed a forward, a stream per layer and head;
     1. ``flash_attn``: the ``flash-attn`` package's ``flash_attn_varlen_func`` when installed
        (fp16/bf16 CUDA);
     2. ``triton``: fastcse's flash kernel (``fastcse.kernels.biased_attention``, no bias table) on
