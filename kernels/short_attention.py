@@ -76,21 +76,25 @@ def _tile_rows(SEG, CU, t, chunk, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile_probabilities(Q, K, SEED, rows, owned, seg, h, stride_row, sm_scale, dropout_p, stream,
-                        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """q, k of the tile's rows (zero where not owned), the softmax probabilities P within each
-    sequence (fp32, zero off the sequences' blocks) and the dropout keep-mask (True without
-    dropout)."""
+def _tile(QKV, SEG, CU, SEED, chunk, total, stride_qkv, sm_scale, dropout_p, stream,
+          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+          HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """This program's tile (``t``, head ``h`` from the grid): its rows, the (rows, head_dim) mask
+    of what it owns, q, k, v of those rows (zero elsewhere), the softmax probabilities P within
+    each sequence (fp32, zero off the sequences' blocks) and the dropout keep-mask (the block
+    pattern without dropout)."""
+    h = tl.program_id(1)
+    rows, owned, seg = _tile_rows(SEG, CU, tl.program_id(0), chunk, total, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = owned[:, None] & (offs_d < HEAD_DIM)[None, :]
-    offs = rows[:, None] * stride_row + h * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + offs, mask=tile_mask, other=0.0)
-    k = tl.load(K + offs, mask=tile_mask, other=0.0)
+    offs = QKV + rows[:, None] * stride_qkv + h * HEAD_DIM + offs_d[None, :]
+    q = tl.load(offs, mask=tile_mask, other=0.0)
+    k = tl.load(offs + HEADS * HEAD_DIM, mask=tile_mask, other=0.0)
+    v = tl.load(offs + 2 * HEADS * HEAD_DIM, mask=tile_mask, other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
         k = k.to(tl.float32)
+        v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (sm_scale * 1.4426950408889634)
     same = (seg[:, None] == seg[None, :]) & owned[None, :]
     s = tl.where(same, s, float("-inf"))
@@ -102,7 +106,7 @@ def _tile_probabilities(Q, K, SEED, rows, owned, seg, h, stride_row, sm_scale, d
         keep = philox_keep(tl.load(SEED), stream + h, rows.to(tl.int32), 0, BLOCK, dropout_p, BLOCK, BLOCK)
     else:
         keep = same
-    return q, k, p, keep
+    return rows, tile_mask, h * HEAD_DIM + offs_d[None, :], q, k, v, p, keep
 
 
 @triton.jit
@@ -111,24 +115,13 @@ def _short_attn_fwd_kernel(
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    rows, owned, seg = _tile_rows(SEG, CU, t, chunk, total, BLOCK)
-    hd = HEADS * HEAD_DIM
-    q, k, p, keep = _tile_probabilities(QKV, QKV + hd, SEED, rows, owned, seg, h, stride_qkv, sm_scale,
-                                        dropout_p, stream, HEADS, HEAD_DIM, BLOCK, BLOCK_D, HAS_DROPOUT,
-                                        UPCAST_DOT, DOT_PRECISION)
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_mask = owned[:, None] & (offs_d < HEAD_DIM)[None, :]
-    v = tl.load(QKV + 2 * hd + rows[:, None] * stride_qkv + h * HEAD_DIM + offs_d[None, :], mask=tile_mask,
-                other=0.0)
-    if UPCAST_DOT:
-        v = v.to(tl.float32)
+    rows, tile_mask, head, q, k, v, p, keep = _tile(
+        QKV, SEG, CU, SEED, chunk, total, stride_qkv, sm_scale, dropout_p, stream,
+        HEADS, HEAD_DIM, BLOCK, BLOCK_D, HAS_DROPOUT, UPCAST_DOT, DOT_PRECISION)
     if HAS_DROPOUT:
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    tl.store(OUT + rows[:, None] * stride_out + h * HEAD_DIM + offs_d[None, :], o.to(OUT.dtype.element_ty),
-             mask=tile_mask)
+    tl.store(OUT + rows[:, None] * stride_out + head, o.to(OUT.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -138,20 +131,12 @@ def _short_attn_bwd_kernel(
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    rows, owned, seg = _tile_rows(SEG, CU, t, chunk, total, BLOCK)
+    rows, tile_mask, head, q, k, v, p, keep = _tile(
+        QKV, SEG, CU, SEED, chunk, total, stride_qkv, sm_scale, dropout_p, stream,
+        HEADS, HEAD_DIM, BLOCK, BLOCK_D, HAS_DROPOUT, UPCAST_DOT, DOT_PRECISION)
     hd = HEADS * HEAD_DIM
-    q, k, p, keep = _tile_probabilities(QKV, QKV + hd, SEED, rows, owned, seg, h, stride_qkv, sm_scale,
-                                        dropout_p, stream, HEADS, HEAD_DIM, BLOCK, BLOCK_D, HAS_DROPOUT,
-                                        UPCAST_DOT, DOT_PRECISION)
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_mask = owned[:, None] & (offs_d < HEAD_DIM)[None, :]
-    head = h * HEAD_DIM + offs_d[None, :]
-    v = tl.load(QKV + 2 * hd + rows[:, None] * stride_qkv + head, mask=tile_mask, other=0.0)
     do = tl.load(GRAD + rows[:, None] * stride_grad + head, mask=tile_mask, other=0.0)
     if UPCAST_DOT:
-        v = v.to(tl.float32)
         do = do.to(tl.float32)
     # O = Pd V with Pd = P * keep / (1 - p): dV = Pd^T dO, dPd = dO V^T, dP = dPd * keep / (1 - p),
     # dS = P * (dP - rowsum(dP * P)) (the rows are whole: the rowsum is the tile's)
@@ -184,7 +169,7 @@ def _short_keep_mask_kernel(MASK, SEG, CU, SEED, dropout_p, stream, chunk, total
     rows, owned, seg = _tile_rows(SEG, CU, t, chunk, total, BLOCK)
     keep = philox_keep(tl.load(SEED), stream + h, rows.to(tl.int32), 0, BLOCK, dropout_p, BLOCK, BLOCK)
     same = (seg[:, None] == seg[None, :]) & owned[:, None] & owned[None, :]
-    tl.store(MASK + h * total * total + rows[:, None] * total + rows[None, :], keep.to(tl.int8), mask=same)
+    tl.store(MASK + h.to(tl.int64) * total * total + rows[:, None] * total + rows[None, :], keep.to(tl.int8), mask=same)
 
 
 def _launch_config(qkv: torch.Tensor, heads: int, max_seqlen: int):

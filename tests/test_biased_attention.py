@@ -301,15 +301,13 @@ def test_cuda_fp32_is_exact_at_real_shapes():
 
 
 _SM90_COMPILE_SCRIPT = r'''
-import json, os, re, subprocess, sys
+import json, os
 os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import fastcse.kernels.biased_attention as ba
+from tests.sm90 import resource_usage
 
 ba.interpreted = lambda: False  # the launch configuration a GPU run would pick
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 report = {}
 # (name, kernel, window, backward pass): the generic tables (both tables, two backward passes),
@@ -366,23 +364,7 @@ for dtype in (torch.bfloat16, torch.float32):
                 signature[name] = "*" + TY[dtype]
             else:
                 signature[name] = "i32"
-        src = ASTSource(fn=fn, signature=signature,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=warps, num_stages=cfg.num_stages))
-        path = f"/tmp/fastcse_biased_{os.getpid()}.cubin"
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        os.remove(path)
-        regs = int(re.search(r"REG:(\d+)", usage).group(1))
-        shared = max(int(re.search(r"SHARED:(\d+)", usage).group(1)), compiled.metadata.shared)
-        # sm_90: 64 K registers per SM, allocated per warp in units of 256; 228 KiB shared memory
-        # per SM (1 KiB of it reserved per block)
-        per_warp = -(-regs * 32 // 256) * 256
-        blocks = min(65536 // (per_warp * warps), (228 * 1024) // (shared + 1024), 32)
-        report[f"{label}_{TY[dtype]}"] = dict(stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                                            regs=regs, shared=shared, warps=warps, blocks_per_sm=blocks)
+        report[f"{label}_{TY[dtype]}"] = resource_usage(fn, signature, consts, warps, cfg.num_stages)
 print(json.dumps(report))
 '''
 
@@ -393,23 +375,11 @@ _SM90_REPORT: dict = {}
 def _sm90_report() -> dict:
     """Compile every kernel for sm_90 once per session (about a minute) and return its resource
     report (stack bytes, registers, shared memory, warps, resident blocks per SM)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.sm90 import run_report
 
-    import triton
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    # Triton's Linux wheels bundle both (triton 3.6 and 3.9 alike): without them this check cannot run
-    assert all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")), \
-        f"this Triton install has no bundled NVIDIA ptxas / cuobjdump under {tools}"
     if not _SM90_REPORT:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        result = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], capture_output=True, text=True,
-                                env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        _SM90_REPORT.update(json.loads(result.stdout.strip().splitlines()[-1]))
+        # (Triton's Linux wheels bundle ptxas and cuobjdump, triton 3.6 and 3.9 alike)
+        _SM90_REPORT.update(run_report(_SM90_COMPILE_SCRIPT))
     return _SM90_REPORT
 
 

@@ -408,14 +408,11 @@ def test_modules_that_cannot_fuse_keep_their_forward():
 # --- GPU lowering, checked on CPU ----------------------------------------------------------------
 
 _SM90_SCRIPT = r"""
-import json, os, re, subprocess
+import json, os
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import fastcse.kernels.dropout_add_norm as k
+from tests.sm90 import resource_usage, signature
 
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 report = {}
 # BERT-base (768: 4 rows of 1024 a program) and a 1.5B model's 2048 (2 rows, 8 warps) in bf16 with
 # the fp32 residual stream of autocast, the partial-sum kernel, and the mask kernel
@@ -434,27 +431,9 @@ for dim in (768, 2048):
         consts = dict(HAS_X_BIAS=True, HAS_DROPOUT=True, STORE_Z=True, STORE_LOW=True, HAS_G_LOW=True, N_SUMS=3, BLOCK_R=block_r, BLOCK_D=block_d,
                       BLOCK_P=k._SUM_BLOCK_PARTIALS, BLOCK_C=k._SUM_BLOCK_COLS, INTERPRETED=False)
         consts = {n: v for n, v in consts.items() if n in fn.arg_names}
-        signature = {}
-        for n in fn.arg_names:
-            if n in consts:
-                signature[n] = "constexpr"
-            elif n in pointers:
-                signature[n] = "*" + pointers[n]
-            elif n in ("dropout_p", "drop_scale", "eps"):
-                signature[n] = "fp32"
-            else:
-                signature[n] = "i32"
-        src = ASTSource(fn=fn, signature=signature,
-                        constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-        nwarps = 4 if name in ("sum", "mask") else warps
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nwarps))
-        path = f"/tmp/fastcse_dan_{os.getpid()}.cubin"
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        os.remove(path)
-        report[f"{name}_{dim}"] = dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)),
-                                       stack=int(re.search(r"STACK:(\d+)", usage).group(1)), warps=nwarps)
+        sig = signature(fn, consts, {n: "*" + t for n, t in pointers.items()},
+                        floats=("dropout_p", "drop_scale", "eps"))
+        report[f"{name}_{dim}"] = resource_usage(fn, sig, consts, 4 if name in ("sum", "mask") else warps)
 print(json.dumps(report))
 """
 
@@ -464,20 +443,9 @@ print(json.dumps(report))
 def test_kernels_compile_for_sm90_without_spills():
     """Compile every kernel for an H100 / H200 (sm_90) without one (Triton ships ptxas): catches
     code the interpreter accepts and the compiler rejects, and register spills (stack bytes)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.sm90 import run_report
 
-    import triton
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    assert all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")), tools
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_report(_SM90_SCRIPT, timeout=300)
     assert len(report) == 8
     for name, usage in report.items():
         assert usage["stack"] == 0, (name, usage)

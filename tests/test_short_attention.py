@@ -241,48 +241,19 @@ def test_short_attention_on_a_card_within_twice_flash_error(dtype):
 
 
 _SM90_SCRIPT = r"""
-import json, os, re, subprocess
+import json, os
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import fastcse.kernels.short_attention as k
+from tests.sm90 import resource_usage, signature
 
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 report = {}
 # BERT-base heads (64) with the tiles the launcher picks on a GPU, bf16 with dropout on
-for longest in (32,):
-    block, chunk, warps = k.short_attention_tiles(longest)
-    for name, fn in (("fwd", k._short_attn_fwd_kernel), ("bwd", k._short_attn_bwd_kernel)):
-        consts = dict(HEADS=12, HEAD_DIM=64, BLOCK=block, BLOCK_D=64, HAS_DROPOUT=True, UPCAST_DOT=False,
-                      DOT_PRECISION="tf32")
-        signature = {}
-        for n in fn.arg_names:
-            if n in consts:
-                signature[n] = "constexpr"
-            elif n in ("SEG", "SEED"):
-                signature[n] = "*i64"
-            elif n == "CU":
-                signature[n] = "*i32"
-            elif n.isupper():
-                signature[n] = "*bf16"
-            elif n in ("sm_scale", "dropout_p"):
-                signature[n] = "fp32"
-            else:
-                signature[n] = "i32"
-        src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-        path = f"/tmp/fastcse_short_{os.getpid()}.cubin"
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        os.remove(path)
-        regs = int(re.search(r"REG:(\d+)", usage).group(1))
-        shared = max(int(re.search(r"SHARED:(\d+)", usage).group(1)), compiled.metadata.shared)
-        per_warp = -(-regs * 32 // 256) * 256
-        blocks = min(65536 // (per_warp * warps), (228 * 1024) // (shared + 1024), 32)
-        report[f"{name}_{block}"] = dict(stack=int(re.search(r"STACK:(\d+)", usage).group(1)), regs=regs,
-                                         shared=shared, warps=warps, blocks_per_sm=blocks)
+block, chunk, warps = k.short_attention_tiles(32)
+for name, fn in (("fwd", k._short_attn_fwd_kernel), ("bwd", k._short_attn_bwd_kernel)):
+    consts = dict(HEADS=12, HEAD_DIM=64, BLOCK=block, BLOCK_D=64, HAS_DROPOUT=True, UPCAST_DOT=False,
+                  DOT_PRECISION="tf32")
+    sig = signature(fn, consts, dict(SEG="*i64", SEED="*i64", CU="*i32"), default_pointer="bf16")
+    report[f"{name}_{block}"] = resource_usage(fn, sig, consts, warps)
 print(json.dumps(report))
 """
 
@@ -292,20 +263,9 @@ print(json.dumps(report))
 def test_short_kernels_compile_for_sm90_without_spills_at_two_blocks_per_sm():
     """Compile the forward and backward for an H100 / H200 (sm_90) without one, with the tiles
     the launcher picks there: no register spills, and at least 2 resident blocks per SM."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.sm90 import run_report
 
-    import triton
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    assert all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")), tools
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_report(_SM90_SCRIPT, timeout=300)
     assert sorted(report) == ["bwd_64", "fwd_64"], report
     for name, usage in report.items():
         assert usage["stack"] == 0, (name, usage)
