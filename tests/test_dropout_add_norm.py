@@ -362,6 +362,47 @@ def test_autocast_low_copies_change_nothing(monkeypatch):
         assert torch.equal(ckpt_grads[name], ref_grads[name]), name
 
 
+def test_half_precision_stream_gets_its_own_gemm_input(monkeypatch):
+    """A bf16 model without autocast: the fused tails also hand the next GEMM a second bf16
+    output, a tensor of its own equal to the stream, so the stream's two gradients are added in
+    fp32 inside the tail's backward instead of by a bf16 add of autograd's. The forward is
+    bitwise the same as without the copies; the gradients, against the fp32 model on the same
+    dropout masks, are no further off (summed over every parameter)."""
+    from fastcse.models import attention as attn
+    from tests.test_encoder import ragged_batch
+
+    model = _tiny(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0).train()
+    ids, mask = (t.to(DEVICE) for t in ragged_batch(model.config, batch=4, seqlen=17)[:2])
+    weight = torch.randn(int(mask.sum()), model.config.hidden_size, device=DEVICE)
+    real = attn._bert_output
+    separate = []
+
+    def spy(*args, **kwargs):
+        out, low = real(*args, **kwargs)
+        separate.append(low is not None and low.dtype == out.dtype and torch.equal(low, out)
+                        and low.data_ptr() != out.data_ptr())
+        return out, low
+
+    def run(m):
+        torch.manual_seed(5)
+        return _encode(m, ids, mask, weight.to(next(m.parameters()).dtype), residual_norm="triton")
+
+    exact_hidden, exact = run(model)  # fp32 (no copies: nothing to cast)
+    model = model.to(torch.bfloat16)
+    monkeypatch.setattr(attn, "_bert_output", spy)
+    hidden, grads = run(model)
+    layers = model.config.num_hidden_layers
+    assert separate[:2 * layers] == [True] * (2 * layers - 1) + [False]
+    monkeypatch.setattr(attn, "_bert_output", lambda *args: real(*args[:6], None))  # no copies
+    ref_hidden, ref = run(model)
+    assert hidden.dtype == torch.bfloat16 and torch.equal(hidden, ref_hidden)
+
+    def error(g):
+        return sum((g[n].double() - exact[n].double()).norm() for n in exact).item()
+
+    assert error(grads) <= 1.05 * error(ref), (error(grads), error(ref))
+
+
 def test_fused_tails_in_training_replay_their_masks_under_checkpointing():
     """Training mode: the fused tails drop (the output differs from eval's), a torch seed
     reproduces a step, and activation checkpointing recomputes the same masks from the forward's

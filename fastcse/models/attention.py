@@ -573,7 +573,13 @@ def bert_varlen_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, atte
     # under autocast the fused tails also write their fp32 output in the autocast dtype for the
     # next GEMM: eager's cast kernels (forward and backward) and the add of the residual stream's
     # two gradients happen inside the tail kernels instead
-    low_dtype = norm_op.autocast_dtype(hidden.device) if norm_backend == "triton" else None
+    # Without autocast, a half-precision stream gets the same second output (the GEMM's input, a
+    # tensor of its own): the stream's two gradients (residual and GEMM input) then reach the tail
+    # kernel's backward apart and are added there, not by an add kernel of autograd's
+    low_dtype = None
+    if norm_backend == "triton":
+        low_dtype = norm_op.autocast_dtype(hidden.device) or (
+            hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else None)
     # the attention kernel, picked once for every layer (in the GEMMs' dtype: autocast's when on);
     # the short kernel's dropout masks: one seed a forward, Philox streams index * heads + head
     # (a checkpointed layer's recomputation reuses it, so it redraws the same masks)
