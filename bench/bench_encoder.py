@@ -20,6 +20,7 @@ Usage::
     python -m bench.bench_encoder --quick            # CPU, tiny shapes, seconds
     python -m bench.bench_encoder                    # GPU: bf16, base shapes
     python -m bench.bench_encoder --models bert --backends eager varlen --workloads wiki32
+    python -m bench.bench_encoder --models bert --backends varlen --workloads wiki32 --varlen-kernels auto aten_flash
     python -m bench.bench_encoder --models deberta-v3 --workloads long512 --backends eager biased disentangled-flash
 
 ``disentangled-flash`` (PyPI ``disentangled-flash``, a fused Triton DeBERTa attention with a fused
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         choices=tuple(attn.ATTN_BACKENDS) + PEERS,
                         help=f"attention backends, or a peer's encoder ({', '.join(PEERS)}: when installed)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--varlen-kernels", nargs="+", default=["auto"], choices=attn.VARLEN_KERNELS,
+                        help="the varlen backend's attention kernels to run (default auto: the one it picks); "
+                             "rows of another kernel are provider varlen[KERNEL]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, default=64, help="sentences per wiki32 batch")
@@ -242,19 +246,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if reason:
                     print(f"skip {model:<11} {backend:<7}: {reason}")
                     continue
-            for workload in args.workloads:
-                for method in timings_for(args.timing, device):
-                    new = bench_one(enc, model, backend, workload, device=device, tiny=tiny, batch=args.batch,
-                                    long_batch=long_batch, long_len=long_len, reps=reps,
-                                    max_seconds=args.max_seconds, lengths_pool=lengths_pool,
-                                    length_source=length_source, method=method)
-                    thr, lat, mem = (r["p50"] for r in new)
-                    print(f"{model:<11} {backend:<7} {workload:<8} {thr:>12,.0f} tok/s {lat:>9.2f} ms "
-                          f"{mem / 2**20:>9.1f} MiB peak", flush=True)
-                    # written per workload: a run stopped by a timeout keeps what it measured
-                    if not args.no_write:
-                        append_rows(args.csv, new)
-                    rows += new
+            for kernel in (args.varlen_kernels if backend == "varlen" else ["auto"]):
+                enc.varlen_kernel = kernel
+                provider = backend if kernel == "auto" else f"{backend}[{kernel}]"
+                for workload in args.workloads:
+                    for method in timings_for(args.timing, device):
+                        try:
+                            new = bench_one(enc, model, provider, workload, device=device, tiny=tiny,
+                                            batch=args.batch, long_batch=long_batch, long_len=long_len, reps=reps,
+                                            max_seconds=args.max_seconds, lengths_pool=lengths_pool,
+                                            length_source=length_source, method=method)
+                        except (RuntimeError, ValueError) as exc:
+                            if kernel == "auto":
+                                raise
+                            print(f"skip {model:<11} {provider}: {exc}")  # a kernel this device cannot run
+                            break
+                        thr, lat, mem = (r["p50"] for r in new)
+                        print(f"{model:<11} {provider:<7} {workload:<8} {thr:>12,.0f} tok/s {lat:>9.2f} ms "
+                              f"{mem / 2**20:>9.1f} MiB peak", flush=True)
+                        # written per workload: a run stopped by a timeout keeps what it measured
+                        if not args.no_write:
+                            append_rows(args.csv, new)
+                        rows += new
             del enc
             if device.type == "cuda":
                 torch.cuda.empty_cache()

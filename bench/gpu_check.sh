@@ -199,7 +199,7 @@ run_step rope 30 90 python3 -m bench.bench_rope "${ROPE[@]}" --csv "$OUT/rope.cs
 run_step infonce 65 90 python3 -m bench.bench_infonce "${LOSS[@]}" --csv "$OUT/infonce.csv"
 run_step infonce_262144 30 90 python3 -m bench.bench_infonce "${LOSS_BIG[@]}" --csv "$OUT/infonce.csv"
 run_step encoder_bert 30 90 python3 -m bench.bench_encoder "${BERT[@]}" --models bert --workloads wiki32 \
-  --backends eager sdpa varlen --csv "$OUT/encoder.csv"
+  --backends eager sdpa varlen --varlen-kernels auto aten_flash --csv "$OUT/encoder.csv"
 run_step encoder_biased 30 90 python3 -m bench.bench_encoder "${BIASED_ENC[@]}" --models deberta-v3 t5 \
   --workloads long512 --backends eager biased disentangled-flash --csv "$OUT/encoder.csv"
 run_step attention 25 90 python3 -m bench.bench_biased_attention "${ATTN[@]}" --providers eager,biased \

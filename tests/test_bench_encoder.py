@@ -77,3 +77,12 @@ def test_a_run_with_the_peer_uninstalled_skips_it_and_measures_the_rest(monkeypa
                                "--backends", "eager", PEER, "--reps", "1", "--no-write"])
     assert {r["provider"] for r in rows} == {"eager"} and len(rows) == 3
     assert f"skip deberta-v3  {PEER}: not installed" in capsys.readouterr().out
+
+
+def test_varlen_kernels_are_rows_of_their_own_and_one_that_cannot_run_is_skipped(capsys):
+    """--varlen-kernels: the varlen backend once per kernel (provider varlen[KERNEL], auto as
+    varlen); on the CPU the CUDA-only aten_flash is skipped with its reason and the rest measured."""
+    rows = bench_encoder.main(["--quick", "--models", "bert", "--workloads", "wiki32", "--backends", "varlen",
+                               "--varlen-kernels", "auto", "padded_sdpa", "aten_flash", "--reps", "1", "--no-write"])
+    assert sorted({r["provider"] for r in rows}) == ["varlen", "varlen[padded_sdpa]"] and len(rows) == 6
+    assert "skip bert        varlen[aten_flash]:" in capsys.readouterr().out
