@@ -211,7 +211,35 @@ def test_short_attention_ops_pass_opcheck():
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     args = (qkv, packed.seq_ids, packed.cu_seqlens, seed, HEADS, packed.max_seqlen, 0.25, 0.2, 0)
     torch.library.opcheck(sa._short_fwd_op, args, test_utils=("test_schema", "test_autograd_registration",
-                                                                 "test_faketensor"))
+                                                                 "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_short_attention_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) through varlen_attention_qkv with the short kernel: no graph
+    break, the eager output and gradient (dropout from the same seed), one frame for two batches
+    of the same sizes."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fastcse.kernels._triton_utils import triton_available
+
+    triton_available()  # (its first call in a process fills a cache, which a trace would guard on)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    packed = _packed([5, 9, 1, 12, 3])
+    seed = torch.tensor([7])
+
+    def block(qkv):
+        out = attn.varlen_attention_qkv(qkv, packed, heads=HEADS, dropout_p=0.2, kernel="short", seed=seed)
+        return out * 2
+
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    for _ in range(2):
+        qkv = torch.randn(packed.total_tokens, 3 * HEADS * 16, requires_grad=True)
+        got, want = compiled(qkv), block(qkv)
+        assert torch.equal(got, want)
+        (g,), (w,) = torch.autograd.grad(got.sum(), qkv), torch.autograd.grad(want.sum(), qkv)
+        assert torch.equal(g, w)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.cuda
