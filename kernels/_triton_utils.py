@@ -43,6 +43,16 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """``(upcast, input_precision)`` of the attention kernels' ``tl.dot`` on ``dtype`` operands:
+    bf16 tiles are upcast to fp32 when, and only when, running interpreted (its bf16 dots are
+    wrong: triton-lang/triton#11584); fp32 dots are IEEE where the interpreter runs them or
+    PyTorch's matmul setting forbids TF32, else TF32 (half operands ignore the precision)."""
+    upcast = interpreted() and dtype == torch.bfloat16
+    exact = interpreted() or not torch.backends.cuda.matmul.allow_tf32
+    return upcast, "ieee" if dtype == torch.float32 and exact else "tf32"
+
+
 def triton_can_run(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on ``tensor``'s device in this process."""
     if not triton_available():

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcse.kernels._triton_utils import draw_philox_seed, interpreted
+from fastcse.kernels._triton_utils import dot_settings, draw_philox_seed, interpreted
 from fastcse.kernels.philox_dropout import philox_keep
 
 
@@ -835,10 +835,7 @@ class _LaunchConfig:
         self.block_w = triton.next_power_of_2(self.block_m + self.block_n - 1)
         self.num_warps = num_warps or self.num_warps
         self.num_stages = 2
-        # bf16 tl.dot is wrong in the interpreter only (triton-lang/triton#11584)
-        self.upcast_dot = self.interpreted and q.dtype == torch.bfloat16
-        fp32_exact = self.interpreted or not torch.backends.cuda.matmul.allow_tf32
-        self.dot_precision = "ieee" if q.dtype == torch.float32 and fp32_exact else "tf32"
+        self.upcast_dot, self.dot_precision = dot_settings(q.dtype)
 
 
 def _pos_arguments(q, pos_key, c2p_index, pos_query, p2c_index):

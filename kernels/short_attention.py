@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcse.kernels._triton_utils import interpreted
+from fastcse.kernels._triton_utils import dot_settings, interpreted
 from fastcse.kernels.philox_dropout import philox_keep
 
 # longest sequence the kernels take: a 64-row tile then owns the sequences starting in 17 rows,
@@ -178,9 +178,7 @@ def _launch_config(qkv: torch.Tensor, heads: int, max_seqlen: int):
     if qkv.shape[0] * (block // 8) >= 2**31:  # the dropout counter, row * BLOCK / 8 + column / 8, is 32-bit
         raise ValueError(f"short-sequence attention takes fewer than {2**31 // (block // 8)} tokens a call, "
                          f"got {qkv.shape[0]}")
-    upcast = interpreted() and qkv.dtype != torch.float32  # the interpreter's bf16 dots (triton#11584)
-    precision = "ieee" if qkv.dtype == torch.float32 or upcast else "tf32"
-    return head_dim, block, chunk, num_warps, upcast, precision
+    return (head_dim, block, chunk, num_warps, *dot_settings(qkv.dtype))
 
 
 def short_attention_forward(qkv: torch.Tensor, seq_ids: torch.Tensor, cu_seqlens: torch.Tensor,

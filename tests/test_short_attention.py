@@ -13,31 +13,18 @@ from fastcse.kernels.short_attention import (SHORT_MAX_SEQLEN, short_attention_k
 from fastcse.models import attention as attn
 from fastcse.models.unpad import unpad_input
 from tests.helpers import assert_close
+from tests.test_packed_attention import _packed
+from tests.test_packed_attention import _reference as packed_reference
 
 HEADS = 2
 
 
-def _packed(lengths):
-    lengths = torch.tensor(lengths)
-    mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-    return unpad_input(mask)
-
-
 def _reference(qkv, packed, heads, scale, keep=None, p=0.0):
-    """Per-sequence float64 softmax attention of the fused ``qkv``; ``keep`` the kernel's
-    (heads, T, T) mask."""
+    """Per-sequence float64 softmax attention of the fused ``qkv`` (test_packed_attention's, on
+    its three views); ``keep`` the kernel's (heads, T, T) mask."""
     total = qkv.shape[0]
-    dim = qkv.shape[1] // (3 * heads)
-    q, k, v = (x.reshape(total, heads, dim) for x in qkv.split(heads * dim, dim=1))
-    outs = []
-    cu = packed.cu_seqlens.tolist()
-    for a, b in zip(cu[:-1], cu[1:]):
-        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
-        probs = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)
-        if keep is not None:
-            probs = probs * keep[:, a:b, a:b] / (1.0 - p)
-        outs.append((probs @ vs).transpose(0, 1))
-    return torch.cat(outs).reshape(total, heads * dim)
+    q, k, v = (x.reshape(total, heads, -1) for x in qkv.split(qkv.shape[1] // 3, dim=1))
+    return packed_reference(q, k, v, packed, scale, None if keep is None else keep[None], p).reshape(total, -1)
 
 
 # ragged batches: one-token sequences, a sequence as long as allowed for its tile, neighbours
@@ -157,8 +144,7 @@ def test_short_kernel_in_a_bert_encoder_equals_padded_sdpa():
 
 def test_auto_takes_the_short_kernel_for_short_sequences_with_a_fused_projection():
     cuda = torch.device("cuda")
-    short = attn.SHORT_VARLEN_MAX_SEQLEN
-    assert short <= SHORT_MAX_SEQLEN
+    short = SHORT_MAX_SEQLEN
     assert attn.pick_varlen_kernel(cuda, torch.bfloat16, 0.1, 64, 64, 32, fused_qkv=True) == "short"
     assert attn.pick_varlen_kernel(cuda, torch.float16, 0.0, 64, 4, short, fused_qkv=True) == "short"
     assert attn.pick_varlen_kernel(cuda, torch.bfloat16, 0.1, 64, 64, short + 1, fused_qkv=True) != "short"

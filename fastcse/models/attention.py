@@ -14,7 +14,7 @@ Backends (``attn_backend=``):
     tokens (see :func:`bert_varlen_forward`, :func:`modernbert_varlen_forward`). Attention kernel
     (:func:`varlen_attention`; ``auto`` takes the first that can run, :func:`pick_varlen_kernel`):
     0. ``short``: fastcse's tiles of whole sequences (``fastcse.kernels.short_attention``; fp16/bf16
-       CUDA, no window, sequences of at most :data:`SHORT_VARLEN_MAX_SEQLEN` tokens, for callers
+       CUDA, no window, sequences of at most its ``SHORT_MAX_SEQLEN`` (48) tokens, for callers
        holding the fused q/k/v projection: :func:`varlen_attention_qkv`, which the BERT layers
        use). Each 64-row tile owns the sequences that start in its chunk of rows, so its softmax
        rows are whole: one forward kernel, one backward kernel writing the fused projection's
@@ -90,10 +90,9 @@ VARLEN_KERNELS = ("auto", "flash_attn", "short", "triton", "aten_flash", "torch_
 TRITON_VARLEN_MIN_SEQUENCES = 128
 TRITON_VARLEN_MAX_SEQLEN = 128
 # ``auto`` takes the ``short`` kernel (tiles of whole sequences, fastcse.kernels.short_attention)
-# for BERT-family layers whose sequences are at most this long: bench/perf_model.py on an H200,
-# BERT-base, 64 wiki sentences (<= 32 tokens), forward + backward: 3.45 ms with aten_flash, 3.99
-# with triton, 3.06 with short
-SHORT_VARLEN_MAX_SEQLEN = 48  # (the kernel's own limit, fastcse.kernels.short_attention.SHORT_MAX_SEQLEN)
+# for BERT-family layers whose sequences it takes (its SHORT_MAX_SEQLEN, 48 tokens):
+# bench/perf_model.py on an H200, BERT-base, 64 wiki sentences (<= 32 tokens), forward +
+# backward: 3.45 ms with aten_flash, 3.99 with triton, 3.06 with short
 
 # model_type -> the fast backend that exists for it (besides eager / sdpa)
 BERT_VARLEN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
@@ -221,7 +220,7 @@ def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: floa
                        fused_qkv: bool = False) -> str:
     """The varlen attention kernel ``auto`` uses for these inputs: the first of ``short`` (a caller
     holding the fused q/k/v projection, ``fused_qkv``, with sequences of at most
-    :data:`SHORT_VARLEN_MAX_SEQLEN` tokens, no window), ``flash_attn``, ``triton`` (at least
+    ``fastcse.kernels.short_attention.SHORT_MAX_SEQLEN`` tokens, no window), ``flash_attn``, ``triton`` (at least
     :data:`TRITON_VARLEN_MIN_SEQUENCES` sequences of at most :data:`TRITON_VARLEN_MAX_SEQLEN`
     tokens, no window), ``aten_flash``, ``padded_sdpa`` that can run them (the order of the module
     docstring, the performance model's: tiles of whole short sequences beat FlashAttention's tile
@@ -229,8 +228,8 @@ def pick_varlen_kernel(device: torch.device, dtype: torch.dtype, dropout_p: floa
     fastcse's packed tiles better than FlashAttention's). Never a CUDA kernel for CPU tensors."""
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half:
-        if (fused_qkv and window is None and 0 < max_seqlen <= SHORT_VARLEN_MAX_SEQLEN and head_dim <= 128
-                and _short_module() is not None):
+        short = _short_module() if fused_qkv and window is None and head_dim <= 128 else None
+        if short is not None and 0 < max_seqlen <= short.SHORT_MAX_SEQLEN:
             return "short"
         if _flash_attn_varlen() is not None:
             return "flash_attn"
